@@ -1,0 +1,84 @@
+"""Command line: ``python -m mm2latent generate ...`` and ``python -m mm2latent convert ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import MM2LatentError
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="", help="text description of the face")
+    visual = parser.add_mutually_exclusive_group()
+    visual.add_argument("--mask", help="19-class face mask (index, palette or colour PNG)")
+    visual.add_argument("--scribble", help="sketch image (white-on-black or black-on-white)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--mode", choices=["fast", "quality"], default="fast")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps in quality mode (default 20)")
+    parser.add_argument("--feature-steps", type=int, nargs="+", default=None, help="steps that feed the latent")
+    parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--out", default="face.png", help="output PNG (with several images: face_0.png, ...)")
+    parser.add_argument("--save-latent", action="store_true", help="also save the W+ latent as .npy")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=["tiny"], help="built-in untrained preset (offline)")
+    source.add_argument("--model", default=None, help="Hub repo or local folder (default: MM2LATENT_MODEL_REPO)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .hub import DEFAULT_MODEL_REPO
+    from .metadata import save_png
+    from .pipeline import FacePipeline
+
+    name = args.preset or args.model or os.environ.get("MM2LATENT_MODEL_REPO", DEFAULT_MODEL_REPO)
+    with tqdm(total=3, desc="mm2latent", unit="stage") as bar:
+        bar.set_postfix_str(f"loading {name}")
+        pipe = FacePipeline.from_pretrained(name, device=args.device, load_vae=False)
+        bar.update()
+        if not pipe.trained:
+            print(f"Note: '{name}' has untrained weights; the faces are a demo of the mechanics only.", file=sys.stderr)
+        bar.set_postfix_str("generating")
+        output = pipe(args.prompt, mask=args.mask, scribble=args.scribble, seed=args.seed, mode=args.mode,
+                      num_steps=args.steps, feature_steps=args.feature_steps, truncation=args.truncation,
+                      num_images=args.num_images)
+        bar.update()
+        bar.set_postfix_str("saving")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        paths = [out] if len(output.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(output.images))]
+        for i, (path, image) in enumerate(zip(paths, output.images)):
+            save_png(image, path, {**output.settings, "seed": output.seeds[i]})
+            if args.save_latent:
+                np.save(path.with_suffix(".npy"), output.latents[i].numpy())
+        bar.update()
+    for path, seed in zip(paths, output.seeds):
+        print(f"{path} (seed {seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .convert import add_convert_arguments, run_convert
+
+    parser = argparse.ArgumentParser(prog="python -m mm2latent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="text + mask/scribble -> face PNG")
+    _add_generate_arguments(generate)
+    convert = commands.add_parser("convert", help="convert a StyleGAN2 checkpoint to safetensors (offline)")
+    add_convert_arguments(convert)
+    args = parser.parse_args(argv)
+    try:
+        return run_generate(args) if args.command == "generate" else run_convert(args)
+    except MM2LatentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The built-in ``tiny`` preset: every component at toy size, with deterministic random weights.
+
+It has the same classes and the same SD-1.5 *structure* as the real model (4 down blocks, 3 cross-attention
+layers in each of up blocks 1..3, two ControlNets, a CLIP text encoder, a VAE, a StyleGAN2), only narrow.
+It needs no download, runs the whole pipeline in seconds on a CPU, and is never trained: outputs are
+noise-like faces at best. Tests and the offline demo use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .diffusion_encoder import DiffusionEncoder
+from .mapping import MappingNetwork, StyleModulationNetwork
+from .stylegan2 import StyleGAN2Generator
+
+TINY_SEED = 20240617
+
+# Words of CelebA-style captions; the tiny tokenizer keeps them whole so attention maps are per word.
+_CAPTION_WORDS = """
+a an the she he her his is has and with of wearing smiling smile mouth open closed slightly lips big
+small pointy nose eyes eye brown blue green gray black blonde red wavy straight curly long short hair
+bangs receding hairline bald beard mustache goatee sideburns no makeup heavy lipstick earrings necklace
+necktie hat eyeglasses glasses young old middle aged man woman person face oval chubby double chin
+high cheekbones rosy cheeks pale skin arched bushy eyebrows narrow bags under attractive this pretty
+""".split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes (GPT-2's table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with a small vocabulary: all byte symbols plus whole caption words."""
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    merges: list[tuple[str, str]] = []
+    for word in _CAPTION_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_components(seed: int = TINY_SEED) -> dict:
+    """All components of the tiny preset, initialised from ``seed`` (same weights on every machine)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        )
+        controlnets = {}
+        for name in ("mask", "scribble"):
+            controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+            # diffusers zero-initialises the output convs; an untrained tiny ControlNet would then do nothing.
+            zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                          controlnet.controlnet_cond_embedding.conv_out]
+            for conv in zero_convs:
+                torch.nn.init.normal_(conv.weight, std=0.3)
+            controlnets[name] = controlnet
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+            norm_num_groups=8, sample_size=128,
+        )
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+        )
+        generator = StyleGAN2Generator(resolution=64, style_dim=64, n_mlp=2, channel_base=2048, channel_max=32)
+        generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
+        encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
+        mapper = MappingNetwork(**mapper_config(encoder, generator, reduce_channels=32, head_channels=16))
+        modulator = StyleModulationNetwork(**modulator_config(encoder, generator, hidden_channels=16, head_channels=8))
+    return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
+
+
+def mapper_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, **overrides) -> dict:
+    """M's size derived from the encoder's and the generator's configs."""
+    config = dict(in_channels=encoder.mid_channels, in_spatial=encoder.mid_size,
+                  num_ws=generator.num_ws, style_dim=generator.style_dim)
+    config.update(overrides)
+    return config
+
+
+def modulator_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, **overrides) -> dict:
+    """T's size derived from the encoder's and the generator's configs (features at half the latent size)."""
+    config = dict(block_channels=encoder.block_channels, feature_size=encoder.latent_size // 2,
+                  num_ws=generator.num_ws, style_dim=generator.style_dim)
+    config.update(overrides)
+    return config
+
+
+def build_full_size_components(seed: int = TINY_SEED) -> dict:
+    """Every component at its real size (SD-1.5, two ControlNets, 1024² StyleGAN2) with random weights.
+
+    For speed and memory measurements without downloads: timings do not depend on weight values.
+    The tokenizer is the tiny one (token ids are all the text encoder sees).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD-1.5's
+        controlnets = {name: ControlNetModel.from_unet(unet) for name in ("mask", "scribble")}
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+        )
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+        )
+        generator = StyleGAN2Generator()
+        generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
+        encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
+        mapper = MappingNetwork(**mapper_config(encoder, generator))
+        modulator = StyleModulationNetwork(**modulator_config(encoder, generator))
+    return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}

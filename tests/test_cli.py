@@ -1,0 +1,39 @@
+"""`python -m mm2latent generate` writes PNGs with their settings and the AI-generated mark."""
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from mm2latent.__main__ import main
+from mm2latent.metadata import read_png_settings
+
+
+def test_generate_writes_png_with_metadata(tiny_pipe, mask_path, tmp_path):
+    out = tmp_path / "face.png"
+    code = main(["generate", "--preset", "tiny", "--prompt", "she is smiling", "--mask", str(mask_path),
+                 "--seed", "5", "--out", str(out), "--save-latent", "--device", "cpu"])
+    assert code == 0
+    settings = read_png_settings(out)
+    assert settings["prompt"] == "she is smiling" and settings["seed"] == 5 and settings["trained"] is False
+    with Image.open(out) as image:
+        assert image.text["ai_generated"] == "true"
+        written = np.asarray(image.convert("RGB"))
+    expected = tiny_pipe("she is smiling", mask=mask_path, seed=5)
+    assert np.array_equal(written, np.asarray(expected.images[0]))
+    np.testing.assert_array_equal(np.load(out.with_suffix(".npy")), expected.latents[0].numpy())
+
+
+def test_several_images_and_user_errors(tmp_path, capsys):
+    out = tmp_path / "batch.png"
+    assert main(["generate", "--preset", "tiny", "--prompt", "a man", "--seed", "1", "--num-images", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert read_png_settings(tmp_path / "batch_1.png")["seed"] == 2
+    assert main(["generate", "--preset", "tiny", "--prompt", " ", "--out", str(out), "--device", "cpu"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_module_entry_point_reports_usage():
+    result = subprocess.run([sys.executable, "-m", "mm2latent", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "generate" in result.stdout and "convert" in result.stdout

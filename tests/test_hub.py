@@ -1,0 +1,107 @@
+"""Loading through huggingface_hub: the cache layout, overrides, and errors that say how to fix them."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from mm2latent import FacePipeline
+from mm2latent.errors import WeightsNotFoundError
+from mm2latent.hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_cache(cache, repo_id: str, folder) -> None:
+    """Lay a folder out the way huggingface_hub caches a downloaded model repository."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / COMMIT)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tiny_pipe, tmp_path_factory):
+    return tiny_pipe.save_pretrained(tmp_path_factory.mktemp("saved") / "tiny")
+
+
+def test_load_from_the_hub_cache_layout(tiny_pipe, saved_tiny, hub_cache, mask_path):
+    put_in_cache(hub_cache, "someone/mm2latent-tiny", saved_tiny)
+    pipe = FacePipeline.from_pretrained("someone/mm2latent-tiny", device="cpu")
+    pipe.show_progress = False
+    expected = tiny_pipe("she is smiling", mask=mask_path, seed=8)
+    assert torch.equal(pipe("she is smiling", mask=mask_path, seed=8).latents, expected.latents)
+
+
+def test_components_in_other_repos_and_env_overrides(tiny_pipe, saved_tiny, hub_cache, tmp_path, monkeypatch, mask_path):
+    # The model repo keeps M and T; the generator lives in a repository of its own.
+    model = tmp_path / "model"
+    shutil.copytree(saved_tiny, model)
+    generator_repo = tmp_path / "generator"
+    shutil.move(model / "generator", generator_repo)
+    manifest = json.loads((model / "mm2latent.json").read_text())
+    manifest["components"]["generator"] = {"repo_id": "gan-lab/tiny-stylegan2", "revision": "main",
+                                           "allow_patterns": ["*.json", "*.safetensors"],
+                                           "env": "MM2LATENT_GENERATOR_REPO"}
+    (model / "mm2latent.json").write_text(json.dumps(manifest))
+    put_in_cache(hub_cache, "someone/split-model", model)
+
+    with pytest.raises(WeightsNotFoundError) as info:
+        FacePipeline.from_pretrained("someone/split-model", device="cpu")
+    message = str(info.value)
+    assert "gan-lab/tiny-stylegan2" in message and "generator" in message and "HF_HUB_OFFLINE" in message
+
+    put_in_cache(hub_cache, "other-lab/stylegan2", generator_repo)
+    monkeypatch.setenv("MM2LATENT_GENERATOR_REPO", "other-lab/stylegan2@main")
+    pipe = FacePipeline.from_pretrained("someone/split-model", device="cpu")
+    pipe.show_progress = False
+    assert torch.equal(pipe("a man", mask=mask_path, seed=1).latents, tiny_pipe("a man", mask=mask_path, seed=1).latents)
+
+    monkeypatch.setenv("MM2LATENT_GENERATOR_REPO", str(generator_repo))
+    assert FacePipeline.from_pretrained("someone/split-model", device="cpu").generator.num_ws == tiny_pipe.generator.num_ws
+
+
+def test_missing_repo_names_the_repo_and_the_fix(hub_cache):
+    with pytest.raises(WeightsNotFoundError, match="nobody/nothing") as info:
+        FacePipeline.from_pretrained("nobody/nothing", device="cpu")
+    assert "mm2latent.json" in str(info.value) and "tiny" in str(info.value)
+
+
+def test_local_folder_without_manifest(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="mm2latent.json"):
+        FacePipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_manifest_must_name_required_components(saved_tiny, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_tiny, broken)
+    manifest = json.loads((broken / "mm2latent.json").read_text())
+    del manifest["components"]["unet"]
+    (broken / "mm2latent.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsNotFoundError, match="unet"):
+        FacePipeline.from_pretrained(broken, device="cpu")
+
+
+def test_repo_references(monkeypatch):
+    assert parse_repo_reference("a/b@v1.0") == ("a/b", "v1.0")
+    assert parse_repo_reference("a/b") == ("a/b", None)
+    spec = DEFAULT_COMPONENTS["unet"]
+    assert apply_env_overrides(spec) == spec
+    monkeypatch.setenv("MM2LATENT_SD_REPO", "my/sd15@abc")
+    overridden = apply_env_overrides(spec)
+    assert (overridden["repo_id"], overridden["revision"], overridden["subfolder"]) == ("my/sd15", "abc", "unet")
+    assert all(spec.get("allow_patterns") for spec in DEFAULT_COMPONENTS.values() if "repo_id" in spec)
+    # Only safetensors weights are ever requested.
+    patterns = [p for spec in DEFAULT_COMPONENTS.values() for p in spec.get("allow_patterns", [])]
+    assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in patterns)

@@ -1,0 +1,165 @@
+"""The tiny pipeline end to end: determinism, conditioning, batching, intermediates, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mm2latent import FacePipeline
+from mm2latent.errors import (
+    EmptyMaskError,
+    EmptyPromptError,
+    InvalidImageError,
+    InvalidSeedError,
+    InvalidSettingError,
+    InvalidStepsError,
+    MM2LatentError,
+    UnsupportedConditionError,
+)
+
+PROMPT = "She has long wavy blonde hair and is smiling."
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def test_same_seed_same_face(tiny_pipe, mask_path):
+    first = tiny_pipe(PROMPT, mask=mask_path, seed=11)
+    second = tiny_pipe(PROMPT, mask=mask_path, seed=11)
+    assert first.images[0].size == (tiny_pipe.resolution, tiny_pipe.resolution)
+    assert np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
+    assert torch.equal(first.latents, second.latents)
+    assert first.latents.shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
+    other_seed = tiny_pipe(PROMPT, mask=mask_path, seed=12)
+    assert not torch.equal(first.latents, other_seed.latents)
+
+
+def test_prompt_and_mask_change_the_latent(tiny_pipe, mask_path, other_mask_path):
+    base = tiny_pipe(PROMPT, mask=mask_path, seed=3).latents
+    other_prompt = tiny_pipe("He has a beard and short black hair.", mask=mask_path, seed=3).latents
+    other_mask = tiny_pipe(PROMPT, mask=other_mask_path, seed=3).latents
+    assert (base - other_prompt).abs().max() > 1e-4
+    assert (base - other_mask).abs().max() > 1e-4
+
+
+def test_text_only_and_scribble_inputs(tiny_pipe, sketch_path, mask_path):
+    text_only = tiny_pipe(PROMPT, seed=5)
+    sketch = tiny_pipe(PROMPT, scribble=sketch_path, seed=5)
+    both = tiny_pipe(PROMPT, mask=mask_path, scribble=sketch_path, seed=5)
+    assert text_only.condition_images == {}
+    assert set(sketch.condition_images) == {"scribble"} and set(both.condition_images) == {"mask", "scribble"}
+    assert not torch.equal(text_only.latents, sketch.latents)
+    assert not torch.equal(sketch.latents, both.latents)
+    # A visual input alone is enough.
+    assert tiny_pipe("", mask=mask_path, seed=5).images
+
+
+def test_batch_matches_single_calls(tiny_pipe, mask_path):
+    batch = tiny_pipe(PROMPT, mask=mask_path, seed=20, num_images=3)
+    assert batch.seeds == [20, 21, 22] and len(batch.images) == 3
+    single = tiny_pipe(PROMPT, mask=mask_path, seed=21)
+    torch.testing.assert_close(batch.latents[1], single.latents[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch.latents[0], batch.latents[1])
+
+
+def test_quality_mode_and_intermediates(tiny_pipe, mask_path):
+    out = tiny_pipe(PROMPT, mask=mask_path, seed=2, mode="quality", num_steps=4, feature_steps=[0, 1, 3],
+                    return_intermediates=True, return_diffusion_image=True)
+    assert out.step_latents.shape == (3, 1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
+    torch.testing.assert_close(out.latents, out.step_latents.mean(dim=0))
+    assert len(out.timesteps) == 3 and out.timesteps == sorted(out.timesteps, reverse=True)
+    assert out.attention_words == ["she", "has", "long", "wavy", "blonde", "hair", "and", "is", "smiling", "."]
+    maps = out.attention_maps
+    assert maps.shape[:2] == (1, len(out.attention_words))
+    assert maps.min() >= 0 and torch.allclose(maps.amax(dim=(-2, -1)), torch.ones(1, maps.shape[1]))
+    assert out.diffusion_images[0].size == (tiny_pipe.encoder.image_size,) * 2
+    fast = tiny_pipe(PROMPT, mask=mask_path, seed=2)
+    # Fast mode reads the first step only; quality mode averages more steps.
+    torch.testing.assert_close(fast.latents[0], out.step_latents[0, 0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast.latents, out.latents)
+
+
+def test_truncation_pulls_toward_the_mean(tiny_pipe, mask_path):
+    full = tiny_pipe(PROMPT, mask=mask_path, seed=9).latents
+    zero = tiny_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.0).latents
+    half = tiny_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.5).latents
+    avg = tiny_pipe.generator.latent_avg.float()
+    torch.testing.assert_close(zero, avg.expand_as(zero))
+    torch.testing.assert_close(half, avg + 0.5 * (full - avg), atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_give_the_same_output(tiny_pipe, mask_path, tmp_path):
+    expected = tiny_pipe(PROMPT, mask=mask_path, seed=4)
+    folder = tiny_pipe.save_pretrained(tmp_path / "tiny")
+    assert (folder / "mm2latent.json").is_file()
+    assert (folder / "mapper" / "model.safetensors").is_file()
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    loaded = FacePipeline.from_pretrained(folder, device="cpu")
+    loaded.show_progress = False
+    assert loaded.trained is False
+    again = loaded(PROMPT, mask=mask_path, seed=4)
+    assert torch.equal(expected.latents, again.latents)
+    assert np.array_equal(pixels(expected.images[0]), pixels(again.images[0]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"prompt": "   "}, EmptyPromptError, "prompt is empty"),
+        ({"prompt": PROMPT, "seed": -1}, InvalidSeedError, "seed"),
+        ({"prompt": PROMPT, "seed": 2**32}, InvalidSeedError, "seed"),
+        ({"prompt": PROMPT, "seed": 2**64}, InvalidSeedError, "seed"),
+        ({"prompt": PROMPT, "seed": 1.5}, InvalidSeedError, "seed"),
+        ({"prompt": PROMPT, "seed": True}, InvalidSeedError, "seed"),
+        ({"prompt": PROMPT, "mode": "quality", "num_steps": 0}, InvalidStepsError, "steps"),
+        ({"prompt": PROMPT, "mode": "quality", "num_steps": 101}, InvalidStepsError, "steps"),
+        ({"prompt": PROMPT, "mode": "quality", "num_steps": 4, "feature_steps": [4]}, InvalidStepsError, "feature steps"),
+        ({"prompt": PROMPT, "mode": "fast", "feature_steps": [1]}, InvalidStepsError, "fast mode"),
+        ({"prompt": PROMPT, "mode": "slow"}, InvalidSettingError, "mode"),
+        ({"prompt": PROMPT, "truncation": 3.0}, InvalidSettingError, "truncation"),
+        ({"prompt": PROMPT, "num_images": 0}, InvalidSettingError, "number of images"),
+        ({"prompt": PROMPT, "num_images": 17}, InvalidSettingError, "number of images"),
+        ({"prompt": 42}, InvalidSettingError, "prompt must be text"),
+    ],
+)
+def test_bad_settings_raise_typed_errors(tiny_pipe, kwargs, error, words):
+    with pytest.raises(error, match=words) as info:
+        tiny_pipe(**kwargs)
+    assert isinstance(info.value, MM2LatentError)
+
+
+def test_bad_visual_inputs(tiny_pipe, tmp_path):
+    no_face = np.zeros((64, 64), np.uint8)
+    no_face[:32] = 13  # hair only
+    with pytest.raises(EmptyMaskError, match="no face"):
+        tiny_pipe(PROMPT, mask=no_face)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    with pytest.raises(InvalidImageError, match="broken.png"):
+        tiny_pipe(PROMPT, mask=broken)
+    with pytest.raises(InvalidImageError):
+        tiny_pipe(PROMPT, mask=np.zeros((0, 5), np.uint8))
+
+
+def test_single_controlnet_model_rejects_both_inputs(tiny_pipe, mask_path, sketch_path):
+    scribble_net = tiny_pipe.encoder.controlnets.pop("scribble")
+    try:
+        with pytest.raises(UnsupportedConditionError, match="both a mask and a scribble"):
+            tiny_pipe(PROMPT, mask=mask_path, scribble=sketch_path)
+        with pytest.raises(UnsupportedConditionError, match="scribble"):
+            tiny_pipe(PROMPT, scribble=sketch_path)
+        assert tiny_pipe(PROMPT, mask=mask_path, seed=1).images
+    finally:
+        tiny_pipe.encoder.controlnets["scribble"] = scribble_net
+
+
+def test_bfloat16_close_to_float32(mask_path):
+    pipe = FacePipeline.from_pretrained("tiny", device="cpu", dtype=torch.bfloat16)
+    pipe.show_progress = False
+    reference = FacePipeline.from_pretrained("tiny", device="cpu")
+    reference.show_progress = False
+    low = pipe(PROMPT, mask=mask_path, seed=1).latents
+    high = reference(PROMPT, mask=mask_path, seed=1).latents
+    spread = (high - reference.generator.latent_avg).abs().mean()
+    assert (low - high).abs().mean() < 0.2 * spread
