@@ -131,6 +131,7 @@ class DiffusionEncoder(nn.Module):
         self.prompt_cache_size = prompt_cache_size
         self._prompt_cache: OrderedDict[str, PromptEncoding] = OrderedDict()
         self._lock = threading.RLock()
+        self._attn2_layers: list[tuple[str, nn.Module]] | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -166,9 +167,13 @@ class DiffusionEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def _cross_attention_layers(self) -> list[str]:
-        """Processor names of the decoder's cross-attention layers, in execution order."""
-        return [n for n in self.unet.attn_processors if n.startswith("up_blocks.") and ".attn2." in n]
+    def _cross_attention_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the decoder's cross-attention layers, in execution order (looked up once)."""
+        if self._attn2_layers is None:
+            names = [n.removesuffix(".processor") for n in self.unet.attn_processors
+                     if n.startswith("up_blocks.") and ".attn2." in n]
+            self._attn2_layers = [(n, self.unet.get_submodule(n)) for n in names]
+        return self._attn2_layers
 
     # ----------------------------------------------------------------- text
     @torch.no_grad()
@@ -233,23 +238,23 @@ class DiffusionEncoder(nn.Module):
     @contextmanager
     def _capture(self, store: dict):
         """Install the feature hooks and cross-attention processors; restore the U-Net afterwards."""
-        original = self.unet.attn_processors
+        # Only the decoder's attn2 layers are swapped (directly, not through a walk of the whole U-Net).
         layers = self._cross_attention_layers()
+        originals = [module.processor for _, module in layers]
         store["attn"] = []
-        processors = dict(original)
-        for i, name in enumerate(layers):
-            processors[name] = _CrossAttentionCapture(store["attn"], i)
         store["f"] = [None] * len(self.unet.up_blocks)
         handles = [self.unet.mid_block.register_forward_hook(lambda m, i, o: store.__setitem__("mid", o))]
         for n, block in enumerate(self.unet.up_blocks):
             handles.append(block.register_forward_hook(lambda m, i, o, n=n: store["f"].__setitem__(n, o)))
-        self.unet.set_attn_processor(processors)
+        for i, (_, module) in enumerate(layers):
+            module.set_processor(_CrossAttentionCapture(store["attn"], i))
         try:
-            yield layers
+            yield [name for name, _ in layers]
         finally:
             for handle in handles:
                 handle.remove()
-            self.unet.set_attn_processor(original)
+            for (_, module), processor in zip(layers, originals):
+                module.set_processor(processor)
 
     def _collect(self, store, layers, mid_residual, latents, t, keep) -> EncoderFeatures:
         h = store["mid"] if mid_residual is None else store["mid"] + mid_residual

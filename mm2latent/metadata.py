@@ -26,15 +26,19 @@ def png_info(settings: dict) -> PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, settings: dict) -> None:
+# zlib level 1: still lossless, ~3x faster to encode than the default 6 at 1024² (benchmarks/speed.py).
+PNG_COMPRESS_LEVEL = 1
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, settings: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save ``image`` as PNG with the generation settings as text metadata."""
-    image.save(path, format="PNG", pnginfo=png_info(settings))
+    image.save(path, format="PNG", pnginfo=png_info(settings), compress_level=compress_level)
 
 
-def png_bytes(image: Image.Image, settings: dict) -> bytes:
+def png_bytes(image: Image.Image, settings: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """The PNG file (with metadata) as bytes."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(settings))
+    image.save(buffer, format="PNG", pnginfo=png_info(settings), compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -77,6 +77,19 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a dtype, a name ("float32", "bfloat16", "float16", "auto") or None (= auto)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return _default_dtype(device)
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InvalidSettingError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -123,7 +136,7 @@ class FacePipeline:
         *,
         revision: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         load_vae: bool = True,
     ) -> FacePipeline:
         """Load a pipeline.
@@ -134,9 +147,12 @@ class FacePipeline:
                 ``save_pretrained``, or a Hub repository holding an ``mm2latent.json`` manifest.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
-            dtype: default float16 on CUDA, float32 on CPU.
+            dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a
+                CPU with AMX/AVX512-BF16 halves memory and time, see benchmarks/README.md).
             load_vae: load the VAE (needed only for I^d_0 previews and training).
         """
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = resolve_dtype(dtype, device)
         if str(name_or_path) in PRESETS:
             from . import presets
 
@@ -166,8 +182,7 @@ class FacePipeline:
                 trained=bool(manifest.get("pipeline", {}).get("trained", False)),
                 name=str(name_or_path),
             )
-        device = torch.device(device) if device is not None else _default_device()
-        return pipe.to(device, dtype or _default_dtype(device))
+        return pipe.to(device, dtype)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write every component (safetensors + configs) and the ``mm2latent.json`` manifest."""

@@ -163,3 +163,14 @@ def test_bfloat16_close_to_float32(mask_path):
     high = reference(PROMPT, mask=mask_path, seed=1).latents
     spread = (high - reference.generator.latent_avg).abs().mean()
     assert (low - high).abs().mean() < 0.2 * spread
+
+
+def test_dtype_names():
+    from mm2latent.pipeline import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) is torch.float16
+    with pytest.raises(InvalidSettingError, match="dtype"):
+        resolve_dtype("float8", cpu)

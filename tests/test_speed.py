@@ -1,0 +1,224 @@
+"""Speed-ups are correctness-neutral: each toggle on and off gives the same output (tiny preset).
+
+No timing assertions here: speed is measured by ``benchmarks/speed.py``; this file checks that it runs.
+
+Tolerances (float32, tiny preset, latents of magnitude ~1):
+* channels_last, attention kernel, torch.compile: 1e-4 absolute on the W+ latents and at most 1 grey level
+  on the 8-bit images (only the order of floating-point sums changes);
+* prompt cache: exact (the cache returns the very tensor the encoder computed);
+* batching different requests: 1e-4 on the latents (batched kernels may sum in another order);
+* bfloat16 vs float32: mean absolute latent difference under 20% of the latents' mean spread around the
+  average latent (8 mantissa bits through ~40 layers).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mm2latent import FacePipeline, speed
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "She has long wavy blonde hair and is smiling."
+LATENT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = FacePipeline.from_pretrained("tiny", device="cpu")
+    pipe.show_progress = False
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def mask(pipe):
+    return speed.synthetic_face_mask(pipe.encoder.image_size)
+
+
+def assert_same_output(first, second, atol=LATENT_ATOL):
+    torch.testing.assert_close(first.latents, second.latents, atol=atol, rtol=0)
+    for a, b in zip(first.images, second.images):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_synthetic_mask_is_a_face(pipe, mask):
+    from mm2latent.conditions import FACE_CLASS_IDS, parse_mask
+
+    assert mask.shape == (pipe.encoder.image_size,) * 2 and mask.dtype == np.uint8
+    assert set(np.unique(mask)) > {0, 1, 13} and np.isin(mask, list(FACE_CLASS_IDS)).mean() > 0.15
+    assert np.array_equal(parse_mask(mask), mask)
+
+
+def test_channels_last_same_output(pipe, mask):
+    reference = pipe(PROMPT, mask=mask, seed=3, mode="quality", num_steps=2)
+    speed.enable_channels_last(pipe)
+    try:
+        assert speed.channels_last_enabled(pipe)
+        assert pipe.mapper.reduce[0].weight.is_contiguous(memory_format=torch.channels_last)
+        fast = pipe(PROMPT, mask=mask, seed=3, mode="quality", num_steps=2)
+    finally:
+        speed.disable_channels_last(pipe)
+    assert not speed.channels_last_enabled(pipe)
+    assert_same_output(reference, fast)
+    assert torch.equal(pipe(PROMPT, mask=mask, seed=3, mode="quality", num_steps=2).latents, reference.latents)
+
+
+def test_attention_kernels_same_output(pipe, mask):
+    reference = pipe(PROMPT, mask=mask, seed=5)
+    speed.set_attention(pipe, "classic")
+    try:
+        kinds = {type(p).__name__ for p in pipe.encoder.unet.attn_processors.values()}
+        assert kinds == {"AttnProcessor"}
+        classic = pipe(PROMPT, mask=mask, seed=5)
+        # capture swaps attn2 during a call only and puts the chosen kind back
+        assert {type(p).__name__ for p in pipe.encoder.unet.attn_processors.values()} == {"AttnProcessor"}
+    finally:
+        speed.set_attention(pipe, "sdpa")
+    assert {type(p).__name__ for p in pipe.encoder.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert_same_output(reference, classic)
+    with pytest.raises(ValueError, match="attention kind"):
+        speed.set_attention(pipe, "flash")
+
+
+def test_prompt_cache_identical(pipe, mask):
+    encoder = pipe.encoder
+    speed.clear_prompt_cache(pipe)
+    cached = encoder.encode_prompt(PROMPT)
+    assert encoder.encode_prompt(PROMPT) is cached
+    with speed.prompt_cache_disabled(pipe):
+        fresh = encoder.encode_prompt(PROMPT)
+        assert fresh is not cached and encoder.encode_prompt(PROMPT) is not fresh
+        assert torch.equal(fresh.embeds, cached.embeds) and torch.equal(fresh.word_mask, cached.word_mask)
+        assert fresh.words == cached.words
+        uncached_out = pipe(PROMPT, mask=mask, seed=8)
+    assert encoder.prompt_cache_size > 0
+    cached_out = pipe(PROMPT, mask=mask, seed=8)
+    assert torch.equal(uncached_out.latents, cached_out.latents)
+    assert np.array_equal(np.asarray(uncached_out.images[0]), np.asarray(cached_out.images[0]))
+
+
+def test_batched_requests_match_single_calls(pipe, mask):
+    other = np.where(mask == 13, 0, mask).astype(np.uint8)  # bald
+    requests = [
+        speed.FastRequest(PROMPT, mask=mask, seed=1),
+        speed.FastRequest("He has a beard and short black hair.", mask=other, seed=2, truncation=0.7),
+        speed.FastRequest(PROMPT, seed=3),  # text only: a second group
+        speed.FastRequest("", mask=mask, seed=4),
+    ]
+    outputs = speed.generate_fast_batch(pipe, requests)
+    assert len(outputs) == len(requests)
+    for request, output in zip(requests, outputs):
+        single = pipe(request.prompt, mask=request.mask, seed=request.seed, truncation=request.truncation)
+        assert_same_output(single, output)
+        assert output.settings == single.settings
+        assert output.seeds == single.seeds and output.timesteps == single.timesteps
+        assert set(output.condition_images) == set(single.condition_images)
+
+
+def test_warmup_runs_each_batch_size(pipe):
+    times = speed.warmup(pipe, batch_sizes=(1, 2), runs=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert pipe.show_progress is False
+
+
+def test_compile_regions_avoid_capture(pipe):
+    hooked, swapped = speed._capture_sensitive(pipe.encoder.unet)
+    regions = [name for name, _ in speed._safe_regions(pipe.encoder.unet, hooked, swapped)]
+    assert "down_blocks.0" in regions and "time_embedding" in regions
+    for name in regions:
+        assert name not in hooked and not any(s == name or s.startswith(name + ".") for s in swapped)
+        assert not any(h.startswith(name + ".") for h in hooked)
+    assert any(name.endswith(".attn1") for name in regions) and not any(name.endswith(".attn2") for name in regions)
+
+
+def test_compile_eager_backend_same_output(pipe, mask):
+    """Dynamo traces every compiled region (backend 'eager': no code generation) and does not recompile."""
+    from torch._dynamo.utils import counters
+
+    reference = pipe(PROMPT, mask=mask, seed=6)
+    counters.clear()
+    handle = speed.compile_pipeline(pipe, backend="eager")
+    try:
+        first = pipe(PROMPT, mask=mask, seed=6)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        second = pipe(PROMPT, mask=mask, seed=7)
+        assert counters["stats"]["unique_graphs"] == graphs, "a second call of the same shape recompiled"
+    finally:
+        handle.undo()
+    assert "forward" not in vars(pipe.encoder.unet.down_blocks[0]) and "synthesis" not in vars(pipe.generator)
+    assert_same_output(reference, first)
+    assert not torch.equal(second.latents, first.latents)
+
+
+def test_compile_inductor_same_output(pipe, mask):
+    """Real code generation on M only: compiling the whole tiny pipeline with inductor takes ~150 s on 2 cores
+    (41 graphs), too slow for the suite; the whole-pipeline tracing is covered by the eager-backend test."""
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    reference = pipe(PROMPT, mask=mask, seed=6)
+    handle = speed.compile_pipeline(pipe, parts=("mapper",))
+    try:
+        start = time.perf_counter()
+        compiled = pipe(PROMPT, mask=mask, seed=6)
+        elapsed = time.perf_counter() - start
+    finally:
+        handle.undo()
+    assert_same_output(reference, compiled)
+    print(f"inductor compile + first call of M: {elapsed:.1f} s")
+
+
+def test_bfloat16_close_to_float32(pipe, mask):
+    low = FacePipeline.from_pretrained("tiny", device="cpu", dtype=torch.bfloat16)
+    low.show_progress = False
+    high = pipe(PROMPT, mask=mask, seed=1).latents
+    half = low(PROMPT, mask=mask, seed=1).latents
+    spread = (high - pipe.generator.latent_avg).abs().mean()
+    assert (half - high).abs().mean() < 0.2 * spread
+    # and the speed-ups keep holding in bfloat16
+    speed.enable_channels_last(low)
+    assert (low(PROMPT, mask=mask, seed=1).latents - half).abs().mean() < 0.05 * spread
+
+
+def test_benchmark_runs_on_tiny(tmp_path):
+    out = tmp_path / "cpu-tiny.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "speed.py"), "--preset", "tiny", "--device", "cpu",
+               "--repeats", "1", "--warmup", "0", "--quality-steps", "2", "--batch-sizes", "1", "2",
+               "--baseline-steps", "2", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
+
+    results = json.loads(out.read_text())
+    assert results["schema"] == "mm2latent-speed/1"
+    for key in ("meta", "stages", "end_to_end", "throughput", "space_overhead", "cold_start", "baseline", "ratios",
+                "ablations", "targets"):
+        assert key in results, key
+    meta = results["meta"]
+    assert meta["preset"] == "tiny" and meta["weights"]["random"] is True and meta["dtype"] == "float32"
+    assert meta["torch_threads"] == 1 and meta["versions"]["torch"] == torch.__version__
+    for stage in ("text_encoding", "unet_controlnet_capture", "mapper_M", "modulator_T", "stylegan2_synthesis",
+                  "postprocess_to_pil"):
+        item = results["stages"][stage]
+        assert 0 < item["min_ms"] <= item["median_ms"] <= item["max_ms"] and item["peak_bytes"] > 0
+    assert {"fast", "fast_uncached_prompt", "fast_model_only", "quality_2_steps"} <= set(results["end_to_end"])
+    assert set(results["throughput"]) == {"batch_1", "batch_2"}
+    assert all(t["faces_per_s"] > 0 for t in results["throughput"].values())
+    assert results["baseline"]["steps"] == 2 and results["baseline"]["shares_modules_with_ours"] is True
+    assert results["ratios"]["baseline_over_fast"] > 0
+    assert results["cold_start"]["seconds_to_first_image"] > 0 and results["cold_start"]["peak_rss_bytes"] > 0
+    assert 0 < results["space_overhead"]["overhead_share"]
+    assert all(t["met"] is None for t in results["targets"])  # targets are for the full-size models
+    table = out.with_suffix(".md").read_text()
+    assert "Speed-up baseline / fast" in table and "| target |" in table
