@@ -50,7 +50,7 @@ class EncoderFeatures:
     f: list[torch.Tensor]  # N decoder blocks: [B, C_n, H_n, W_n]
     attn_out: list[list[torch.Tensor]]  # per decoder block, K layers of [B, C_n, H'_n, W'_n]
     attn_probs: list[torch.Tensor]  # every attn2 layer: [B, T, H', W'] (max over heads)
-    timestep: int
+    timestep: int | list[int]  # one t for the batch, or one per sample (training)
 
 
 @dataclass
@@ -134,6 +134,16 @@ class DiffusionEncoder(nn.Module):
         self._attn2_layers: list[tuple[str, nn.Module]] | None = None
         self.requires_grad_(False)
         self.eval()
+
+    def __getstate__(self):
+        # Locks cannot be copied or pickled; a copy gets its own (see __setstate__).
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- structure
     @property
@@ -268,7 +278,8 @@ class DiffusionEncoder(nn.Module):
             attn_out[block].append(out[keep].transpose(1, 2).reshape(-1, out.shape[-1], *size))
             attn_probs.append(probs[keep].transpose(1, 2).reshape(-1, probs.shape[-1], *size))
         return EncoderFeatures(
-            h=h[keep], f=[f[keep] for f in store["f"]], attn_out=attn_out, attn_probs=attn_probs, timestep=int(t),
+            h=h[keep], f=[f[keep] for f in store["f"]], attn_out=attn_out, attn_probs=attn_probs,
+            timestep=int(t) if torch.as_tensor(t).numel() == 1 else torch.as_tensor(t).tolist(),
         )
 
     def extract(
@@ -283,7 +294,7 @@ class DiffusionEncoder(nn.Module):
 
         Args:
             latents: z_t, [B, 4, h, w].
-            timestep: t.
+            timestep: t, one for the batch or a [B] tensor (one per sample).
             prompt_embeds: CLIP embeddings, [B, 77, D].
             controls: modality -> condition image in [0, 1], [B, 3, H, W]; empty or None = text only.
             conditioning_scale: multiplier of the ControlNet residuals.

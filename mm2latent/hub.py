@@ -59,8 +59,23 @@ DEFAULT_COMPONENTS: dict[str, dict] = {
                             "allow_patterns": _DIFFUSERS_FILES, "env": "MM2LATENT_CONTROLNET_SCRIBBLE_REPO"},
 }
 
+_NETWORK_FILES = ["*.json", "*.safetensors"]
+# Real-photo editing: our pSp encoder, converted loss networks (see mm2latent.networks), and CLIP.
+DEFAULT_COMPONENTS.update({
+    "inverter": {"path": "inverter"},
+    "face_parser": {"repo_id": "mm2latent/loss-networks", "subfolder": "face-parser-bisenet",
+                    "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_FACE_PARSER_REPO"},
+    "identity": {"repo_id": "mm2latent/loss-networks", "subfolder": "arcface-ir-se50",
+                 "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_ARCFACE_REPO"},
+    "lpips": {"repo_id": "mm2latent/loss-networks", "subfolder": "lpips-vgg",
+              "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_LPIPS_REPO"},
+    "clip": {"repo_id": "openai/clip-vit-base-patch32", "revision": "main", "subfolder": "",
+             "allow_patterns": ["*.json", "*.txt", "model.safetensors"], "env": "MM2LATENT_CLIP_REPO"},
+})
+
 REQUIRED_COMPONENTS = ("mapper", "modulator", "generator", "unet", "text_encoder", "tokenizer", "scheduler")
-OPTIONAL_COMPONENTS = ("vae", "controlnet_mask", "controlnet_scribble")
+OPTIONAL_COMPONENTS = ("vae", "controlnet_mask", "controlnet_scribble", "inverter", "face_parser", "identity",
+                       "lpips", "clip")
 
 _HUB_ERRORS = (
     EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,

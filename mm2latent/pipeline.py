@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from . import __version__
 from .conditions import mask_to_color, parse_mask, parse_scribble, scribble_is_empty, scribble_to_image
 from .diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures
+from .editing import ClipGuide, EditResult, build_tiny_editing_components, edit_photo, invert_photo
 from .errors import (
     EmptyPromptError,
     InvalidSeedError,
@@ -28,7 +29,9 @@ from .errors import (
     UnsupportedConditionError,
 )
 from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
+from .inversion import InversionResult, PSPEncoder
 from .mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
+from .networks import NETWORKS
 from .stylegan2 import StyleGAN2Generator
 
 MAX_SEED = 2**32 - 1
@@ -38,6 +41,9 @@ MODES = ("fast", "quality")
 COMBINE = ("mean", "coarse-to-fine")
 # Built-in presets with deterministic random (untrained) weights: name -> builder in presets.py.
 PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components"}
+# Optional networks for real-photo editing: attribute -> network kind in mm2latent.networks (or None).
+EDITING_COMPONENTS = {"inverter": None, "face_parser": "face_parser", "identity": "arcface", "lpips": "lpips",
+                      "clip": None}
 
 
 @dataclass
@@ -127,6 +133,20 @@ class FacePipeline:
         for module in (generator, mapper, modulator):
             module.requires_grad_(False).eval()
         self._lock = threading.RLock()
+        # Real-photo editing (optional): pSp encoder, face parser, ArcFace, LPIPS, CLIP guide.
+        self.inverter: PSPEncoder | None = None
+        self.face_parser = self.identity = self.lpips = None
+        self.clip: ClipGuide | None = None
+
+    def __getstate__(self):
+        # Locks cannot be copied; ``copy.deepcopy(pipe)`` gives an independent pipeline with its own.
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -158,6 +178,9 @@ class FacePipeline:
 
             builder = getattr(presets, PRESETS[str(name_or_path)])
             pipe = cls(**builder(), trained=False, name=str(name_or_path))
+            if str(name_or_path) == "tiny":
+                for key, part in build_tiny_editing_components(pipe.generator).items():
+                    setattr(pipe, key, part)
         else:
             manifest, base, base_repo = load_manifest(name_or_path, revision)
             components = manifest["components"]
@@ -182,7 +205,22 @@ class FacePipeline:
                 trained=bool(manifest.get("pipeline", {}).get("trained", False)),
                 name=str(name_or_path),
             )
+            pipe._load_editing_components(folders)
         return pipe.to(device, dtype)
+
+    def _load_editing_components(self, folders: dict[str, Path]) -> None:
+        for key, kind in EDITING_COMPONENTS.items():
+            if key not in folders:
+                continue
+            if key == "inverter":
+                part = PSPEncoder.from_pretrained(folders[key])
+            elif key == "clip":
+                part = ClipGuide.from_pretrained(folders[key])
+            else:
+                part = NETWORKS[kind][0].from_pretrained(folders[key])
+            if isinstance(part, torch.nn.Module):
+                part.eval().requires_grad_(False)
+            setattr(self, key, part)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write every component (safetensors + configs) and the ``mm2latent.json`` manifest."""
@@ -197,6 +235,11 @@ class FacePipeline:
         if encoder.vae is not None:
             parts["vae"] = encoder.vae
         parts.update({f"controlnet_{m}": c for m, c in encoder.controlnets.items()})
+        parts.update({key: getattr(self, key) for key in EDITING_COMPONENTS
+                      if key != "clip" and getattr(self, key) is not None})
+        if self.clip is not None:
+            parts["clip"] = self.clip.model
+            self.clip.tokenizer.save_pretrained(root / "clip")
         for name, part in parts.items():
             part.save_pretrained(root / name)
         manifest = {
@@ -211,8 +254,10 @@ class FacePipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FacePipeline:
         """Move every network to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
-        for module in (self.encoder, self.generator, self.mapper, self.modulator):
-            module.to(device=device, dtype=dtype)
+        for module in (self.encoder, self.generator, self.mapper, self.modulator, self.inverter, self.face_parser,
+                       self.identity, self.lpips, self.clip):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -387,6 +432,24 @@ class FacePipeline:
         if return_diffusion_image:
             output.diffusion_images = tensor_to_pil(encoded.image)
         return output
+
+    # ------------------------------------------------------------------ real photos
+    def invert(self, photo, refine_steps: int = 0) -> InversionResult:
+        """Align a photo FFHQ-style, invert it to W+ (optionally refined by optimisation), parse its mask.
+
+        Returns an ``InversionResult`` (latent [1, L, D], reconstruction, aligned photo, mask ids, messages).
+        """
+        return invert_photo(self, photo, refine_steps=refine_steps)
+
+    def edit(self, latent_or_inversion, prompt: str = "", mask=None, scribble=None, strength: float = 1.0,
+             layers: str | list[int] = "all", method: str = "modulate", seed: int = 0, clip_steps: int = 0) -> EditResult:
+        """Edit a real photo's latent with text and/or an edited mask or sketch (METHOD.md).
+
+        ``method="modulate"``: w_edit = w_real ⊙ w^γ + w^β on the chosen ``layers`` ("coarse", "middle", "fine",
+        "all" or indices), blended by ``strength`` (0 = unchanged). ``method="mix"``: blend M's w^m into those
+        layers. ``clip_steps`` > 0 adds a text-only CLIP-guided refinement with an identity term.
+        """
+        return edit_photo(self, latent_or_inversion, prompt, mask, scribble, strength, layers, method, seed, clip_steps)
 
     def _word_maps(self, features: list[EncoderFeatures], word_mask: torch.Tensor) -> torch.Tensor:
         """Per-word Ā averaged over the feature steps, each map scaled to [0, 1]: [B, n_words, H, W]."""

@@ -174,3 +174,27 @@ def test_dtype_names():
     assert resolve_dtype(None, torch.device("cuda")) is torch.float16
     with pytest.raises(InvalidSettingError, match="dtype"):
         resolve_dtype("float8", cpu)
+
+
+def test_photo_editing_components_survive_save_and_load(tiny_pipe, testdata, tmp_path):
+    photo = testdata / "photos" / "ffhq_0.jpg"
+    inverted = tiny_pipe.invert(photo)
+    folder = tiny_pipe.save_pretrained(tmp_path / "with-editing")
+    loaded = FacePipeline.from_pretrained(folder, device="cpu")
+    assert all(getattr(loaded, key) is not None for key in ("inverter", "face_parser", "identity", "lpips", "clip"))
+    again = loaded.invert(photo)
+    assert torch.equal(inverted.latent, again.latent)
+    assert np.array_equal(inverted.mask, again.mask)
+    unchanged = loaded.edit(again, "she has blonde hair", strength=0.0)
+    assert torch.equal(unchanged.latent, again.latent)
+
+
+def test_deepcopy_gives_an_independent_pipeline(tiny_pipe, mask_path):
+    import copy
+
+    clone = copy.deepcopy(tiny_pipe)
+    assert clone.encoder.unet is not tiny_pipe.encoder.unet and clone._lock is not tiny_pipe._lock
+    assert torch.equal(clone(PROMPT, mask=mask_path, seed=3).latents, tiny_pipe(PROMPT, mask=mask_path, seed=3).latents)
+    with torch.no_grad():
+        clone.mapper.heads.bias.add_(1.0)
+    assert not torch.equal(clone(PROMPT, mask=mask_path, seed=3).latents, tiny_pipe(PROMPT, mask=mask_path, seed=3).latents)

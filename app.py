@@ -1,0 +1,227 @@
+"""Hugging Face Space: text + mask or sketch -> face, with the mm2latent library.
+
+This file only builds the Gradio Blocks and wires events; everything that computes lives in
+``mm2latent/`` (event handlers in ``mm2latent/ui/handlers.py``). Settings come from ``MM2LATENT_*``
+environment variables (see ``mm2latent/ui/settings.py``). Run with ``python app.py``.
+"""
+
+from mm2latent.ui.gpu import gpu_task  # isort: skip  (imports `spaces` before torch, as ZeroGPU requires)
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import gradio as gr
+
+from mm2latent.ui import editor, text
+from mm2latent.ui.edit import build_edit_tab
+from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
+from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
+from mm2latent.ui.loading import load_pipeline
+from mm2latent.ui.settings import Settings
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+SETTINGS = Settings.from_env()
+MODEL = load_pipeline(SETTINGS)
+
+
+@gpu_task(duration=SETTINGS.gpu_duration)
+def run_pipeline(**request):
+    """The one call that needs the accelerator; returns CPU data (PIL images, CPU tensors)."""
+    return MODEL.pipe(**request)
+
+
+HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS)
+RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
+  document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-") or "model"
+
+
+def build_mask_tab() -> dict:
+    with gr.Tab("Text + mask", id="mask") as tab:
+        with gr.Row(equal_height=False):
+            template = gr.Radio(list(editor.TEMPLATE_CHOICES), value=editor.DEFAULT_TEMPLATE,
+                                label="Start from a template", scale=5, elem_id="template")
+            reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
+        canvas = gr.ImageEditor(
+            value=editor.template_canvas(editor.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
+            sources=(), transforms=(), layers=False, canvas_size=(editor.CANVAS_SIZE, editor.CANVAS_SIZE),
+            fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
+            brush=gr.Brush(colors=editor.palette_hex(), color_mode="fixed", default_size=12,
+                           default_color=editor.class_colour_hex(editor.DEFAULT_BRUSH_CLASS)),
+            eraser=gr.Eraser(default_size=12),
+        )
+        gr.HTML(editor.legend_html(), label="Brush colours", elem_id="legend")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=240):
+                gr.Markdown("Pick a class colour with the palette button in the editor's toolbar and paint. Paint "
+                            "**black** (background) to remove parts of the template; the eraser removes your own "
+                            "strokes. *Left* and *right* are the person's own, so they are mirrored on screen.")
+                status = gr.Markdown(elem_id="mask-status")
+            upload = gr.File(label="Or upload a mask (class ids, palette PNG or colour map)", file_types=["image"],
+                             elem_id="mask-upload", scale=2, min_width=200)
+        button = gr.Button("Generate", variant="primary", elem_id="generate-mask")
+    return {"tab": tab, "template": template, "reload": reload_template, "canvas": canvas, "upload": upload,
+            "status": status, "button": button}
+
+
+def build_sketch_tab() -> dict:
+    with gr.Tab("Text + sketch", id="sketch") as tab:
+        stroke = gr.Radio(list(editor.STROKE_WIDTHS), value=editor.DEFAULT_STROKE, label="Stroke width",
+                          elem_id="stroke-width")
+        canvas = gr.ImageEditor(
+            value=editor.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
+            layers=False, canvas_size=(editor.CANVAS_SIZE, editor.CANVAS_SIZE), fixed_canvas=True,
+            label="Sketch", elem_id="sketchpad", height=600,
+            brush=sketch_brush(editor.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),
+        )
+        with gr.Row():
+            upload = gr.File(label="Upload a sketch", file_types=["image"], elem_id="sketch-upload")
+            photo = gr.File(label="Sketch from a photo (edges)", file_types=["image"],
+                            elem_id="photo-upload")
+        button = gr.Button("Generate", variant="primary", elem_id="generate-sketch")
+    return {"tab": tab, "stroke": stroke, "canvas": canvas, "upload": upload, "photo": photo, "button": button}
+
+
+def sketch_brush(width: str) -> gr.Brush:
+    return gr.Brush(colors=["#000000"], color_mode="fixed", default_color="#000000",
+                    default_size=editor.STROKE_WIDTHS.get(width, editor.STROKE_WIDTHS[editor.DEFAULT_STROKE]))
+
+
+def build_settings() -> list:
+    """The Advanced settings accordion; returns its inputs in handler order."""
+    with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+        with gr.Row():
+            mode = gr.Radio(["fast", "quality"], value="fast", label="Mode",
+                            info="fast: one U-Net pass · quality: several DDIM steps, latents combined")
+            steps = gr.Slider(1, 50, value=20, step=1, label="Steps",
+                              info="DDIM steps in quality mode and for the diffusion preview")
+        with gr.Row():
+            feature_steps = gr.Textbox("all", label="Steps that feed the latent (quality mode)",
+                                       info="all, a range such as 0-4, or a list such as 0, 5, 10")
+            combine = gr.Radio(list(COMBINE_CHOICES), value="mean", label="Combine steps",
+                               info="coarse-to-fine: early steps feed coarse layers, late steps fine ones")
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="Seed", info="0 to 4294967295", elem_id="seed")
+            randomize = gr.Checkbox(True, label="Random seed", info="untick to reuse the seed above",
+                                    elem_id="randomize")
+        with gr.Row():
+            truncation = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Truncation ψ",
+                                   info="lower = closer to the average face")
+            num_images = gr.Slider(1, SETTINGS.max_images, value=1, step=1, label="Number of images")
+        show_diffusion = gr.Checkbox(False, label="Also show what the diffusion model draws (I^d_0)",
+                                     info="slower: runs the full denoising and a VAE decode")
+    return [mode, steps, feature_steps, combine, seed, randomize, truncation, num_images, show_diffusion]
+
+
+def build_outputs() -> dict:
+    gallery = gr.Gallery(label="Generated faces", columns=2, height=420, format="png", object_fit="contain",
+                         elem_id="gallery", buttons=["download", "fullscreen"])
+    summary = gr.Markdown(elem_id="run-summary")
+    attention = gr.Gallery(label="Attention per word over your input (first image)",
+                           columns=6, height=300, format="png", elem_id="attention")
+    files = gr.File(label="Downloads: PNG with metadata, W+ latents (.npy)", file_count="multiple",
+                    interactive=False, elem_id="downloads")
+    diffusion = gr.Gallery(label="Diffusion preview: what the diffusion model draws (I^d_0)", columns=2, height=300, format="png",
+                           visible=False, elem_id="diffusion")
+    return {"gallery": gallery, "summary": summary, "attention": attention, "files": files,
+            "diffusion": diffusion}
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="MM2Latent faces") as demo:
+        gr.Markdown(MODEL.banner or "", visible=MODEL.banner is not None, elem_id="mm2l-banner")
+        gr.Markdown(f"# {text.TITLE}\n{text.INTRO}")
+        active_tab = gr.State("mask")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=6):
+                prompt = gr.Textbox(label="Prompt", placeholder=text.EXAMPLE_PROMPTS[0], lines=1, max_lines=1,
+                                    elem_id="prompt", info="Describe the face. Enter generates from the open tab; "
+                                    "the prompt may be empty when you draw.")
+                gr.Examples([[p] for p in text.EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
+                            api_name="load_example_prompt")
+                with gr.Tabs(selected="mask"):
+                    mask = build_mask_tab()
+                    sketch = build_sketch_tab()
+                    build_edit_tab(lambda: MODEL.pipe, concurrency_limit=SETTINGS.concurrency)
+                settings = build_settings()
+            with gr.Column(scale=5):
+                out = build_outputs()
+        seed = settings[4]
+        outputs = [out["gallery"], seed, out["summary"], out["attention"], out["files"], out["diffusion"]]
+        add_examples(prompt, mask["canvas"], sketch["canvas"], outputs)
+        with gr.Accordion("About this Space", open=False, elem_id="about"):
+            gr.Markdown(text.ABOUT)
+        wire_events(prompt, active_tab, mask, sketch, settings, outputs)
+    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency)
+    return demo
+
+
+def add_examples(prompt, mask_canvas, sketch_canvas, outputs) -> None:
+    write_examples(EXAMPLES_DIR, overwrite=False)
+    # Cached results belong to one model: keep the tiny preset's apart from the real model's.
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", f".gradio/cached_examples/{slug(MODEL.pipe.name)}")
+    cache = SETTINGS.cache_examples != "off"
+    mode = SETTINGS.cache_examples if cache else None
+    with gr.Row():
+        gr.Examples(mask_example_rows(EXAMPLES_DIR), inputs=[prompt, mask_canvas], outputs=outputs,
+                    fn=HANDLERS.example_from_mask, cache_examples=cache, cache_mode=mode,
+                    label="Examples: text + mask", api_name="load_mask_example")
+        gr.Examples(sketch_example_rows(EXAMPLES_DIR), inputs=[prompt, sketch_canvas], outputs=outputs,
+                    fn=HANDLERS.example_from_sketch, cache_examples=cache, cache_mode=mode,
+                    label="Examples: text + sketch", api_name="load_sketch_example")
+
+
+def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, outputs: list) -> None:
+    generation = {"outputs": outputs, "concurrency_id": "generate", "trigger_mode": "once", "scroll_to_output": True}
+    quick = {"queue": False, "api_visibility": "private"}
+
+    gr.on([mask["template"].input, mask["reload"].click], HANDLERS.load_template, inputs=mask["template"],
+          outputs=mask["canvas"], api_name="load_template", concurrency_limit=None)
+    mask["upload"].upload(HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
+                          api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2)
+    sketch["upload"].upload(HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"],
+                            api_name="upload_sketch", concurrency_id="uploads", concurrency_limit=2)
+    sketch["photo"].upload(HANDLERS.sketch_from_photo, inputs=[sketch["photo"], sketch["stroke"]],
+                           outputs=sketch["canvas"], api_name="sketch_from_photo", concurrency_id="uploads",
+                           concurrency_limit=2)
+    # A new brush re-creates the editor's tools; re-selecting the brush lets the visitor draw straight on.
+    sketch["stroke"].change(lambda width: gr.ImageEditor(brush=sketch_brush(width)), inputs=sketch["stroke"],
+                            outputs=sketch["canvas"], api_name="set_stroke_width", **quick).then(
+        None, js=RESELECT_SKETCH_BRUSH, api_name="reselect_sketch_brush", **quick)
+
+    mask["tab"].select(lambda: "mask", outputs=active_tab, api_name="select_mask_tab", **quick)
+    sketch["tab"].select(lambda: "sketch", outputs=active_tab, api_name="select_sketch_tab", **quick)
+
+    mask["button"].click(HANDLERS.generate_from_mask, inputs=[prompt, mask["canvas"], *settings],
+                         api_name="generate_from_mask", **generation)
+    sketch["button"].click(HANDLERS.generate_from_sketch, inputs=[prompt, sketch["canvas"], *settings],
+                           api_name="generate_from_sketch", **generation)
+    show_diffusion = settings[-1]
+    show_diffusion.change(lambda show: gr.Gallery(visible=show), inputs=show_diffusion, outputs=outputs[-1],
+                          api_name="show_diffusion_preview", **quick)
+    prompt.submit(HANDLERS.generate_from_active_tab,
+                  inputs=[active_tab, prompt, mask["canvas"], sketch["canvas"], *settings],
+                  api_name="generate_from_active_tab", api_visibility="private", **generation)
+
+
+demo = build_demo()
+
+
+def launch(**overrides):
+    """Start the server with the Space's options (``overrides`` win, e.g. ``prevent_thread_lock=True``)."""
+    options = {"server_name": SETTINGS.server_name, "server_port": SETTINGS.server_port,
+               "max_file_size": SETTINGS.max_file_size, "allowed_paths": [str(EXAMPLES_DIR)], "css": text.CSS,
+               "head": editor.swatch_names_script()}
+    return demo.launch(**{**options, **overrides})
+
+
+if __name__ == "__main__":
+    launch()

@@ -1,0 +1,407 @@
+"""Inversion of a real photo to W+: a pSp-style learned encoder, optional optimisation refinement.
+
+:class:`PSPEncoder` is pSp's ``GradualStyleEncoder`` (Richardson et al. 2021): an IR-SE50 body
+(the ArcFace building blocks of :mod:`mm2latent.networks.arcface`), a three-level feature pyramid
+(coarse / middle / fine) and one map2style head per W+ layer, the output added to the generator's
+mean latent. :func:`refine_latent` then optimises W+ against the photo (L2 + LPIPS) for visitors
+who want a closer reconstruction. :func:`train_encoder_step` is the training step (L2, LPIPS,
+identity, latent regularisation) that the training module calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from .align import AlignedFace, align_face
+from .errors import InvalidSettingError, InvalidStepsError
+from .mapping import Map2StyleHeads
+from .networks.arcface import IR50_STAGES, BottleneckIRSE
+
+__all__ = [
+    "MAX_REFINE_STEPS",
+    "EncoderLossWeights",
+    "InversionResult",
+    "PSPEncoder",
+    "RefineResult",
+    "image_to_tensor",
+    "invert",
+    "photo_mask",
+    "psp_level_sizes",
+    "refine_latent",
+    "tiny_psp_config",
+    "train_encoder_step",
+]
+
+MAX_REFINE_STEPS = 1000
+MASK_SIZE = 512  # the mask editor's canvas
+
+
+def psp_level_sizes(num_ws: int) -> tuple[int, int, int]:
+    """How many W+ layers the coarse, middle and fine heads produce (pSp: 3, 4, 11 of 18)."""
+    coarse = max(1, round(3 * num_ws / 18))
+    middle = max(1, round(7 * num_ws / 18)) - coarse
+    fine = num_ws - coarse - middle
+    if fine < 1:
+        raise ValueError(f"a pSp encoder needs at least 3 W+ layers, got {num_ws}")
+    return coarse, middle, fine
+
+
+class PSPEncoder(nn.Module, PyTorchModelHubMixin):
+    """pSp's GradualStyleEncoder: an aligned face -> W+ offsets from the mean latent.
+
+    Args:
+        num_ws: W+ layers of the generator (18 at 1024²).
+        style_dim: latent size of the generator (512).
+        input_size: faces are resized to this before encoding (256, a multiple of 16).
+        stages: (in_channels, depth, num_units) of the four IR-SE stages (IR-50 by default).
+        fpn_channels: channels of the feature pyramid (the last stage's depth, 512).
+        head_channels: channels inside each map2style head (512).
+        se_reduction: reduction of the squeeze-and-excitation gates.
+    """
+
+    def __init__(
+        self,
+        num_ws: int = 18,
+        style_dim: int = 512,
+        input_size: int = 256,
+        stages: tuple | list = IR50_STAGES,
+        fpn_channels: int = 512,
+        head_channels: int = 512,
+        se_reduction: int = 16,
+    ):
+        super().__init__()
+        stages = [tuple(s) for s in stages]
+        if len(stages) != 4 or stages[3][1] != fpn_channels:
+            raise ValueError(f"need 4 IR-SE stages ending with {fpn_channels} channels, got {stages}")
+        if input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+        self.num_ws, self.style_dim, self.input_size = num_ws, style_dim, input_size
+        first = stages[0][0]
+        self.input_layer = nn.Sequential(nn.Conv2d(3, first, 3, 1, 1, bias=False), nn.BatchNorm2d(first), nn.PReLU(first))
+        units, taps = [], []
+        for in_channels, depth, num_units in stages:
+            units.append(BottleneckIRSE(in_channels, depth, 2, se_reduction))
+            units += [BottleneckIRSE(depth, depth, 1, se_reduction) for _ in range(num_units - 1)]
+            taps.append(len(units) - 1)
+        self.body = nn.Sequential(*units)  # pSp's body.N names, so its checkpoints convert key by key
+        self.taps = taps[1:]  # c1 (1/4 size), c2 (1/8), c3 (1/16)
+        self.latlayer1 = nn.Conv2d(stages[2][1], fpn_channels, 1)
+        self.latlayer2 = nn.Conv2d(stages[1][1], fpn_channels, 1)
+        coarse, middle, fine = psp_level_sizes(num_ws)
+        self.coarse = Map2StyleHeads(fpn_channels, head_channels, coarse, style_dim, input_size // 16)
+        self.middle = Map2StyleHeads(fpn_channels, head_channels, middle, style_dim, input_size // 8)
+        self.fine = Map2StyleHeads(fpn_channels, head_channels, fine, style_dim, input_size // 4)
+
+    def forward(self, images: torch.Tensor, latent_avg: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, S, S] in [-1, 1] (any S; resized); latent_avg: [style_dim] -> W+ [B, num_ws, style_dim]."""
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        x = self.input_layer(images)
+        levels = []
+        for index, unit in enumerate(self.body):
+            x = unit(x)
+            if index in self.taps:
+                levels.append(x)
+        c1, c2, c3 = levels
+        p2 = _upsample_add(c3, self.latlayer1(c2))
+        p1 = _upsample_add(p2, self.latlayer2(c1))
+        w = torch.cat([self.coarse(c3), self.middle(p2), self.fine(p1)], dim=1)
+        assert w.shape[1:] == (self.num_ws, self.style_dim), w.shape
+        return w + latent_avg.to(w.dtype)
+
+
+def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+
+
+def tiny_psp_config(num_ws: int, style_dim: int) -> dict:
+    """A toy encoder (same code path) for tests and the tiny preset."""
+    return dict(num_ws=num_ws, style_dim=style_dim, input_size=64,
+                stages=((8, 8, 1), (8, 16, 1), (16, 16, 1), (16, 32, 1)), fpn_channels=32, head_channels=16,
+                se_reduction=4)
+
+
+def convert_psp_state_dict(state_dict: dict[str, torch.Tensor], num_ws: int = 18) -> dict[str, torch.Tensor]:
+    """pSp / e4e ``GradualStyleEncoder`` weights (``encoder.*`` keys of ``psp_ffhq_encode.pt``) -> ours.
+
+    pSp keeps one ``GradualStyleBlock`` per layer (``styles.i.convs.{0,2,4..}`` + ``styles.i.linear``);
+    :class:`Map2StyleHeads` runs a level's heads as one grouped conv, so their weights are concatenated
+    along the output channels and their linear layers stacked. Body, input layer and lateral layers keep
+    their names.
+    """
+    prefix = "encoder." if any(k.startswith("encoder.") for k in state_dict) else ""
+    source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out = {k: v for k, v in source.items() if not k.startswith("styles.")}
+    start = 0
+    for level, count in zip(("coarse", "middle", "fine"), psp_level_sizes(num_ws)):
+        heads = range(start, start + count)
+        conv_ids = sorted({int(k.split(".")[3]) for k in source if k.startswith(f"styles.{start}.convs.")})
+        for n, conv in enumerate(i for i in conv_ids if f"styles.{start}.convs.{i}.weight" in source):
+            for kind in ("weight", "bias"):
+                out[f"{level}.convs.{n}.{kind}"] = torch.cat([source[f"styles.{h}.convs.{conv}.{kind}"] for h in heads])
+        out[f"{level}.weight"] = torch.stack([source[f"styles.{h}.linear.weight"] for h in heads])
+        out[f"{level}.bias"] = torch.stack([source[f"styles.{h}.linear.bias"] for h in heads])
+        start += count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- inversion
+
+
+@dataclass
+class RefineResult:
+    """Output of :func:`refine_latent`: the refined latent and the loss before each step (and after the last)."""
+
+    latent: torch.Tensor
+    losses: list[float]
+    stopped_early: bool = False
+
+
+@dataclass
+class InversionResult:
+    """A photo inverted to W+.
+
+    Attributes:
+        latent: w_real, [1, num_ws, style_dim] float32 on the CPU.
+        reconstruction: G(w_real) as an RGB image.
+        aligned: the aligned photo that was inverted.
+        mask: the photo's 19-class CelebAMask-HQ id map (512², uint8) when a face parser was given.
+        faces_found: faces in the uploaded photo (the largest was used).
+        messages: notes for the user (several faces, eyes estimated, refinement stopped early, ...).
+        refine_losses: the refinement loss per step (empty without refinement).
+    """
+
+    latent: torch.Tensor
+    reconstruction: Image.Image
+    aligned: Image.Image
+    mask: np.ndarray | None = None
+    faces_found: int = 1
+    messages: list[str] = field(default_factory=list)
+    refine_losses: list[float] = field(default_factory=list)
+
+
+def image_to_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
+    """RGB PIL image -> [1, 3, size, size] float32 in [-1, 1]."""
+    image = image.convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (array / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def reconstruction_loss(generated: torch.Tensor, target: torch.Tensor, lpips: nn.Module | None = None,
+                        lpips_weight: float = 0.8) -> torch.Tensor:
+    """Per-image L2 (+ LPIPS) between images in [-1, 1]: [B]."""
+    generated = _resize(generated, target.shape[-1])
+    loss = (generated - target).pow(2).mean(dim=(1, 2, 3))
+    if lpips is not None and lpips_weight:
+        loss = loss + lpips_weight * lpips(generated, target).reshape(-1)
+    return loss
+
+
+def refine_latent(
+    generator: nn.Module,
+    latent: torch.Tensor,
+    target: torch.Tensor,
+    steps: int = 100,
+    lr: float = 0.01,
+    lpips: nn.Module | None = None,
+    lpips_weight: float = 0.8,
+    loss_size: int = 256,
+    patience: int = 20,
+    min_delta: float = 1e-4,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> RefineResult:
+    """Optimise W+ so that G(w) matches ``target`` (L2 + LPIPS), with early stopping.
+
+    Args:
+        generator: the StyleGAN2 G (frozen; only the latent is optimised).
+        latent: the starting W+, [1, num_ws, style_dim].
+        target: the aligned photo, [1, 3, H, W] in [-1, 1].
+        steps: at most this many Adam steps (0..1000).
+        lr: Adam learning rate.
+        lpips: an LPIPS network (None: L2 only).
+        lpips_weight: weight of LPIPS against L2.
+        loss_size: images are compared at min(this, H) pixels.
+        patience: stop when the best loss has not improved by ``min_delta`` for this many steps.
+        min_delta: the improvement that counts (relative to the best loss).
+        progress: show a tqdm bar.
+        callback: called with (step, loss) after every step (the UI's progress bar).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_REFINE_STEPS:
+        raise InvalidStepsError(f"refinement steps must be an integer from 0 to {MAX_REFINE_STEPS}, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InvalidSettingError(f"the learning rate must be a positive number, got {lr!r}")
+    param = next(generator.parameters())
+    target = _resize(target.to(param.device, torch.float32), min(loss_size, target.shape[-1]))
+    w = latent.detach().to(param.device, torch.float32).clone().requires_grad_(True)
+    best_w, best, since_best, losses, stopped = w.detach().clone(), math.inf, 0, [], False
+    optimizer = torch.optim.Adam([w], lr=lr)
+    with torch.enable_grad():
+        for step in tqdm(range(steps + 1), desc="refining W+", disable=not progress, leave=False):
+            loss = reconstruction_loss(generator.synthesis(w.to(param.dtype)).float(), target, lpips, lpips_weight).mean()
+            value = float(loss.detach())
+            losses.append(value)
+            if value < best * (1 - min_delta):
+                best, best_w, since_best = value, w.detach().clone(), 0
+            else:
+                since_best += 1
+            if callback is not None:
+                callback(step, value)
+            if step == steps:
+                break
+            if since_best >= patience:
+                stopped = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return RefineResult(best_w.cpu(), losses, stopped)
+
+
+def photo_mask(face_parser: nn.Module, photo: Image.Image | torch.Tensor, size: int = MASK_SIZE) -> np.ndarray:
+    """The photo's own 19-class CelebAMask-HQ mask from a BiSeNet face parser: uint8 [size, size].
+
+    :meth:`BiSeNet.parse` already remaps the parser's label order with ``FACE_PARSER_TO_CELEBAMASK``.
+    """
+    images = photo if isinstance(photo, torch.Tensor) else image_to_tensor(photo)
+    param = next(face_parser.parameters())
+    with torch.no_grad():
+        ids = face_parser.parse(images.to(param.device, param.dtype), size=size)
+    return ids[0].to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def invert(
+    generator: nn.Module,
+    encoder: PSPEncoder,
+    photo: Any,
+    *,
+    face_parser: nn.Module | None = None,
+    lpips: nn.Module | None = None,
+    refine_steps: int = 0,
+    refine_lr: float = 0.01,
+    align: bool = True,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> InversionResult:
+    """Align ``photo``, encode it to w_real, optionally refine, and render the reconstruction.
+
+    Args:
+        generator: the StyleGAN2 G.
+        encoder: the pSp encoder (its outputs are offsets from ``generator.latent_avg``).
+        photo: path, PIL image or array of a photo with one clearly visible face.
+        face_parser: a BiSeNet; when given, the result carries the photo's mask.
+        lpips: LPIPS for the refinement (L2 only without it).
+        refine_steps: optimisation steps after the encoder (0 = encoder only).
+        refine_lr: the refinement's learning rate.
+        align: run face alignment (False: the photo is already an FFHQ crop).
+        progress: tqdm bar for the refinement.
+        callback: (step, loss) after each refinement step.
+    """
+    if align:
+        aligned: AlignedFace | None = align_face(photo, size=min(1024, max(256, generator.resolution)))
+        image, faces, messages = aligned.image, aligned.faces_found, list(aligned.messages)
+    else:
+        from .align import _to_rgb
+
+        image, faces, messages = _to_rgb(photo), 1, []
+    param = next(encoder.parameters())
+    latent = encoder(image_to_tensor(image, encoder.input_size).to(param.device, param.dtype),
+                     generator.latent_avg.to(param.device)).float()
+    losses: list[float] = []
+    if refine_steps:
+        target = image_to_tensor(image, generator.resolution)
+        result = refine_latent(generator, latent, target, steps=refine_steps, lr=refine_lr, lpips=lpips,
+                               progress=progress, callback=callback)
+        latent, losses = result.latent, result.losses
+        if result.stopped_early:
+            messages.append(f"the refinement stopped early after {len(losses) - 1} steps (no further improvement)")
+    gen_param = next(generator.parameters())
+    reconstruction = generator.synthesis(latent.to(gen_param.device, gen_param.dtype))
+    mask = photo_mask(face_parser, image) if face_parser is not None else None
+    return InversionResult(
+        latent=latent.detach().float().cpu(),
+        reconstruction=_to_pil(reconstruction),
+        aligned=image,
+        mask=mask,
+        faces_found=faces,
+        messages=messages,
+        refine_losses=losses,
+    )
+
+
+def _to_pil(images: torch.Tensor) -> Image.Image:
+    array = ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class EncoderLossWeights:
+    """pSp's loss weights for FFHQ inversion (``--l2_lambda 1 --lpips_lambda 0.8 --id_lambda 0.1``) plus
+    a latent regulariser (pSp's ``w_norm``: mean squared distance of W+ from the mean latent)."""
+
+    l2: float = 1.0
+    lpips: float = 0.8
+    identity: float = 0.1
+    latent_reg: float = 0.005
+
+
+def train_encoder_step(
+    encoder: PSPEncoder,
+    generator: nn.Module,
+    images: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    lpips: nn.Module | None = None,
+    identity: nn.Module | None = None,
+    weights: EncoderLossWeights | None = None,
+    loss_size: int = 256,
+) -> dict[str, float]:
+    """One optimisation step of the encoder on aligned faces ``images`` ([B, 3, H, W] in [-1, 1]).
+
+    Loss = l2·MSE + lpips·LPIPS + identity·(1 − cos(ArcFace(x), ArcFace(G(E(x))))) + latent_reg·‖w − w̄‖².
+    G is frozen; only ``optimizer``'s parameters (the encoder's) change. Returns each term and the total.
+    """
+    weights = weights or EncoderLossWeights()
+    encoder.train()
+    latent_avg = generator.latent_avg
+    w = encoder(images, latent_avg)
+    generated = generator.synthesis(w)
+    target = _resize(images, min(loss_size, images.shape[-1]))
+    generated = _resize(generated, target.shape[-1])
+    terms = {"l2": (generated - target).pow(2).mean()}
+    if lpips is not None and weights.lpips:
+        terms["lpips"] = lpips(generated, target).mean()
+    if identity is not None and weights.identity:
+        with torch.no_grad():
+            real_id = identity.embed(target)
+        terms["identity"] = (1 - (identity.embed(generated) * real_id).sum(dim=1)).mean()
+    if weights.latent_reg:
+        terms["latent_reg"] = (w - latent_avg).pow(2).sum(dim=2).mean()
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return {**{name: float(value.detach()) for name, value in terms.items()}, "total": float(total.detach())}

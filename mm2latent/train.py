@@ -1,0 +1,167 @@
+"""Train the face-mask ControlNet (stage 0), M (stage 1) or T (stage 2); or ``prepare`` the data.
+
+    python -m mm2latent.train prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
+    python -m mm2latent.train --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
+    accelerate launch --multi_gpu --num_processes 8 -m mm2latent.train --config configs/stage1_mapper.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .hub import DEFAULT_COMPONENTS, resolve_component
+from .networks import load_network
+from .pipeline import FacePipeline
+from .training.components import load_training_pipeline
+from .training.config import load_config, parse_overrides
+from .training.data import prepare
+from .training.model_card import push_folder, write_model_card
+from .training.stages import (
+    CachedDiffusionImages,
+    ControlNetStage,
+    LatentStage,
+    build_dataset,
+    build_idd_cache,
+)
+from .training.trainer import Trainer, make_accelerator
+
+logger = logging.getLogger("mm2latent.train")
+
+
+def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
+    """The diffusion encoder for stage 0 (no M, T or G needed), and the generator when there is one."""
+    if pipe is not None:
+        return pipe.encoder, pipe.generator
+    if config["pipeline"] == "tiny":
+        tiny = FacePipeline.from_pretrained("tiny", device="cpu")
+        return tiny.encoder, tiny.generator
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .diffusion_encoder import DiffusionEncoder
+
+    specs = {**DEFAULT_COMPONENTS, **{k: v for k, v in config["components"].items() if v is not None}}
+    folder = {n: resolve_component(n, specs[n], None, None) for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    encoder = DiffusionEncoder(
+        unet=UNet2DConditionModel.from_pretrained(folder["unet"], use_safetensors=True),
+        text_encoder=CLIPTextModel.from_pretrained(folder["text_encoder"], use_safetensors=True),
+        tokenizer=CLIPTokenizer.from_pretrained(folder["tokenizer"]),
+        scheduler=DDIMScheduler.from_pretrained(folder["scheduler"]),
+        controlnets={}, vae=AutoencoderKL.from_pretrained(folder["vae"], use_safetensors=True),
+    )
+    return encoder, None
+
+
+def make_controlnet(config: dict, encoder):
+    from diffusers import ControlNetModel
+
+    init = config["controlnet"]["init"]
+    if init == "unet":
+        kwargs = {}
+        channels = config["controlnet"].get("conditioning_embedding_out_channels")
+        if channels:
+            kwargs["conditioning_embedding_out_channels"] = tuple(channels)
+        return ControlNetModel.from_unet(encoder.unet, **kwargs)
+    return ControlNetModel.from_pretrained(init, use_safetensors=True)
+
+
+def build(config: dict, pipe: FacePipeline | None = None, accelerator: Accelerator | None = None) -> Trainer:
+    """Everything a run needs, ready to ``train()``: the stage, its dataset and the trainer.
+
+    Args:
+        config: a full config (``load_config``).
+        pipe: an already loaded pipeline to train on (its networks are modified: pass a copy).
+        accelerator: an existing accelerator (default: one built from the config).
+    """
+    accelerator = accelerator or make_accelerator(config)
+    set_seed(config["seed"])
+    stage = config["stage"]
+    if stage == 0:
+        encoder, generator = load_sd_encoder(config, pipe)
+        dataset = build_dataset(config, encoder, generator)
+        task = ControlNetStage(config, encoder, make_controlnet(config, encoder))
+        return Trainer(config, task, dataset, accelerator)
+    if pipe is None:
+        pipe = load_training_pipeline(config["pipeline"], config["components"],
+                                      fresh=("mapper",) if stage == 1 and config["pipeline"] != "tiny" else ())
+    weights = config["loss"]
+    lpips = load_network("lpips", config["networks"]["lpips"]) if weights["lpips"] else None
+    arcface = load_network("arcface", config["networks"]["arcface"]) if weights["id"] else None
+    dataset = build_dataset(config, pipe)
+    if stage == 2:
+        cache = Path(config["output_dir"]) / "idd_cache"
+        pipe.encoder.to(accelerator.device)
+        build_idd_cache(config, pipe, dataset, cache, accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        dataset = CachedDiffusionImages(dataset, cache, pipe.generator.resolution)
+    task = LatentStage(config, pipe, lpips, arcface)
+    return Trainer(config, task, dataset, accelerator)
+
+
+def run(config: dict, pipe: FacePipeline | None = None) -> Trainer:
+    """Train (resuming if a checkpoint exists), export to ``output_dir/final`` with a model card, push if asked."""
+    trainer = build(config, pipe)
+    trainer.resume(config["train"]["resume"])
+    trainer.train()
+    if config["train"]["save_rank_weights"]:
+        trainer.save_rank_weights()
+    acc = trainer.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = Path(config["output_dir"]) / "final"
+        trainer.stage.export(trainer.unwrapped_model(), final)
+        last = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k != "step"}
+        write_model_card(final, config, last)
+        hub = config["hub"]
+        if hub["push_to_hub"]:
+            if not hub["repo_id"]:
+                raise ValueError("hub.push_to_hub needs hub.repo_id")
+            logger.info("pushed %s", push_folder(final, hub["repo_id"], hub["private"]))
+    trainer.finish()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if argv and argv[0] == "prepare":
+        parser = argparse.ArgumentParser(prog="python -m mm2latent.train prepare",
+                                         description="Convert CelebAMask-HQ + MM-CelebA-HQ once for training.")
+        parser.add_argument("--root", required=True, help="CelebAMask-HQ folder (CelebA-HQ-img, CelebAMask-HQ-mask-anno)")
+        parser.add_argument("--output", required=True)
+        parser.add_argument("--text-dir", help="Multi-Modal CelebA-HQ text/ folder (default ROOT/text)")
+        parser.add_argument("--mask-dir", help="combined masks {i}.png instead of the per-part files")
+        parser.add_argument("--mask-size", type=int, default=512)
+        parser.add_argument("--scribble-size", type=int, default=512)
+        parser.add_argument("--test-fraction", type=float, default=0.1)
+        parser.add_argument("--test-ids", help="file with the test image ids, one per line")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--limit", type=int)
+        parser.add_argument("--workers", type=int, default=0)
+        args = parser.parse_args(argv[1:])
+        test_ids = [int(x) for x in Path(args.test_ids).read_text().split()] if args.test_ids else None
+        out = prepare(args.root, args.output, args.text_dir, args.mask_dir, args.mask_size, args.scribble_size,
+                      args.test_fraction, test_ids, args.seed, args.limit, args.workers)
+        print(out)
+        return
+    parser = argparse.ArgumentParser(prog="python -m mm2latent.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/ and training/config.py)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, parse_overrides(args.set))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    run(copy.deepcopy(config))
+
+
+if __name__ == "__main__":
+    main()

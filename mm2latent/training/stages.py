@@ -1,0 +1,285 @@
+"""What each stage trains and how its loss is computed (the trainer in ``trainer.py`` runs any of them).
+
+* :class:`LatentStage` — stage 1 (M; T frozen at identity, target I^gt) and stage 2 (T; M frozen,
+  targets I^d_0 for L2/LPIPS and I^gt for identity). t is drawn from the DDIM schedule inside
+  ``diffusion.timestep_range``; z_t is the VAE latent of I^gt noised to t.
+* :class:`ControlNetStage` — stage 0, the ControlNet's denoising loss (diffusers' recipe).
+
+Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank), so a
+resumed run repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..diffusion_encoder import DiffusionEncoder
+from ..pipeline import FacePipeline, tensor_to_pil
+from .data import FaceDataset, SyntheticFaceDataset, image_to_tensor
+from .losses import LatentLoss
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, micro_step, rank]).integers(2**62)))
+
+
+def encode_captions(encoder: DiffusionEncoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP embeddings [B, 77, D] and word masks [B, 77] of a batch of captions."""
+    encodings = [encoder.encode_prompt(c) for c in captions]
+    return torch.cat([e.embeds for e in encodings]), torch.cat([e.word_mask for e in encodings])
+
+
+def choose_controls(controls: dict[str, torch.Tensor], available: list[str], sampling: str,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The visual inputs of one micro-batch: one random modality ("one") or all of them ("all")."""
+    names = [m for m in sorted(controls) if m in available]
+    if sampling == "all" or len(names) <= 1:
+        return {m: controls[m] for m in names}
+    pick = names[int(torch.randint(len(names), (1,), generator=generator))]
+    return {pick: controls[pick]}
+
+
+def build_dataset(config: dict, pipe_or_encoder, generator=None) -> Dataset:
+    """The training dataset named by ``config["data"]`` at the model's sizes."""
+    data = config["data"]
+    encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
+    generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
+    size = encoder.image_size
+    if data["kind"] == "synthetic":
+        return SyntheticFaceDataset(generator, data["num_samples"], size, size, tuple(data["modalities"]),
+                                    seed=config["seed"], truncation=data["truncation"])
+    if data["kind"] != "celebamask":
+        raise ValueError(f"data.kind must be 'celebamask' or 'synthetic', got {data['kind']!r}")
+    if not data.get("root"):
+        raise ValueError("data.root must point at the folder written by `python -m mm2latent.train prepare`")
+    target = generator.resolution if generator is not None else size
+    return FaceDataset(data["root"], data["split"], image_size=size, target_size=target, condition_size=size,
+                       modalities=tuple(data["modalities"]), seed=config["seed"],
+                       caption_index=0 if config["stage"] == 2 else None)
+
+
+class CachedDiffusionImages(Dataset):
+    """Adds I^d_0 (``idd``, [3, R, R] in [-1, 1]) from the stage-2 cache to every item of a dataset."""
+
+    def __init__(self, base: Dataset, cache_dir: str | Path, size: int):
+        self.base, self.cache_dir, self.size = base, Path(cache_dir), size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        item = self.base[key]
+        with Image.open(self.cache_dir / f"{int(item['image_id'])}.png") as image:
+            item["idd"] = image_to_tensor(image, self.size)
+        return item
+
+
+class LatentStage:
+    """Stage 1 (train M) or stage 2 (train T) on a frozen E and G.
+
+    Args:
+        config: the full training config.
+        pipe: the pipeline holding E, G, M and T (float32; moved and cast by ``setup``).
+        lpips: LPIPS network (or None when its weight is 0).
+        arcface: IR-SE50 network (or None when its weight is 0).
+    """
+
+    def __init__(self, config: dict, pipe: FacePipeline, lpips: nn.Module | None, arcface: nn.Module | None):
+        self.config, self.pipe, self.stage = config, pipe, config["stage"]
+        assert self.stage in (1, 2)
+        self.loss_fn = LatentLoss(config["loss"], lpips, arcface, config["loss"]["resolution"])
+        self.model = pipe.mapper if self.stage == 1 else pipe.modulator
+        self.model.requires_grad_(True).train()
+        if self.stage == 1:
+            pipe.modulator.reset_to_identity()
+        diffusion = config["diffusion"]
+        scheduler = pipe.encoder.make_scheduler()
+        scheduler.set_timesteps(diffusion["num_inference_steps"])
+        low, high = diffusion["timestep_range"]
+        self.timesteps = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
+        if not self.timesteps:
+            raise ValueError(f"no DDIM timestep of a {diffusion['num_inference_steps']}-step schedule in {low}..{high}")
+        self.scheduler = scheduler
+
+    @property
+    def name(self) -> str:
+        return "mapper" if self.stage == 1 else "modulator"
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Frozen networks to ``device`` in ``weight_dtype``; the trained one stays float32."""
+        pipe = self.pipe
+        pipe.encoder.to(device, weight_dtype)
+        pipe.generator.to(device)  # G stays float32: gradients flow through it to w
+        (pipe.modulator if self.stage == 1 else pipe.mapper).to(device, weight_dtype)
+        self.model.to(device, torch.float32)
+        for net in (self.loss_fn.lpips, self.loss_fn.arcface):
+            if net is not None:
+                net.to(device)
+
+    def features(self, batch: dict, generator: torch.Generator):
+        """One frozen U-Net pass on z_t: (features, word masks)."""
+        encoder, diffusion = self.pipe.encoder, self.config["diffusion"]
+        device, dtype = encoder.device, encoder.dtype
+        controls = choose_controls(batch["controls"], list(encoder.controlnets),
+                                   self.config["data"]["modality_sampling"], generator)
+        controls = {k: v.to(device, dtype) for k, v in controls.items()}
+        embeds, word_mask = encode_captions(encoder, batch["caption"])
+        with torch.no_grad():
+            z0 = encoder.encode_images(batch["pixel_values"].to(device), generator=generator)
+            t = self.timesteps[int(torch.randint(len(self.timesteps), (1,), generator=generator))]
+            noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
+            z_t = self.scheduler.add_noise(z0, noise, torch.tensor([t], device=device))
+            features, _ = encoder.extract(z_t, t, embeds, controls, diffusion["conditioning_scale"])
+        return features, word_mask
+
+    def latents(self, features, word_mask, model: nn.Module) -> torch.Tensor:
+        """w for this stage: w^m (stage 1) or w^m ⊙ w^γ + w^β with M frozen (stage 2)."""
+        latent_avg = self.pipe.generator.latent_avg
+        if self.stage == 1:
+            return model(features.h.float(), latent_avg)
+        with torch.no_grad():
+            w_m = self.pipe.mapper(features.h, latent_avg).float()
+        modulation = model(features, word_mask)
+        return w_m * modulation.gamma.float() + modulation.beta.float()
+
+    def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(loss, logged terms, generated images) of one micro-batch."""
+        features, word_mask = self.features(batch, generator)
+        w = self.latents(features, word_mask, model)
+        images = self.pipe.generator.synthesis(w)
+        device = images.device
+        target = batch["target"].to(device)
+        recon_target = target if self.stage == 1 else batch["idd"].to(device)
+        total, logs = self.loss_fn(images, recon_target, target, w, self.pipe.generator.latent_avg)
+        return total, logs, images.detach()
+
+    def sample_grid(self, batch: dict, images: torch.Tensor) -> Image.Image:
+        """Rows: target | output (| I^d_0 in stage 2)."""
+        rows = [batch["target"], images.cpu()]
+        if "idd" in batch:
+            rows.append(batch["idd"])
+        return image_grid(rows)
+
+    def export(self, model: nn.Module, folder: Path) -> Path:
+        """The whole pipeline with the trained network, via ``FacePipeline.save_pretrained``."""
+        pipe = copy.copy(self.pipe)
+        trained = copy.deepcopy(model).float().cpu().eval().requires_grad_(False)
+        if self.stage == 1:
+            pipe.mapper = trained
+        else:
+            pipe.modulator = trained
+        pipe.trained = True
+        for module in (pipe.encoder, pipe.generator, pipe.mapper, pipe.modulator):
+            module.to("cpu", torch.float32)
+        return pipe.save_pretrained(folder)
+
+
+@torch.no_grad()
+def build_idd_cache(config: dict, pipe: FacePipeline, dataset: Dataset, cache_dir: Path, rank: int = 0,
+                    world_size: int = 1) -> None:
+    """Precompute I^d_0 for this rank's share of the dataset (skips files already there).
+
+    I^d_0 of a sample is DDIM-denoised (``idd_steps``) from its VAE latent noised to
+    t ≈ ``idd_strength``·T (seeded by the image id), under its fixed caption and all its visual inputs,
+    then VAE-decoded and resized to G's resolution.
+    """
+    encoder, diffusion = pipe.encoder, config["diffusion"]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = encoder.make_scheduler()
+    scheduler.set_timesteps(diffusion["idd_steps"], device=encoder.device)
+    start = min(len(scheduler.timesteps) - 1, int(round(len(scheduler.timesteps) * (1 - diffusion["idd_strength"]))))
+    timesteps = scheduler.timesteps[start:]
+    todo = [i for i in range(rank, len(dataset), world_size)
+            if not (cache_dir / f"{int(dataset[i]['image_id'])}.png").is_file()]
+    size = pipe.generator.resolution
+    for chunk in range(0, len(todo), diffusion["idd_batch_size"]):
+        items = [dataset[i] for i in todo[chunk:chunk + diffusion["idd_batch_size"]]]
+        pixels = torch.stack([it["pixel_values"] for it in items]).to(encoder.device, encoder.dtype)
+        controls = {m: torch.stack([it["controls"][m] for it in items]).to(encoder.device, encoder.dtype)
+                    for m in items[0]["controls"] if m in encoder.controlnets}
+        embeds, _ = encode_captions(encoder, [it["caption"] for it in items])
+        seeds = [torch.Generator().manual_seed(config["seed"] * 1_000_003 + int(it["image_id"])) for it in items]
+        z0 = torch.cat([encoder.encode_images(p[None], generator=g) for p, g in zip(pixels, seeds)])
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in seeds]).to(z0.device, z0.dtype)
+        latents = scheduler.add_noise(z0, noise, timesteps[:1]) if diffusion["idd_strength"] < 1 else noise
+        for t in timesteps:
+            _, noise_pred = encoder.extract(latents, t, embeds, controls, diffusion["conditioning_scale"])
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+        images = F.interpolate(encoder.decode_latents(latents).float(), size=(size, size), mode="bilinear",
+                               align_corners=False, antialias=True)
+        for item, image in zip(items, tensor_to_pil(images)):
+            image.save(cache_dir / f"{int(item['image_id'])}.png")
+
+
+class ControlNetStage:
+    """Stage 0: train a ControlNet (mask or scribble) on the frozen SD-1.5 U-Net.
+
+    Args:
+        config: the full training config.
+        encoder: the diffusion encoder providing U-Net, VAE, text encoder and scheduler config.
+        controlnet: the ControlNet to train (from ``ControlNetModel.from_unet`` or a checkpoint).
+    """
+
+    name = "controlnet"
+
+    def __init__(self, config: dict, encoder: DiffusionEncoder, controlnet: nn.Module):
+        self.config, self.encoder = config, encoder
+        self.modality = config["controlnet"]["modality"]
+        self.model = controlnet.requires_grad_(True).train()
+        self.noise_scheduler = encoder.make_scheduler()
+        if config["train"]["gradient_checkpointing"]:
+            controlnet.enable_gradient_checkpointing()
+            encoder.unet.enable_gradient_checkpointing()
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.encoder.to(device, weight_dtype)
+        self.model.to(device, torch.float32)
+
+    def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, None]:
+        encoder, scheduler = self.encoder, self.noise_scheduler
+        device, dtype = encoder.device, encoder.dtype
+        with torch.no_grad():
+            z0 = encoder.encode_images(batch["pixel_values"].to(device), generator=generator)
+            noise = torch.randn(z0.shape, generator=generator).to(device, dtype)
+            t = torch.randint(scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator).to(device)
+            noisy = scheduler.add_noise(z0, noise, t)
+            drop = torch.rand(len(batch["caption"]), generator=generator) < self.config["controlnet"]["proportion_empty_prompts"]
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+            embeds, _ = encode_captions(encoder, captions)
+        cond = batch["controls"][self.modality].to(device, torch.float32)
+        down, mid = model(noisy.float(), t, encoder_hidden_states=embeds.float(), controlnet_cond=cond, return_dict=False)
+        pred = encoder.unet(noisy, t, encoder_hidden_states=embeds,
+                            down_block_additional_residuals=[r.to(dtype) for r in down],
+                            mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"loss/denoise": float(loss.detach())}, None
+
+    def sample_grid(self, batch: dict, images) -> Image.Image:
+        return image_grid([batch["target"], batch["controls"][self.modality] * 2 - 1])
+
+    def export(self, model: nn.Module, folder: Path) -> Path:
+        out = folder / f"controlnet_{self.modality}"
+        copy.deepcopy(model).float().cpu().save_pretrained(out, safe_serialization=True)
+        return out
+
+
+def image_grid(rows: list[torch.Tensor], max_columns: int = 8) -> Image.Image:
+    """Rows of [B, 3, H, W] images in [-1, 1] (resized to the first row's size) -> one PIL grid."""
+    size = rows[0].shape[-1]
+    columns = min(max_columns, rows[0].shape[0])
+    tiles = [F.interpolate(r[:columns].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)
+             for r in rows]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in tiles], dim=1)
+    return tensor_to_pil(grid[None])[0]

@@ -1,0 +1,359 @@
+"""The functions behind every Space event, with plain-worded errors.
+
+Each public method of :class:`SpaceHandlers` is one Gradio endpoint. Library errors
+(:class:`~mm2latent.errors.MM2LatentError`) become ``gr.Error`` with the library's message; any other
+exception is logged and becomes a generic ``gr.Error``, so the server keeps serving. Handlers never
+write to the prompt box or the canvases they read, so an error leaves the visitor's work in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import numbers
+import re
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import ImageOps
+
+from ..conditions import edges_from_photo, parse_mask, parse_scribble, scribble_to_image
+from ..errors import MM2LatentError
+from ..pipeline import MAX_SEED, MAX_STEPS, MODES
+from ..templates import dilate
+from .editor import (
+    CANVAS_SIZE,
+    DEFAULT_STROKE,
+    STROKE_WIDTHS,
+    TEMPLATE_CHOICES,
+    describe_mask,
+    has_face,
+    mask_canvas,
+    mask_from_canvas,
+    sketch_canvas,
+    strokes_from_canvas,
+    template_canvas,
+)
+from .outputs import OutputStore, attention_gallery, describe_run, file_stem, save_run
+from .settings import Settings
+
+log = logging.getLogger("mm2latent.space")
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_WARNINGS_LOCK = threading.Lock()
+_QUOTED_PATH = re.compile(r"'(?:/|[A-Za-z]:\\)[^']*[/\\]([^'/\\]+)'")
+
+EXAMPLE_SEED = 42
+COMBINE_CHOICES = ("mean", "coarse-to-fine")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def plain(message: str) -> str:
+    """A library message made fit for a visitor: capitalised, no server paths, ending with a period."""
+    message = _QUOTED_PATH.sub(r"'\1'", str(message).strip())
+    if message:
+        message = message[0].upper() + message[1:]
+    if message and message[-1] not in ".!?)":
+        message += "."
+    return message
+
+
+def user_error(message: str) -> gr.Error:
+    return gr.Error(plain(message), print_exception=False)
+
+
+def friendly_errors(action: str) -> Callable:
+    """Decorator: turn every failure of an event handler into a ``gr.Error`` in plain words."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def handler(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except gr.Error:
+                raise
+            except MM2LatentError as error:
+                raise user_error(str(error)) from None
+            except Exception as error:
+                if "OutOfMemory" in type(error).__name__:
+                    log.warning("Out of memory while %s", action)
+                    raise user_error("The server ran out of memory: try fewer images or fewer steps.") from None
+                log.exception("Unexpected error while %s", action)
+                raise user_error(f"Something went wrong on the server while {action}. Please try again; "
+                                 "if it keeps happening, tell the Space's authors") from None
+
+        return handler
+
+    return decorate
+
+
+def call_reporting_warnings(function: Callable, *args, **kwargs) -> Any:
+    """Call ``function``; show the library's warnings (e.g. 'only the first frame of a GIF') to the visitor.
+
+    ``warnings.catch_warnings`` is process-global, hence the lock; it is only used around quick image
+    loading, never around generation.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function(*args, **kwargs)
+    for warning in caught:
+        if str(warning.filename).startswith(_PACKAGE_DIR) and issubclass(warning.category, UserWarning):
+            gr.Warning(plain(str(warning.message)))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Checking settings
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_seed(seed: Any, randomize: bool) -> int:
+    """The seed to use: a fresh random one, or the visitor's after checking it."""
+    if randomize:
+        return secrets.randbelow(MAX_SEED + 1)
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not math.isfinite(seed):
+        raise user_error(f"Enter a seed (a whole number from 0 to {MAX_SEED}), or tick “Random seed”")
+    if seed != int(seed) or not 0 <= int(seed) <= MAX_SEED:
+        shown = int(seed) if seed == int(seed) else f"{seed:g}"
+        raise user_error(f"The seed must be a whole number from 0 to {MAX_SEED:,}; {shown} is not. "
+                         "Change it, or tick “Random seed”")
+    return int(seed)
+
+
+def parse_feature_steps(text: str | None, num_steps: int) -> list[int] | None:
+    """'all' (or empty) -> None (every step); '0-4, 10' -> [0, 1, 2, 3, 4, 10]."""
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    steps: set[int] = set()
+    for part in filter(None, re.split(r"[,;\s]+", text)):
+        match = re.fullmatch(r"(\d{1,4})(?:-(\d{1,4}))?", part)
+        if not match:
+            raise user_error(f"Feature steps: “{part}” is not a step number or range; write `all`, `0-4` or "
+                             "`0, 5, 10`")
+        low, high = int(match[1]), int(match[2] or match[1])
+        steps.update(range(min(low, high), max(low, high) + 1))
+    if not steps or max(steps) >= num_steps:
+        raise user_error(f"Feature steps must be between 0 and {num_steps - 1} when there are {num_steps} steps "
+                         f"(got “{text}”)")
+    return sorted(steps)
+
+
+def checked_int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or not low <= int(value) <= high:
+        raise user_error(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def checked_truncation(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 2.0:
+        raise user_error(f"Truncation ψ must be a number from 0 to 2, got {value!r}")
+    return float(value)
+
+
+def stroke_radius(width: str) -> int:
+    """Pixels added around photo edges for a stroke width choice (thin 0, medium 1, thick 3)."""
+    return STROKE_WIDTHS.get(width, STROKE_WIDTHS[DEFAULT_STROKE]) // 4
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+
+class SpaceHandlers:
+    """Event handlers bound to one loaded pipeline.
+
+    Args:
+        pipe: the loaded :class:`~mm2latent.pipeline.FacePipeline` (read for its properties).
+        run: what actually generates: ``run(**request) -> FacePipelineOutput`` (the ZeroGPU-wrapped call
+            in ``app.py``); default ``pipe`` itself.
+        settings: the Space settings.
+        store: where output files are written.
+    """
+
+    def __init__(self, pipe, run: Callable | None = None, settings: Settings | None = None,
+                 store: OutputStore | None = None):
+        self.pipe = pipe
+        self.run = run or pipe
+        self.settings = settings or Settings()
+        self.store = store or OutputStore()
+
+    # ---------------------------------------------------------------- canvases
+    @friendly_errors("loading the template")
+    def load_template(self, template: str) -> dict:
+        """A face-layout template (or a blank canvas) as the mask editor's new picture."""
+        if template not in TEMPLATE_CHOICES:
+            raise user_error(f"Unknown template “{template}”; choose one of: {', '.join(TEMPLATE_CHOICES)}")
+        return template_canvas(template)
+
+    @friendly_errors("reading the uploaded mask")
+    def upload_mask(self, file: str | None, progress=gr.Progress(track_tqdm=True)) -> tuple[dict, str]:
+        """An uploaded mask (index map, palette PNG or colour rendering) shown as the colour map the model reads."""
+        path = self._uploaded_path(file, "a mask image")
+        progress(0, desc="Reading the mask")
+        ids = call_reporting_warnings(parse_mask, path, require_face=False)
+        if not has_face(ids):
+            gr.Warning("This mask contains no face (no skin, eyes, nose or mouth). Paint at least skin "
+                       "before generating.")
+        height, width = ids.shape
+        status = (f"Loaded **{Path(path).name}** ({width}×{height}): shown as the colour map the model reads. "
+                  f"Classes: {describe_mask(ids)}.")
+        return mask_canvas(ids), status
+
+    @friendly_errors("reading the uploaded sketch")
+    def upload_sketch(self, file: str | None, progress=gr.Progress(track_tqdm=True)) -> dict:
+        """An uploaded sketch (black-on-white or white-on-black) as black strokes on the sketchpad."""
+        path = self._uploaded_path(file, "a sketch image")
+        progress(0, desc="Reading the sketch")
+        strokes = call_reporting_warnings(parse_scribble, path, size=CANVAS_SIZE)
+        if not strokes.any():
+            gr.Warning("No strokes were found in this sketch: it looks like a blank page.")
+        return sketch_canvas(strokes)
+
+    @friendly_errors("turning the photo into a sketch")
+    def sketch_from_photo(self, file: str | None, stroke_width: str = DEFAULT_STROKE,
+                          progress=gr.Progress(track_tqdm=True)) -> dict:
+        """An edge map of an uploaded photo, drawn as black strokes on the sketchpad."""
+        path = self._uploaded_path(file, "a photo")
+        progress(0, desc="Finding the photo's edges")
+        edges = call_reporting_warnings(edges_from_photo, path, size=CANVAS_SIZE)
+        return sketch_canvas(dilate(edges, stroke_radius(stroke_width)))
+
+    @staticmethod
+    def _uploaded_path(file: Any, what: str) -> str:
+        if file is None:
+            raise user_error(f"Choose {what} to upload")
+        return str(getattr(file, "name", file))
+
+    # ---------------------------------------------------------------- generation
+    @friendly_errors("generating from the mask")
+    def generate_from_mask(self, prompt: str, mask: Any, mode: str = "fast", steps: int = 20,
+                           feature_steps: str = "all", combine: str = "mean", seed: Any = 0,
+                           randomize_seed: bool = True, truncation: float = 1.0, num_images: int = 1,
+                           show_diffusion: bool = False, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """Faces from a prompt and the mask editor's picture."""
+        return self._generate("mask", prompt, mask, mode, steps, feature_steps, combine, seed, randomize_seed,
+                              truncation, num_images, show_diffusion, progress)
+
+    @friendly_errors("generating from the sketch")
+    def generate_from_sketch(self, prompt: str, sketch: Any, mode: str = "fast", steps: int = 20,
+                             feature_steps: str = "all", combine: str = "mean", seed: Any = 0,
+                             randomize_seed: bool = True, truncation: float = 1.0, num_images: int = 1,
+                             show_diffusion: bool = False, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """Faces from a prompt and the sketchpad's strokes."""
+        return self._generate("sketch", prompt, sketch, mode, steps, feature_steps, combine, seed,
+                              randomize_seed, truncation, num_images, show_diffusion, progress)
+
+    @friendly_errors("generating")
+    def generate_from_active_tab(self, tab: str, prompt: str, mask: Any, sketch: Any, mode: str = "fast",
+                                 steps: int = 20, feature_steps: str = "all", combine: str = "mean",
+                                 seed: Any = 0, randomize_seed: bool = True, truncation: float = 1.0,
+                                 num_images: int = 1, show_diffusion: bool = False,
+                                 progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """Enter in the prompt box: generate from whichever tab is open."""
+        kind, canvas = ("sketch", sketch) if tab == "sketch" else ("mask", mask)
+        return self._generate(kind, prompt, canvas, mode, steps, feature_steps, combine, seed, randomize_seed,
+                              truncation, num_images, show_diffusion, progress)
+
+    @friendly_errors("running the example")
+    def example_from_mask(self, prompt: str, mask: Any, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """Examples use fast mode, one image and a fixed seed, so their cached results are reproducible."""
+        return self._generate("mask", prompt, mask, "fast", 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1, False,
+                              progress)
+
+    @friendly_errors("running the example")
+    def example_from_sketch(self, prompt: str, sketch: Any, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        return self._generate("sketch", prompt, sketch, "fast", 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1,
+                              False, progress)
+
+    def _generate(self, kind: str, prompt: Any, canvas: Any, mode: str, steps: Any, feature_steps: str,
+                  combine: str, seed: Any, randomize_seed: bool, truncation: Any, num_images: Any,
+                  show_diffusion: bool, progress: Callable | None = None) -> tuple:
+        prompt = self._checked_prompt(prompt)
+        if mode not in MODES:
+            raise user_error(f"Mode must be one of: {', '.join(MODES)}")
+        if combine not in COMBINE_CHOICES:
+            raise user_error(f"Combine must be one of: {', '.join(COMBINE_CHOICES)}")
+        steps = checked_int(steps, "Steps", 1, MAX_STEPS)
+        num_images = checked_int(num_images, "The number of images", 1, self.settings.max_images)
+        truncation = checked_truncation(truncation)
+        feature = parse_feature_steps(feature_steps, steps) if mode == "quality" else None
+        mask, scribble = self._visual_input(kind, canvas, prompt)
+        seed = resolve_seed(seed, bool(randomize_seed))
+        if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
+            gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
+                       "(MM2LATENT_LOAD_VAE=0); showing the faces only.")
+            show_diffusion = False
+
+        started = time.perf_counter()
+        if progress is not None:
+            progress(0, desc="Generating")
+        output = self.run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
+                          feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
+                          return_intermediates=True, return_diffusion_image=bool(show_diffusion))
+        return self._present(kind, output, time.perf_counter() - started)
+
+    def _checked_prompt(self, prompt: Any) -> str:
+        if prompt is None:
+            return ""
+        if not isinstance(prompt, str):
+            raise user_error("The prompt must be text")
+        limit = self.settings.max_prompt_chars
+        if len(prompt) > limit:
+            raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
+                             "(the text encoder reads only about the first 60 words anyway). Your text is still in "
+                             "the box")
+        return prompt.strip()
+
+    def _visual_input(self, kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
+        """(mask ids, scribble image) from the canvas; refuses when there is nothing to go on."""
+        if kind == "mask":
+            mask, scribble = mask_from_canvas(canvas), None
+            empty = mask is None
+        else:
+            strokes = strokes_from_canvas(canvas)
+            mask, scribble = None, (scribble_to_image(strokes) if strokes is not None else None)
+            empty = strokes is None
+        if empty and not prompt:
+            what = "pick a template or paint a mask" if kind == "mask" else "draw a sketch"
+            raise user_error(f"Nothing to generate from: the canvas is empty and so is the prompt. Describe the "
+                             f"face, {what}, or both")
+        if empty:
+            gr.Info("The canvas is empty, so the face follows the text alone.")
+        return mask, scribble
+
+    def _present(self, kind: str, output, elapsed_s: float) -> tuple:
+        """Gallery, seed, summary, attention overlays, files and the diffusion preview of one run."""
+        settings = output.settings
+        saved = save_run(self.store.new_folder(), output.images, output.latents.numpy(), output.seeds, settings,
+                         file_stem(settings.get("prompt", ""), kind))
+        gallery = [(str(path), f"seed {seed}") for path, seed in zip(saved.pngs, output.seeds)]
+        attention = attention_gallery(self._attention_base(kind, output), output.attention_words,
+                                      None if output.attention_maps is None else output.attention_maps[0].numpy())
+        files = [str(path) for path in saved.pngs] + [str(saved.latents)]
+        summary = describe_run(settings, output.seeds, elapsed_s, str(self.pipe.device))
+        diffusion = [(image, f"seed {seed}") for image, seed in zip(output.diffusion_images or [], output.seeds)]
+        return gallery, output.seeds[0], summary, attention, files, diffusion
+
+    @staticmethod
+    def _attention_base(kind: str, output):
+        """The input the attention maps are laid over: the mask colour map, the sketch, or the face."""
+        if kind == "mask" and "mask" in output.condition_images:
+            return output.condition_images["mask"]
+        if kind == "sketch" and "scribble" in output.condition_images:
+            return ImageOps.invert(output.condition_images["scribble"].convert("RGB"))
+        return output.images[0]

@@ -1,0 +1,133 @@
+"""What a run hands back to the visitor: files to download, attention overlays and a summary line."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..metadata import save_png
+
+OVERLAY_SIZE = 256
+# An inferno-like colour ramp for attention strength 0 -> 1.
+_HEAT_STOPS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention overlays
+# --------------------------------------------------------------------------------------------
+
+
+def heat_colours(strength: np.ndarray) -> np.ndarray:
+    """HxW values in [0, 1] -> HxWx3 float RGB (0..255) on the colour ramp."""
+    position = np.clip(strength, 0.0, 1.0) * (len(_HEAT_STOPS) - 1)
+    low = np.minimum(position.astype(np.int64), len(_HEAT_STOPS) - 2)
+    fraction = (position - low)[..., None]
+    return _HEAT_STOPS[low] * (1.0 - fraction) + _HEAT_STOPS[low + 1] * fraction
+
+
+def overlay_attention(base: Image.Image, attention: np.ndarray, size: int = OVERLAY_SIZE) -> Image.Image:
+    """One word's attention map (HxW in [0, 1]) laid over ``base``, both shown at ``size``."""
+    picture = np.asarray(base.convert("RGB").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32)
+    heat_map = Image.fromarray(np.asarray(attention, dtype=np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+    strength = np.clip(np.asarray(heat_map), 0.0, 1.0)
+    alpha = (0.35 + 0.5 * strength)[..., None]
+    blended = picture * (1.0 - alpha) + heat_colours(strength) * alpha
+    return Image.fromarray(np.rint(blended).astype(np.uint8))
+
+
+def attention_gallery(base: Image.Image, words: list[str], maps) -> list[tuple[Image.Image, str]]:
+    """(overlay, word) per word for one image; ``maps`` is [n_words, H, W]."""
+    if maps is None or not words:
+        return []
+    maps = np.asarray(maps, dtype=np.float32)
+    return [(overlay_attention(base, maps[i]), word) for i, word in enumerate(words[: len(maps)])]
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+class OutputStore:
+    """Per-run folders under one temporary root; folders older than ``max_age_s`` are removed.
+
+    Gradio copies returned files into its own cache, so a folder is only needed until the response
+    is sent; an hour leaves plenty of margin.
+    """
+
+    def __init__(self, root: str | Path | None = None, max_age_s: float = 3600.0):
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="mm2latent-space-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+
+    def new_folder(self) -> Path:
+        self.prune()
+        folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        return folder
+
+    def prune(self) -> None:
+        limit = time.time() - self.max_age_s
+        with self._lock:
+            for folder in self.root.iterdir():
+                try:
+                    if folder.is_dir() and folder.stat().st_mtime < limit:
+                        shutil.rmtree(folder, ignore_errors=True)
+                except FileNotFoundError:
+                    continue
+
+
+@dataclass
+class SavedRun:
+    pngs: list[Path]
+    latents: Path
+
+
+def image_settings(settings: dict, seeds: list[int], index: int) -> dict:
+    """The settings that reproduce image ``index`` of a batch on its own."""
+    return {**settings, "seed": seeds[index], "num_images": 1, "batch_seed": settings.get("seed"),
+            "batch_index": index}
+
+
+def save_run(folder: Path, images: list[Image.Image], latents, seeds: list[int], settings: dict, stem: str) -> SavedRun:
+    """PNG files with generation metadata (marked AI-generated) and one ``.npy`` of the W+ latents."""
+    pngs = []
+    for index, image in enumerate(images):
+        path = folder / f"{stem}-seed{seeds[index]}.png"
+        save_png(image, path, image_settings(settings, seeds, index))
+        pngs.append(path)
+    latent_path = folder / f"{stem}-seed{seeds[0]}-wplus.npy"
+    np.save(latent_path, np.asarray(latents, dtype=np.float32))
+    return SavedRun(pngs=pngs, latents=latent_path)
+
+
+def file_stem(prompt: str, what: str) -> str:
+    """'mm2latent-mask-she-has-long-wavy' : safe, short, recognisable file names."""
+    words = re.findall(r"[a-z0-9]+", (prompt or "").lower())[:5]
+    return "-".join(["mm2latent", what, *words])[:80]
+
+
+def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str) -> str:
+    """One Markdown line: the seed of each image and how it was made."""
+    seed_text = ", ".join(f"`{seed}`" for seed in seeds)
+    noun = "Seed" if len(seeds) == 1 else "Seeds"
+    if settings.get("mode") == "fast":
+        how = "fast mode (one U-Net pass)"
+    else:
+        how = f"quality mode ({settings.get('num_steps')} steps, features from {len(settings.get('feature_steps', []))})"
+    visual = ["sketch" if name == "scribble" else name for name in settings.get("inputs", [])]
+    inputs = " + ".join((["text"] if settings.get("prompt") else []) + visual) or "text"
+    return (f"**{noun}:** {seed_text} &nbsp;·&nbsp; {how} &nbsp;·&nbsp; ψ = {settings.get('truncation'):g} "
+            f"&nbsp;·&nbsp; from {inputs} &nbsp;·&nbsp; {elapsed_s:.1f} s on {device}")

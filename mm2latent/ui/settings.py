@@ -1,0 +1,121 @@
+"""Space settings, read from environment variables in this one place.
+
+| variable | default | meaning |
+|---|---|---|
+| ``MM2LATENT_MODEL_REPO`` | ``mm2latent/mm2latent-celebahq`` | Hub repo or local folder; ``tiny`` forces the demo preset |
+| ``MM2LATENT_MODEL_REVISION`` | (none) | Hub revision of that repo |
+| ``MM2LATENT_DEVICE`` | (auto: CUDA if available) | ``cpu``, ``cuda``, ``cuda:1`` ... |
+| ``MM2LATENT_DTYPE`` | ``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32``, ``bfloat16``, ``float16`` |
+| ``MM2LATENT_MAX_IMAGES`` | 4 | most images per run (1..16) |
+| ``MM2LATENT_QUEUE_SIZE`` | 20 | most requests waiting in the queue |
+| ``MM2LATENT_CONCURRENCY`` | 1 | generations running at once |
+| ``MM2LATENT_CACHE_EXAMPLES`` | ``lazy`` | ``lazy``, ``eager`` or ``off`` |
+| ``MM2LATENT_MAX_PROMPT_CHARS`` | 1000 | longer prompts are refused with an error |
+| ``MM2LATENT_MAX_FILE_SIZE`` | ``20mb`` | largest upload |
+| ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
+| ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
+| ``MM2LATENT_SERVER_NAME`` / ``MM2LATENT_SERVER_PORT`` | Gradio's defaults | where to listen |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..hub import DEFAULT_MODEL_REPO
+
+PREFIX = "MM2LATENT_"
+CACHE_MODES = ("lazy", "eager", "off")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_IMAGES_LIMIT = 16  # the pipeline's own limit
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the Space cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repo: str = DEFAULT_MODEL_REPO
+    model_revision: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_images: int = 4
+    queue_size: int = 20
+    concurrency: int = 1
+    cache_examples: str = "lazy"
+    max_prompt_chars: int = 1000
+    max_file_size: str = "20mb"
+    gpu_duration: int = 60
+    load_vae: bool = True
+    server_name: str | None = None
+    server_port: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``environ`` (default ``os.environ``); unset or empty variables keep defaults."""
+        env = _Reader(os.environ if environ is None else environ)
+        defaults = cls()
+        return cls(
+            model_repo=env.text("MODEL_REPO") or defaults.model_repo,
+            model_revision=env.text("MODEL_REVISION"),
+            device=env.text("DEVICE"),
+            dtype=env.choice("DTYPE", defaults.dtype, DTYPES),
+            max_images=env.integer("MAX_IMAGES", defaults.max_images, 1, MAX_IMAGES_LIMIT),
+            queue_size=env.integer("QUEUE_SIZE", defaults.queue_size, 1, 10_000),
+            concurrency=env.integer("CONCURRENCY", defaults.concurrency, 1, 64),
+            cache_examples=env.choice("CACHE_EXAMPLES", defaults.cache_examples, CACHE_MODES),
+            max_prompt_chars=env.integer("MAX_PROMPT_CHARS", defaults.max_prompt_chars, 1, 100_000),
+            max_file_size=env.text("MAX_FILE_SIZE") or defaults.max_file_size,
+            gpu_duration=env.integer("GPU_DURATION", defaults.gpu_duration, 1, 3600),
+            load_vae=env.flag("LOAD_VAE", defaults.load_vae),
+            server_name=env.text("SERVER_NAME"),
+            server_port=env.integer("SERVER_PORT", None, 1, 65535),
+        )
+
+    @property
+    def uses_tiny_preset(self) -> bool:
+        return self.model_repo == "tiny"
+
+
+class _Reader:
+    """Typed access to ``MM2LATENT_*`` variables with plain-worded errors."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self.environ.get(PREFIX + name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise SettingsError(f"{PREFIX}{name} must be a whole number from {low} to {high}, got {value!r}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in choices:
+            raise SettingsError(f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.environ.get(PREFIX + name)
+        if value is None:
+            return default
+        value = value.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise SettingsError(f"{PREFIX}{name} must be 1/0, true/false, yes/no or on/off, got {value!r}")

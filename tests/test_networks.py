@@ -1,0 +1,60 @@
+"""Loss/metric networks: real-size architectures match the public checkpoints' layout; tiny ones load via the Hub loader."""
+
+import pytest
+import torch
+
+from mm2latent.errors import WeightsNotFoundError
+from mm2latent.networks import IRSE50, LPIPS, BiSeNet, build_tiny_network, load_network
+from mm2latent.networks.convert import convert, lpips_state
+
+
+def test_real_architectures_have_the_public_layouts():
+    arcface = IRSE50().state_dict()
+    assert arcface["input_layer.0.weight"].shape == (64, 3, 3, 3)
+    assert arcface["body.0.res_layer.5.fc1.weight"].shape == (4, 64, 1, 1)
+    assert arcface["output_layer.3.weight"].shape == (512, 512 * 7 * 7)
+    assert len([k for k in arcface if k.startswith("body.") and k.endswith("res_layer.1.weight")]) == 24  # IR-50 units
+    lpips = LPIPS().state_dict()
+    assert lpips["net.slice5.28.weight"].shape == (512, 512, 3, 3) and lpips["lin4.model.1.weight"].shape == (1, 512, 1, 1)
+    parser = BiSeNet().state_dict()
+    assert parser["cp.resnet.layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+    assert parser["conv_out.conv_out.weight"].shape == (19, 256, 1, 1)
+    assert parser["ffm.conv1.weight"].shape == (64, 256, 1, 1)
+
+
+def test_tiny_networks_and_hub_folder_round_trip(tmp_path):
+    net = build_tiny_network("arcface")
+    net.save_pretrained(tmp_path / "arcface")
+    loaded = load_network("arcface", str(tmp_path / "arcface"))
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    net.eval()
+    assert torch.allclose(loaded(x), net(x), atol=1e-6)
+    assert torch.allclose(loaded(x).norm(dim=1), torch.ones(2), atol=1e-5)
+    parse = load_network("face_parser", "tiny").parse(torch.rand(1, 3, 64, 64) * 2 - 1, size=32)
+    assert parse.shape == (1, 32, 32) and parse.max() <= 18
+
+
+def test_missing_weights_raise_a_clear_error():
+    with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE"):
+        load_network("lpips")
+
+
+def test_convert_public_checkpoints(tmp_path):
+    """The converter maps torchvision's VGG16 keys and lpips' lin keys; loading is strict."""
+    lpips = LPIPS()
+    vgg = {}
+    for key, value in lpips.state_dict().items():
+        if key.startswith("net.slice"):
+            index = key.split(".")[2]
+            vgg[f"features.{index}.{key.split('.')[-1]}"] = value.clone()
+    lins = {k: v for k, v in lpips.state_dict().items() if k.startswith("lin")}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save(lins, tmp_path / "vgg.pth")
+    state = lpips_state(str(tmp_path / "vgg.pth"), str(tmp_path / "vgg16.pth"))
+    assert set(state) | {"scaling_layer.shift", "scaling_layer.scale"} == set(lpips.state_dict())
+    out = convert("lpips", str(tmp_path / "vgg.pth"), str(tmp_path / "lpips-vgg"), vgg=str(tmp_path / "vgg16.pth"))
+    x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    assert torch.allclose(LPIPS.from_pretrained(out)(x, y), lpips.eval()(x, y))
+    torch.save({"module.wrong.key": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError):
+        convert("arcface", str(tmp_path / "bad.pth"), str(tmp_path / "bad"))
