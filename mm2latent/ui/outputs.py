@@ -36,14 +36,26 @@ def heat_colours(strength: np.ndarray) -> np.ndarray:
     return _HEAT_STOPS[low] * (1.0 - fraction) + _HEAT_STOPS[low + 1] * fraction
 
 
-def overlay_attention(base: Image.Image, attention: np.ndarray, size: int = OVERLAY_SIZE) -> Image.Image:
-    """One word's attention map (HxW in [0, 1]) laid over ``base``, both shown at ``size``."""
-    picture = np.asarray(base.convert("RGB").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32)
+# The colour ramp looked up at 256 levels (one table lookup per pixel instead of float interpolation).
+_HEAT_TABLE = heat_colours(np.linspace(0.0, 1.0, 256)).astype(np.float32)
+
+
+def _picture(base: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(base.convert("RGB").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32)
+
+
+def _blend(picture: np.ndarray, attention: np.ndarray) -> Image.Image:
+    size = picture.shape[0]
     heat_map = Image.fromarray(np.asarray(attention, dtype=np.float32)).resize((size, size), Image.Resampling.BILINEAR)
     strength = np.clip(np.asarray(heat_map), 0.0, 1.0)
     alpha = (0.35 + 0.5 * strength)[..., None]
-    blended = picture * (1.0 - alpha) + heat_colours(strength) * alpha
-    return Image.fromarray(np.rint(blended).astype(np.uint8))
+    colours = _HEAT_TABLE[np.rint(strength * 255).astype(np.uint8)]
+    return Image.fromarray(np.rint(picture + (colours - picture) * alpha).astype(np.uint8))
+
+
+def overlay_attention(base: Image.Image, attention: np.ndarray, size: int = OVERLAY_SIZE) -> Image.Image:
+    """One word's attention map (HxW in [0, 1]) laid over ``base``, both shown at ``size``."""
+    return _blend(_picture(base, size), attention)
 
 
 def attention_gallery(base: Image.Image, words: list[str], maps) -> list[tuple[Image.Image, str]]:
@@ -51,7 +63,8 @@ def attention_gallery(base: Image.Image, words: list[str], maps) -> list[tuple[I
     if maps is None or not words:
         return []
     maps = np.asarray(maps, dtype=np.float32)
-    return [(overlay_attention(base, maps[i]), word) for i, word in enumerate(words[: len(maps)])]
+    picture = _picture(base, OVERLAY_SIZE)  # resized once for all words
+    return [(_blend(picture, maps[i]), word) for i, word in enumerate(words[: len(maps)])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,674 @@
+"""The Space: its UI helpers and handlers directly, then `python app.py` driven through gradio_client.
+
+The server is started as a subprocess, offline, asked for a model repository that cannot be had, so it
+also shows that a fresh machine without network reaches a working page on the ``tiny`` preset.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm2latent.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
+from mm2latent.errors import EmptyMaskError
+from mm2latent.templates import template_mask, template_sketch
+from mm2latent.ui import editor, examples, outputs
+from mm2latent.ui.settings import Settings, SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP = REPO_ROOT / "app.py"
+HAIR = CELEBAMASK_CLASSES.index("hair")
+OFFLINE_REPO = "mm2latent-tests/not-on-this-machine"
+
+# --------------------------------------------------------------------------------------------
+# Bad files, made small
+# --------------------------------------------------------------------------------------------
+
+
+def huge_png(path: Path, width: int = 10_000, height: int = 10_000) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (100 MP by default)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8  # after the signature: length (4), type (4), data (13), crc (4)
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4 : ihdr + 21])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def animated_gif(path: Path) -> Path:
+    """Three frames; the first is the 'glasses' template."""
+    frames = [mask_to_palette_image(template_mask(name)) for name in ("glasses", "hat", "short hair")]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    return path
+
+
+def not_an_image(path: Path) -> Path:
+    path.write_text("this is a text file wearing a .png name\n")
+    return path
+
+
+def hair_only_mask(path: Path) -> Path:
+    ids = np.zeros((512, 512), dtype=np.uint8)
+    ids[50:200, 100:400] = HAIR
+    mask_to_color(ids).save(path)
+    return path
+
+
+def flat_colour_png(path: Path) -> Path:
+    """A 'photo' of one flat colour: nothing in it looks like a face."""
+    Image.new("RGB", (320, 320), (40, 160, 90)).save(path)
+    return path
+
+
+def photo_like(path: Path) -> Path:
+    """A smooth synthetic 'photo' with a face-like blob, for the edge detector."""
+    y, x = np.mgrid[0:300, 0:300]
+    image = np.stack([120 + 0.2 * x, 100 + 0.1 * y, 90 + 0 * x], axis=-1)
+    face = ((x - 150) / 80) ** 2 + ((y - 150) / 105) ** 2 < 1
+    image[face] = (220, 180, 160)
+    for eye_x in (120, 180):
+        image[((x - eye_x) / 14) ** 2 + ((y - 130) / 7) ** 2 < 1] = (40, 30, 30)
+    Image.fromarray(image.astype(np.uint8)).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_work_on_a_space():
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.model_repo == "mm2latent/mm2latent-celebahq" and not settings.uses_tiny_preset
+    assert settings.max_images == 4 and settings.cache_examples == "lazy" and settings.concurrency == 1
+    assert settings.server_port is None and settings.device is None
+
+
+def test_settings_are_read_from_the_environment():
+    settings = Settings.from_env({
+        "MM2LATENT_MODEL_REPO": "tiny", "MM2LATENT_MAX_IMAGES": "2", "MM2LATENT_CACHE_EXAMPLES": "OFF",
+        "MM2LATENT_LOAD_VAE": "no", "MM2LATENT_SERVER_PORT": "7999", "MM2LATENT_DEVICE": " cpu ",
+        "MM2LATENT_MAX_PROMPT_CHARS": "", "MM2LATENT_DTYPE": "BFloat16", "UNRELATED": "x",
+    })
+    assert settings.uses_tiny_preset and settings.max_images == 2 and settings.cache_examples == "off"
+    assert settings.load_vae is False and settings.server_port == 7999 and settings.device == "cpu"
+    assert settings.max_prompt_chars == 1000  # empty = default
+    assert settings.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("MAX_IMAGES", "0", "from 1 to 16"), ("MAX_IMAGES", "four", "whole number"),
+    ("CACHE_EXAMPLES", "sometimes", "lazy, eager, off"), ("LOAD_VAE", "maybe", "1/0"),
+    ("DTYPE", "float8", "auto, float32, bfloat16, float16"),
+])
+def test_bad_settings_are_refused_in_plain_words(name, value, words):
+    with pytest.raises(SettingsError, match=f"MM2LATENT_{name}.*{words}"):
+        Settings.from_env({f"MM2LATENT_{name}": value})
+
+
+# --------------------------------------------------------------------------------------------
+# Canvases
+# --------------------------------------------------------------------------------------------
+
+
+def test_palette_and_legend_cover_the_19_classes():
+    colours = editor.palette_hex()
+    assert len(colours) == len(set(colours)) == 19 and colours[0] == "#000000"
+    assert editor.class_colour_hex("skin") == "#cc0000"
+    legend = editor.legend_html()
+    assert legend.count("mm2l-swatch") == 19 and "glasses" in legend and "lower lip" in legend
+    assert "rgb(0, 0, 204)" in editor.swatch_names_script() and "#mask-editor" in editor.swatch_names_script()
+
+
+@pytest.mark.parametrize("name", editor.TEMPLATE_CHOICES)
+def test_template_canvas_reads_back_as_the_template(name):
+    value = editor.template_canvas(name)
+    assert value["background"].size == (editor.CANVAS_SIZE, editor.CANVAS_SIZE)
+    ids = editor.mask_from_canvas(value)
+    if name == editor.BLANK_CANVAS:
+        assert ids is None
+    else:
+        assert np.array_equal(ids, template_mask(name))
+
+
+def test_brush_strokes_with_soft_edges_read_as_their_class():
+    """A composite like the browser's: template + an anti-aliased hair stroke across the cheeks."""
+    picture = np.asarray(editor.template_canvas("short hair")["composite"].convert("RGBA")).copy()
+    hair = np.array([0, 0, 204], dtype=np.float32)
+    rows = slice(290, 306)
+    for offset, weight in ((-2, 0.3), (-1, 0.7), (0, 1.0), (1, 0.7), (2, 0.3)):
+        band = picture[rows.start + offset : rows.stop + offset, 180:330, :3].astype(np.float32)
+        picture[rows.start + offset : rows.stop + offset, 180:330, :3] = np.rint(band * (1 - weight) + hair * weight)
+    ids = editor.mask_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(picture)})
+    changed = ids != template_mask("short hair")
+    assert set(np.unique(ids[changed])) <= {HAIR}
+    assert (ids[292:304, 190:320] == HAIR).all()
+
+
+def test_transparent_canvas_is_empty_and_faceless_paint_is_refused():
+    transparent = Image.new("RGBA", (512, 512), (255, 255, 255, 0))
+    assert editor.mask_from_canvas({"background": None, "layers": [], "composite": transparent}) is None
+    assert editor.mask_from_canvas(None) is None
+    ids = np.zeros((512, 512), dtype=np.uint8)
+    ids[:100] = HAIR
+    with pytest.raises(EmptyMaskError, match="no face"):
+        editor.mask_from_canvas(editor.mask_canvas(ids))
+
+
+def test_sketch_canvas_round_trip():
+    assert editor.strokes_from_canvas(editor.sketch_canvas()) is None
+    strokes = template_sketch("short hair")
+    value = editor.sketch_canvas(strokes)
+    assert value["background"].getpixel((0, 0)) == (255, 255, 255)  # black on white for the visitor
+    assert np.array_equal(editor.strokes_from_canvas(value), strokes)
+    # Strokes on a transparent layer with no paper behind them (after "clear canvas").
+    layer = np.zeros((512, 512, 4), dtype=np.uint8)
+    layer[200:210, 100:400, 3] = 255
+    got = editor.strokes_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(layer)})
+    assert got[205, 250] and not got[100, 250]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_attention_overlay_and_heat_colours():
+    ramp = outputs.heat_colours(np.linspace(0, 1, 11))
+    assert ramp.shape == (11, 3) and ramp.min() >= 0 and ramp.max() <= 255
+    assert ramp[-1].sum() > ramp[0].sum()
+    base = mask_to_color(template_mask("glasses"))
+    attention = np.zeros((8, 8), dtype=np.float32)
+    attention[2, 3] = 1.0
+    overlay = outputs.overlay_attention(base, attention)
+    assert overlay.size == (outputs.OVERLAY_SIZE, outputs.OVERLAY_SIZE) and overlay.mode == "RGB"
+    items = outputs.attention_gallery(base, ["she", "smiles"], np.stack([attention, attention[::-1]]))
+    assert [caption for _, caption in items] == ["she", "smiles"]
+    assert outputs.attention_gallery(base, [], None) == []
+
+
+def test_saved_files_carry_metadata_and_latents(tmp_path):
+    store = outputs.OutputStore(tmp_path / "runs")
+    images = [Image.new("RGB", (16, 16), (i * 50, 0, 0)) for i in range(2)]
+    latents = np.random.default_rng(0).standard_normal((2, 10, 64)).astype(np.float32)
+    saved = outputs.save_run(store.new_folder(), images, latents, [7, 8], {"prompt": "A man.", "seed": 7}, "stem")
+    assert [p.name for p in saved.pngs] == ["stem-seed7.png", "stem-seed8.png"]
+    with Image.open(saved.pngs[1]) as png:
+        assert png.text["ai_generated"] == "true" and png.text["seed"] == "8" and png.text["prompt"] == "A man."
+    assert np.array_equal(np.load(saved.latents), latents)
+    old = store.new_folder()
+    os.utime(old, (0, 0))
+    store.prune()
+    assert not old.exists() and saved.latents.exists()
+    assert outputs.file_stem("She has long, wavy hair!", "mask") == "mm2latent-mask-she-has-long-wavy-hair"
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers, called directly on the tiny pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_pipe, tmp_path_factory):
+    from mm2latent.ui.handlers import SpaceHandlers
+
+    return SpaceHandlers(tiny_pipe, settings=Settings(model_repo="tiny"),
+                         store=outputs.OutputStore(tmp_path_factory.mktemp("space-runs")))
+
+
+def test_handler_generates_everything_a_visitor_sees(handlers, tiny_pipe):
+    gallery, seed, summary, attention, files, diffusion = handlers.generate_from_mask(
+        "She has long wavy blonde hair and is smiling.", editor.template_canvas("long hair"), seed=11,
+        randomize_seed=False, num_images=2, show_diffusion=True, steps=2)
+    assert seed == 11 and "`11`, `12`" in summary and "text + mask" in summary
+    assert [caption for _, caption in gallery] == ["seed 11", "seed 12"]
+    for path, _ in gallery:
+        with Image.open(path) as image:
+            assert image.size == (tiny_pipe.resolution,) * 2 and image.text["ai_generated"] == "true"
+    latents = np.load(next(f for f in files if f.endswith(".npy")))
+    assert latents.shape[:1] == (2,) and latents.ndim == 3
+    assert len(attention) >= 5 and attention[0][1] == "she"
+    assert len(diffusion) == 2 and diffusion[0][0].size == (tiny_pipe.encoder.image_size,) * 2
+
+
+def test_handler_refuses_bad_input_in_plain_words(handlers):
+    import gradio as gr
+
+    blank, paper = editor.template_canvas(editor.BLANK_CANVAS), editor.sketch_canvas()
+    cases = [
+        (handlers.generate_from_mask, ("", blank), {}, "Nothing to generate from"),
+        (handlers.generate_from_sketch, ("  ", paper), {}, "Nothing to generate from"),
+        (handlers.generate_from_mask, ("x" * 5000, blank), {}, "5,000 characters"),
+        (handlers.generate_from_mask, ("A face.", blank), {"seed": -1, "randomize_seed": False}, "seed must be"),
+        (handlers.generate_from_mask, ("A face.", blank), {"seed": 2**64, "randomize_seed": False}, "seed must be"),
+        (handlers.generate_from_mask, ("A face.", blank), {"seed": None, "randomize_seed": False}, "Enter a seed"),
+        (handlers.generate_from_mask, ("A face.", blank), {"num_images": 5}, "from 1 to 4"),
+        (handlers.generate_from_mask, ("A face.", blank), {"mode": "quality", "steps": 3, "feature_steps": "2-7"},
+         "between 0 and 2"),
+        (handlers.generate_from_mask, ("A face.", blank), {"mode": "quality", "feature_steps": "early"},
+         "not a step number"),
+        (handlers.load_template, ("mohawk",), {}, "Unknown template"),
+        (handlers.upload_mask, (None,), {}, "Choose a mask"),
+    ]
+    for function, args, kwargs, words in cases:
+        with pytest.raises(gr.Error, match=words):
+            function(*args, **kwargs)
+
+
+def test_handler_text_only_quality_mode_and_examples(handlers, tiny_pipe):
+    blank = editor.template_canvas(editor.BLANK_CANVAS)
+    gallery, *_ = handlers.generate_from_mask("A man with a beard.", blank, mode="quality", steps=3,
+                                              feature_steps="0, 2", combine="coarse-to-fine")
+    assert len(gallery) == 1
+    mask_prompt, mask_file = examples.mask_example_rows()[0]
+    result = handlers.example_from_mask(mask_prompt, {"background": None, "layers": [], "composite": mask_file})
+    assert result[1] == 42
+    sketch_prompt, sketch_file = examples.sketch_example_rows()[0]
+    tab_result = handlers.generate_from_active_tab("sketch", sketch_prompt, None, editor.sketch_canvas(
+        template_sketch("short hair")), randomize_seed=False, seed=3)
+    assert "sketch" in tab_result[2] and tab_result[1] == 3
+
+
+def test_handler_uploads(handlers, tmp_path):
+    value, status = handlers.upload_mask(str(examples.mask_path(examples.DEFAULT_FOLDER, "glasses")))
+    assert np.array_equal(parse_mask(value["background"]), template_mask("glasses"))
+    assert "glasses" in status and "glasses.png" in status
+    with pytest.warns(UserWarning, match="first frame"):
+        value, _ = handlers.upload_mask(str(animated_gif(tmp_path / "moving.gif")))
+    assert np.array_equal(parse_mask(value["background"]), template_mask("glasses"))
+    with pytest.warns(UserWarning, match="no face"):
+        handlers.upload_mask(str(hair_only_mask(tmp_path / "hair.png")))
+    sketch = handlers.sketch_from_photo(str(photo_like(tmp_path / "photo.png")), "thick")
+    assert editor.strokes_from_canvas(sketch) is not None
+
+
+def test_handler_errors_hide_server_paths_and_unexpected_failures(handlers, tmp_path, caplog):
+    import gradio as gr
+
+    from mm2latent.ui.handlers import friendly_errors, plain
+
+    with pytest.raises(gr.Error) as caught:
+        handlers.upload_mask(str(not_an_image(tmp_path / "notes.png")))
+    assert "'notes.png'" in caught.value.message and str(tmp_path) not in caught.value.message
+    with pytest.raises(gr.Error, match="too large"):
+        handlers.upload_sketch(str(huge_png(tmp_path / "huge.png")))
+    assert plain("image file '/tmp/gradio/abc/x.gif' has 3 frames") == "Image file 'x.gif' has 3 frames."
+
+    @friendly_errors("testing")
+    def broken():
+        raise KeyError("internal detail")
+
+    with pytest.raises(gr.Error, match="Something went wrong on the server while testing") as caught:
+        broken()
+    assert "internal detail" not in caught.value.message
+    assert "Unexpected error while testing" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# The launched app, through gradio_client
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_space(workdir: Path, **env_overrides: str):
+    """`python app.py` in a subprocess (offline, analytics off); yields its URL."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "MM2LATENT_SERVER_NAME": "127.0.0.1", "MM2LATENT_SERVER_PORT": str(port),
+           "GRADIO_EXAMPLES_CACHE": str(workdir / "examples-cache"), "GRADIO_TEMP_DIR": str(workdir / "gradio"),
+           "TOKENIZERS_PARALLELISM": "false", **env_overrides}
+    log_path = workdir / "app.log"
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(APP)], cwd=workdir, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_until_serving(url, process, log_path)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"app.py did not start within {timeout_s:.0f} s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The Space, asked for weights it cannot download: it must fall back to `tiny` with a banner."""
+    workdir = tmp_path_factory.mktemp("space")
+    with running_space(workdir, MM2LATENT_MODEL_REPO=OFFLINE_REPO) as url:
+        yield url, workdir
+
+
+@pytest.fixture(scope="module")
+def client(space):
+    from gradio_client import Client
+
+    return Client(space[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    index_map = folder / "glasses_ids.png"
+    Image.fromarray(template_mask("glasses")).save(index_map)
+    jpeg = folder / "hat_colour.jpg"
+    mask_to_color(template_mask("hat")).save(jpeg, quality=90)
+    return {
+        "index_map": index_map, "jpeg": jpeg, "palette": examples.mask_path(examples.DEFAULT_FOLDER, "long hair"),
+        "sketch": examples.sketch_path(examples.DEFAULT_FOLDER, "short hair"), "photo": photo_like(folder / "p.png"),
+        "gif": animated_gif(folder / "moving.gif"), "text_png": not_an_image(folder / "notes.png"),
+        "huge": huge_png(folder / "huge.png"), "hair_only": hair_only_mask(folder / "hair.png"),
+        "flat": flat_colour_png(folder / "flat.png"),
+    }
+
+
+def canvas(path: Path | str) -> dict:
+    """An ImageEditor value for gradio_client: the picture as background and composite."""
+    from gradio_client import handle_file
+
+    return {"background": handle_file(str(path)), "layers": [], "composite": handle_file(str(path)), "id": None}
+
+
+def blank_mask_file(folder: Path) -> Path:
+    path = folder / "blank.png"
+    editor.template_canvas(editor.BLANK_CANVAS)["background"].save(path)
+    return path
+
+
+def white_paper_file(folder: Path) -> Path:
+    path = folder / "paper.png"
+    editor.sketch_canvas()["background"].save(path)
+    return path
+
+
+def generate(client, api_name: str, prompt: str, picture: dict, **settings):
+    arguments = {"mode": "fast", "steps": 20, "feature_steps": "all", "combine": "mean", "seed": 0,
+                 "randomize_seed": True, "truncation": 1.0, "num_images": 1, "show_diffusion": False, **settings}
+    return client.predict(prompt, picture, *arguments.values(), api_name=api_name)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_fresh_offline_machine_reaches_a_working_page_with_a_banner(space, client):
+    url, workdir = space
+    with urllib.request.urlopen(url + "config", timeout=10) as response:
+        config = response.read().decode()
+    assert "Untrained demo weights" in config and OFFLINE_REPO in config and "MM2LATENT_MODEL_REPO" in config
+    log = (workdir / "app.log").read_text()
+    assert "starting on the untrained 'tiny' preset" in log
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate_from_mask", "/generate_from_sketch", "/load_template", "/upload_mask", "/upload_sketch",
+            "/sketch_from_photo"} <= endpoints
+
+
+@pytest.mark.parametrize("template", ["glasses", "blank canvas"])
+def test_api_load_template(client, template):
+    value = client.predict(template, api_name="/load_template")
+    assert image_size(value["background"]) == (512, 512)
+    ids = parse_mask(value["background"], require_face=False)
+    expected = np.zeros((512, 512), np.uint8) if template == "blank canvas" else template_mask(template)
+    assert np.array_equal(ids, expected)
+
+
+@pytest.mark.parametrize("kind, template", [("index_map", "glasses"), ("palette", "long hair"), ("jpeg", "hat")])
+def test_api_upload_mask_shows_the_colour_map_the_model_reads(client, files, kind, template):
+    value, status = client.predict(__import__("gradio_client").handle_file(str(files[kind])), api_name="/upload_mask")
+    assert image_size(value["background"]) == (512, 512)
+    agreement = (parse_mask(value["background"]) == template_mask(template)).mean()
+    assert agreement > (0.995 if kind == "jpeg" else 0.99999), agreement
+    assert "Loaded" in status and files[kind].name in status
+
+
+def test_api_upload_sketch_and_sketch_from_photo(client, files):
+    from gradio_client import handle_file
+
+    value = client.predict(handle_file(str(files["sketch"])), api_name="/upload_sketch")
+    assert image_size(value["background"]) == (512, 512)
+    assert editor.strokes_from_canvas({"composite": value["background"]}).sum() == template_sketch("short hair").sum()
+    value = client.predict(handle_file(str(files["photo"])), "thin", api_name="/sketch_from_photo")
+    assert image_size(value["background"]) == (512, 512)
+    assert editor.strokes_from_canvas({"composite": value["background"]}) is not None
+
+
+def test_api_generate_from_mask(client, files, tiny_pipe):
+    gallery, seed, summary, attention, downloads, diffusion = generate(
+        client, "/generate_from_mask", "She has long wavy blonde hair and is smiling.", canvas(files["palette"]),
+        seed=1234, randomize_seed=False, num_images=2)
+    assert seed == 1234 and "`1234`, `1235`" in summary
+    assert len(gallery) == 2
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            assert image.size == (tiny_pipe.resolution, tiny_pipe.resolution)
+            assert image.text["ai_generated"] == "true" and image.text["prompt"].startswith("She has")
+    assert attention and attention[0]["caption"] == "she"
+    names = sorted(Path(path).suffix for path in downloads)
+    assert names == [".npy", ".png", ".png"]
+    latents = np.load(next(path for path in downloads if path.endswith(".npy")))
+    assert latents.shape[0] == 2 and latents.dtype == np.float32
+    assert not diffusion
+
+
+def test_api_generate_from_sketch_with_quality_mode_and_preview(client, files, tiny_pipe):
+    gallery, seed, summary, attention, downloads, diffusion = generate(
+        client, "/generate_from_sketch", "The man has short brown hair and bushy eyebrows.", canvas(files["sketch"]),
+        mode="quality", steps=3, feature_steps="0-2", combine="coarse-to-fine", show_diffusion=True)
+    assert len(gallery) == 1 and image_size(gallery[0]["image"]) == (tiny_pipe.resolution,) * 2
+    assert 0 <= seed < 2**32 and "quality mode (3 steps" in summary and "sketch" in summary
+    assert len(diffusion) == 1 and image_size(diffusion[0]["image"]) == (tiny_pipe.encoder.image_size,) * 2
+
+
+def test_api_animated_gif_uses_its_first_frame(client, files):
+    from gradio_client import handle_file
+
+    value, _ = client.predict(handle_file(str(files["gif"])), api_name="/upload_mask")
+    assert np.array_equal(parse_mask(value["background"]), template_mask("glasses"))
+
+
+def test_api_bad_inputs_give_clear_errors(client, files, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    blank, paper = canvas(blank_mask_file(tmp_path)), canvas(white_paper_file(tmp_path))
+    template = canvas(files["palette"])
+    cases = [
+        ("empty canvas + empty prompt (mask)", lambda: generate(client, "/generate_from_mask", "", blank),
+         "Nothing to generate from"),
+        ("empty canvas + empty prompt (sketch)", lambda: generate(client, "/generate_from_sketch", "", paper),
+         "Nothing to generate from"),
+        ("mask with no face", lambda: generate(client, "/generate_from_mask", "A man.", canvas(files["hair_only"])),
+         "contains no face"),
+        ("upload that is not an image", lambda: client.predict(handle_file(str(files["text_png"])),
+                                                               api_name="/upload_mask"), "cannot read 'notes.png'"),
+        ("upload with a non-image type", lambda: client.predict(handle_file(str(write_text(tmp_path / "a.txt"))),
+                                                                api_name="/upload_sketch"), "Invalid file type"),
+        ("100-megapixel image", lambda: client.predict(handle_file(str(files["huge"])), api_name="/upload_mask"),
+         "too large"),
+        ("100-megapixel photo", lambda: client.predict(handle_file(str(files["huge"])), "thin",
+                                                       api_name="/sketch_from_photo"), "too large"),
+        ("5,000-character prompt", lambda: generate(client, "/generate_from_mask", "She smiles. " * 417, template),
+         "characters long; the limit is 1,000"),
+        ("seed -1", lambda: generate(client, "/generate_from_mask", "A man.", template, seed=-1,
+                                     randomize_seed=False), "seed must be a whole number from 0 to"),
+        ("seed 2**64", lambda: generate(client, "/generate_from_sketch", "A man.", paper, seed=2**64,
+                                        randomize_seed=False), "seed must be a whole number from 0 to"),
+    ]
+    for what, call, words in cases:
+        with pytest.raises(AppError) as caught:
+            call()
+        assert words.lower() in str(caught.value).lower(), f"{what}: {caught.value}"
+
+
+def write_text(path: Path) -> Path:
+    path.write_text("hello")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The "Edit a photo" tab, through gradio_client
+# --------------------------------------------------------------------------------------------
+
+ALIGNED_SIZE = 256  # invert_photo aligns to max(256, generator resolution) pixels
+
+
+def invert(client, photo: Path, refine_steps: int = 0):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(photo)), refine_steps, api_name="/invert_photo")
+
+
+def edit(client, photo: Path, prompt: str, mask: dict | None, **settings):
+    from gradio_client import handle_file
+
+    arguments = {"refine_steps": 0, "use_mask": True, "strength": 1.0, "layers": "all", "method": "modulate",
+                 "seed": 0, "clip_steps": 0, **settings}
+    return client.predict(handle_file(str(photo)), arguments.pop("refine_steps"), prompt, mask,
+                          *arguments.values(), api_name="/edit_photo")
+
+
+def saved_latent(path: str) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu")
+
+
+@pytest.fixture(scope="module")
+def inverted(client, testdata):
+    """/invert_photo on a real FFHQ photo: (photo path, its outputs)."""
+    photo = testdata / "photos" / "ffhq_0.jpg"
+    return photo, invert(client, photo)
+
+
+def test_app_registers_the_edit_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/invert_photo", "/edit_photo"} <= set(endpoints)
+    assert [p["parameter_name"] for p in endpoints["/edit_photo"]["parameters"]][:4] == [
+        "photo", "refine_steps", "prompt", "mask_value"]
+
+
+def test_api_invert_photo_returns_aligned_reconstruction_and_mask(inverted, tiny_pipe):
+    _, (aligned, reconstruction, mask, latent, info) = inverted
+    assert image_size(aligned) == (ALIGNED_SIZE, ALIGNED_SIZE)
+    assert image_size(reconstruction) == (tiny_pipe.resolution, tiny_pipe.resolution) == (64, 64)
+    assert image_size(mask["background"]) == (editor.CANVAS_SIZE, editor.CANVAS_SIZE)
+    ids = editor.mask_from_canvas({"composite": mask["background"]})  # raises if the mask holds no face
+    assert ids.shape == (512, 512) and ids.max() < len(CELEBAMASK_CLASSES) and len(np.unique(ids)) > 2
+    saved = saved_latent(latent)
+    assert saved["latent"].shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
+    assert saved["settings"].get("source") == "inversion"
+    assert "Inverted to W+" in info
+
+
+@pytest.mark.parametrize("method, layers", [("modulate", "all"), ("mix", "middle")])
+def test_api_edit_photo_returns_before_after_identity_and_latent(client, inverted, tiny_pipe, method, layers):
+    photo, (_, reconstruction, mask, _, _) = inverted
+    pair, edited, identity, latent, info = edit(client, photo, "with glasses", canvas(mask["background"]),
+                                                method=method, layers=layers, seed=5)
+    assert len(pair) == 2 and all(image_size(image) == (tiny_pipe.resolution,) * 2 for image in pair)
+    before, after = (np.asarray(Image.open(image).convert("RGB"), dtype=np.int16) for image in pair)
+    assert np.abs(before - after).mean() > 1  # the photo beside the (untrained) model's edit
+    assert image_size(edited) == (tiny_pipe.resolution,) * 2
+    assert -1.0 <= float(identity) <= 1.0
+    saved = saved_latent(latent)
+    assert Path(latent).suffix == ".pt"
+    assert saved["latent"].shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
+    assert saved["latent"].isfinite().all()
+    settings = saved["settings"]
+    assert settings["prompt"] == "with glasses" and settings["method"] == method and settings["layers"] == layers
+    assert settings["seed"] == 5 and settings["inputs"] == ["mask"]
+    assert f"Edited layers: {layers}" in info and f"method {method}" in info
+
+
+def test_api_edit_photo_text_only_without_inverting_first(client, testdata, tiny_pipe):
+    """A new client (fresh session state) goes straight to Edit with no mask: the photo is inverted on the way."""
+    from gradio_client import Client
+
+    fresh = Client(client.src, verbose=False)
+    pair, edited, identity, latent, _ = edit(fresh, testdata / "photos" / "ffhq_1.jpg", "with glasses", None,
+                                             use_mask=False)
+    assert len(pair) == 2 and image_size(edited) == (tiny_pipe.resolution,) * 2
+    assert -1.0 <= float(identity) <= 1.0 and saved_latent(latent)["settings"]["inputs"] == []
+
+
+def test_api_photo_without_a_face_is_refused_and_the_server_keeps_serving(client, files, testdata, tiny_pipe):
+    from gradio_client.exceptions import AppError
+
+    calls = {"invert": lambda: invert(client, files["flat"]),
+             "edit": lambda: edit(client, files["flat"], "with glasses", None)}
+    for what, call in calls.items():
+        with pytest.raises(AppError) as caught:
+            call()
+        message = str(caught.value)
+        assert "no face" in message.lower(), f"{what}: {message}"
+        assert "upload a photo" in message.lower() and str(files["flat"].parent) not in message, message
+    # The same server still inverts a real photo, and the other tabs still generate.
+    _, reconstruction, *_ = invert(client, testdata / "photos" / "ffhq_2.jpg")
+    assert image_size(reconstruction) == (tiny_pipe.resolution,) * 2
+    gallery, *_ = generate(client, "/generate_from_mask", "A face.", canvas(files["index_map"]))
+    assert len(gallery) == 1
+
+
+def test_api_survives_fifty_rapid_clicks(space, files):
+    """50 generation requests at once: each finishes or is turned away (queue full); the server keeps serving."""
+    from gradio_client import Client
+
+    client = Client(space[0], verbose=False)
+    template = canvas(files["index_map"])
+    jobs = [client.submit("A face.", template, "fast", 20, "all", "mean", i, False, 1.0, 1, False,
+                          api_name="/generate_from_mask") for i in range(50)]
+    finished, refused = 0, []
+    for job in jobs:
+        try:
+            job.result(timeout=240)
+            finished += 1
+        except (concurrent.futures.TimeoutError, TimeoutError):
+            raise
+        except Exception as error:  # queue full: gradio_client raises its own error types
+            refused.append(str(error))
+    assert finished >= 1
+    assert all("queue" in message.lower() for message in refused), refused[:3]
+    gallery, *_ = generate(Client(space[0], verbose=False), "/generate_from_mask", "Still here?", template)
+    assert len(gallery) == 1

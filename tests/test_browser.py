@@ -1,0 +1,220 @@
+"""A real browser on the Space: pick a template, paint, sketch, generate, and see errors leave work in place.
+
+Drives Debian's Chromium (``/usr/bin/chromium``) through Playwright; never ``playwright install``.
+Skipped when Chromium or Playwright is missing, unless ``MM2LATENT_REQUIRE_BROWSER=1`` (as in CI),
+which turns their absence into a failure. Screenshots go to a temporary folder printed in the output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_app import running_space
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+TIMEOUT_MS = 90_000
+HAIR_RGB = (0, 0, 204)
+GLASSES_RGB = (204, 204, 0)
+MOVES_PER_STROKE = 4
+
+
+def require_browser():
+    """Skip (or, with MM2LATENT_REQUIRE_BROWSER=1, fail) when the browser stack is missing."""
+    required = os.environ.get("MM2LATENT_REQUIRE_BROWSER", "").lower() in {"1", "true", "yes"}
+    problems = []
+    if not CHROMIUM.exists():
+        problems.append(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the Python package playwright is missing")
+    if problems:
+        message = "; ".join(problems)
+        if required:
+            pytest.fail(f"MM2LATENT_REQUIRE_BROWSER is set but {message}")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def space_url(tmp_path_factory):
+    require_browser()
+    with running_space(tmp_path_factory.mktemp("browser-space"), MM2LATENT_MODEL_REPO="tiny") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(space_url, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"\nscreenshots: {folder}")
+    return folder
+
+
+@pytest.fixture
+def page(browser, space_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(space_url)
+    page.wait_for_selector("#mask-editor canvas")
+    yield page
+    context.close()
+
+
+def draw(page, canvas, strokes: list[tuple[float, float, float, float]]) -> None:
+    """Drag the mouse along straight lines given in fractions of the canvas box."""
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    for x0, y0, x1, y1 in strokes:
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        for i in range(1, MOVES_PER_STROKE + 1):  # few moves: each one repaints a software-rendered canvas
+            t = i / MOVES_PER_STROKE
+            page.mouse.move(box["x"] + (x0 + (x1 - x0) * t) * box["width"],
+                            box["y"] + (y0 + (y1 - y0) * t) * box["height"])
+        page.mouse.up()
+
+
+def pixels_near(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) -> int:
+    """How many pixels of a screenshot are within ``tolerance`` of a colour."""
+    with Image.open(io.BytesIO(png)) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tolerance).sum())
+
+
+def wait_until(condition, what: str, timeout_s: float = TIMEOUT_MS / 1000) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def prompt_box(page):
+    return page.locator("#prompt input, #prompt textarea").first
+
+
+def wait_for_gallery(page) -> int:
+    page.wait_for_selector("#gallery img")
+    page.wait_for_selector("#run-summary :text('Seed')")
+    return page.locator("#gallery img").count()
+
+
+def labelled_block(page, label: str):
+    """The component block whose label reads ``label`` (for components without an elem_id)."""
+    return page.locator("div.block").filter(has=page.get_by_test_id("block-label").filter(has_text=label))
+
+
+def loaded_image_sizes(images) -> list[tuple[int, int]]:
+    """(naturalWidth, naturalHeight) of each <img>, (0, 0) while it has not loaded."""
+    return [tuple(size) for size in images.evaluate_all(
+        "els => els.map(e => e.complete ? [e.naturalWidth, e.naturalHeight] : [0, 0])")]
+
+
+def test_mask_tab_template_palette_brush_and_generate(page, shots):
+    assert page.locator("#mm2l-banner").get_by_text("Untrained demo weights").is_visible()
+    editor = page.locator("#mask-editor")
+    assert pixels_near(editor.screenshot(), GLASSES_RGB) < 50  # the default template has no glasses
+    page.locator("#template").get_by_text("glasses", exact=True).click()
+    wait_until(lambda: pixels_near(editor.screenshot(), GLASSES_RGB) > 300, "the glasses template to appear")
+    editor.get_by_role("button", name="Color").click()
+    editor.get_by_role("button", name="hair", exact=True).click()  # a palette swatch, named by our script
+    hair_before = pixels_near(editor.screenshot(), HAIR_RGB)
+    draw(page, editor.locator("canvas").first, [(0.4, 0.56, 0.6, 0.56)])
+    wait_until(lambda: pixels_near(editor.screenshot(), HAIR_RGB) > hair_before + 1000, "a hair-coloured stroke")
+    page.screenshot(path=str(shots / "mask-painted.png"), full_page=True)
+    prompt_box(page).fill("She has long wavy blonde hair and is smiling.")
+    page.locator("#generate-mask").click()
+    assert wait_for_gallery(page) >= 1
+    assert page.locator("#attention img").count() >= 3
+    assert "from text + mask" in page.locator("#run-summary").inner_text()
+    page.screenshot(path=str(shots / "mask-generated.png"), full_page=True)
+
+
+def test_sketch_tab_strokes_and_generate(page, shots):
+    page.get_by_role("tab", name="Text + sketch").click()
+    pad = page.locator("#sketchpad")
+    canvas = pad.locator("canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    draw(page, canvas, [(0.35, 0.3, 0.65, 0.3), (0.3, 0.25, 0.5, 0.8)])
+    page.locator("#stroke-width").get_by_text("thick", exact=True).click()
+    page.wait_for_timeout(800)  # the new brush is set and re-selected
+    draw(page, canvas, [(0.4, 0.65, 0.6, 0.65)])
+    page.screenshot(path=str(shots / "sketch-drawn.png"), full_page=True)
+    prompt_box(page).fill("The man has short brown hair and bushy eyebrows.")
+    page.locator("#generate-sketch").click()
+    assert wait_for_gallery(page) >= 1
+    assert "from text + sketch" in page.locator("#run-summary").inner_text()
+    page.screenshot(path=str(shots / "sketch-generated.png"), full_page=True)
+
+
+def test_enter_generates_and_errors_leave_the_work_in_place(page, shots):
+    editor = page.locator("#mask-editor")
+    before = editor.screenshot()
+    long_prompt = "She has long wavy blonde hair and is smiling. " * 110
+    prompt_box(page).fill(long_prompt)
+    prompt_box(page).press("Enter")
+    toast = page.get_by_text("characters long; the limit is 1,000", exact=False)
+    toast.first.wait_for()
+    page.screenshot(path=str(shots / "error-long-prompt.png"), full_page=True)
+    assert prompt_box(page).input_value() == long_prompt
+    assert editor.screenshot() == before
+    assert page.locator("#gallery img").count() == 0
+    prompt_box(page).fill("He has short black hair, a beard and wears eyeglasses.")
+    prompt_box(page).press("Enter")
+    assert wait_for_gallery(page) >= 1
+
+
+def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
+    page.get_by_role("tab", name="Edit a photo").click()
+    upload = page.locator("#edit-photo-upload")
+    upload.wait_for()
+    reconstruction = labelled_block(page, "Reconstruction").locator("img")
+    before_after = page.locator("#edit-before-after img")
+    assert reconstruction.count() == 0 and before_after.count() == 0
+    upload.locator("input[type=file]").set_input_files(str(testdata / "photos" / "ffhq_0.jpg"))
+    upload.locator("img").wait_for()
+    page.locator("#invert-photo").click()
+    reconstruction.wait_for()
+    wait_until(lambda: loaded_image_sizes(reconstruction)[0][0] > 0, "the reconstruction to load")
+    assert loaded_image_sizes(labelled_block(page, "Aligned").locator("img"))[0][0] > 0
+    page.locator("#edit-mask-editor canvas").first.wait_for()
+    prompt = page.locator("#edit-prompt textarea, #edit-prompt input").first
+    prompt.fill("with glasses")
+    page.locator("#edit-photo-button").click()
+    before_after.nth(1).wait_for()
+    wait_until(lambda: sum(w > 0 and h > 0 for w, h in loaded_image_sizes(before_after)) >= 2,
+               "the before/after images to load")
+    identity = page.get_by_label("Identity similarity (ArcFace cosine, photo vs edit)")
+    wait_until(lambda: identity.input_value() != "", "the identity score")
+    page.locator("#edit-before-after").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "edit-photo.png"), full_page=True)
+    sizes = loaded_image_sizes(before_after)
+    assert len(sizes) == 2 and all(w > 0 and h > 0 for w, h in sizes), sizes
+    sources = before_after.evaluate_all("els => els.map(e => e.src)")
+    assert sources[0] != sources[1]  # the photo and its edit, not one picture twice
+    assert -1.0 <= float(identity.input_value()) <= 1.0
+    assert prompt.input_value() == "with glasses"
+    assert labelled_block(page, "Latent (W+, .pt)").locator("a[href*='mm2latent-edited-']").count() >= 1
