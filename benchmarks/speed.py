@@ -142,24 +142,21 @@ class Timer:
         ``setup`` (untimed) runs before every call. ``per``: items per call (for per-item figures).
         """
         self.memory.reset()
-        warm = []
-        for _ in range(max(0, warmup)):
-            if setup:
-                setup()
-            self.sync()
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            warm.append((time.perf_counter() - start) * 1e3)
-        runs = []
-        for _ in range(max(1, repeats)):
-            if setup:
-                setup()
-            self.sync()
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            runs.append((time.perf_counter() - start) * 1e3)
+
+        def timed(count: int) -> list[float]:
+            times = []
+            for _ in range(count):
+                if setup:
+                    setup()
+                self.sync()
+                start = time.perf_counter()
+                fn()
+                self.sync()
+                times.append((time.perf_counter() - start) * 1e3)
+            return times
+
+        warm = timed(max(0, warmup))
+        runs = timed(max(1, repeats))
         result = {
             "median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs),
             "repeats": len(runs), "warmup": len(warm), "runs_ms": [round(r, 3) for r in runs],

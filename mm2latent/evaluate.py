@@ -6,7 +6,7 @@
 For every sampled test image and modality, the model generates a face from (caption, mask or scribble)
 and is compared with the ground-truth photo: FID (set level), LPIPS, MS-SSIM, ArcFace identity
 similarity; for masks, pixel accuracy and mIoU of the face parser's mask of the output against the
-input mask; CLIP score of output vs caption (open_clip, optional). Writes ``metrics.json`` and
+input mask; CLIP score of output vs caption (transformers' CLIP). Writes ``metrics.json`` and
 ``table1.md``.
 """
 
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arcface", default=None, help="IR-SE50 weights: default repo, folder, org/name or 'tiny'")
     parser.add_argument("--face-parser", default=None, help="BiSeNet weights: default repo, folder, org/name or 'tiny'")
     parser.add_argument("--fid-feature", default="inception", choices=["inception", "tiny", "none"])
-    parser.add_argument("--no-clip", action="store_true", help="skip the CLIP score (needs open_clip)")
-    parser.add_argument("--clip-model", default="ViT-B-32")
-    parser.add_argument("--clip-pretrained", default="openai")
+    parser.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP weights: default openai/clip-vit-base-patch32, a folder, org/name or 'tiny'")
     args = parser.parse_args(argv)
 
     pipe = FacePipeline.from_pretrained(args.model, device=args.device)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = FaceDataset(args.data, args.split, image_size=pipe.encoder.image_size, target_size=pipe.resolution,
                           condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed)
     fid_feature = {"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature]
-    clip = None if args.no_clip else M.CLIPScorer(args.clip_model, args.clip_pretrained, device)
+    clip = None if args.no_clip else M.CLIPScorer(args.clip, device)
     results = evaluate(
         pipe, dataset, tuple(args.modalities), args.num_samples, args.seed,
         lpips=load_network("lpips", args.lpips, device), arcface=load_network("arcface", args.arcface, device),

@@ -1,11 +1,13 @@
 """The paper's Table 1 metrics: FID, LPIPS, MS-SSIM, ID similarity, mask accuracy / mIoU, CLIP score.
 
 Established implementations are used where they exist: torchmetrics for FID (with any feature
-network) and MS-SSIM; open_clip for the CLIP score (optional). LPIPS, ArcFace and the face parser are
+network) and MS-SSIM; transformers' CLIP for the CLIP score. LPIPS, ArcFace and the face parser are
 the networks of :mod:`mm2latent.networks`. Images are [B, 3, H, W] in [-1, 1] throughout.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,33 +117,39 @@ def fid_update(fid, images: torch.Tensor, real: bool) -> None:
 
 
 class CLIPScorer:
-    """CLIP score, 100 · max(cos(image, text), 0), with open_clip (``pip install open_clip_torch``).
+    """CLIP score, 100 · max(cos(image, text), 0), with transformers' CLIP loaded through the Hub loader.
+
+    open_clip would need the torchvision built for the installed torch, which CPU-only installs
+    cannot have; transformers' ``CLIPModel`` with the same OpenAI weights gives the same embeddings.
 
     Args:
-        model_name: open_clip architecture ("ViT-B-32").
-        pretrained: open_clip weights tag ("openai"), or ``hf-hub:org/name`` for Hub weights.
+        source: None (the manifest's default, ``openai/clip-vit-base-patch32``, or ``MM2LATENT_CLIP_REPO``),
+            a local folder, "org/name[@revision]", "tiny" (random toy CLIP for tests), or a ``ClipGuide``.
         device: where to run it.
     """
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu"):
-        try:
-            import open_clip
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("the CLIP score needs open_clip: `pip install open_clip_torch` (it needs the "
-                              "torchvision that matches your torch), or run evaluate with --no-clip") from error
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-        self.model = self.model.to(device).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.device = device
-        size = self.model.visual.image_size
-        self.size = size[0] if isinstance(size, (tuple, list)) else size
-        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device)[None, :, None, None]
-        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device)[None, :, None, None]
+    def __init__(self, source=None, device: str | torch.device = "cpu"):
+        from .editing import ClipGuide, build_tiny_clip
+        from .hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference, resolve_component
+
+        if isinstance(source, ClipGuide):
+            guide = source
+        elif source == "tiny":
+            guide = build_tiny_clip()
+        else:
+            spec = apply_env_overrides(DEFAULT_COMPONENTS["clip"])
+            if source is not None and Path(str(source)).expanduser().is_dir():
+                spec = {"path": str(Path(str(source)).expanduser().resolve())}
+            elif source is not None:
+                repo_id, revision = parse_repo_reference(str(source))
+                spec = {**spec, "repo_id": repo_id, "revision": revision or "main"}
+            guide = ClipGuide.from_pretrained(resolve_component("clip", spec, None, None))
+        self.guide = guide.to(device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        x = F.interpolate((images.float().to(self.device) + 1) / 2, size=(self.size, self.size), mode="bicubic",
-                          align_corners=False, antialias=True)
-        image_features = F.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
-        text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)), dim=-1)
+        """images [B, 3, H, W] in [-1, 1], one prompt each -> [B] scores in [0, 100]."""
+        assert len(prompts) == images.shape[0], "one prompt per image"
+        image_features = self.guide.encode_image(images)
+        text_features = torch.cat([self.guide.encode_text(p) for p in prompts]).to(image_features.device)
         return 100 * (image_features * text_features).sum(-1).clamp(min=0)

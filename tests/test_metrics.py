@@ -56,12 +56,24 @@ def test_fid_of_a_set_against_itself_is_zero():
     assert float(other.compute()) > 1e-2
 
 
-def test_clip_score_needs_open_clip():
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="open_clip"):
-            M.CLIPScorer()
+def test_clip_score(tiny_pipe, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from mm2latent.errors import WeightsNotFoundError
+
+    scorer = M.CLIPScorer("tiny")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    scores = scorer(images, ["she is smiling", "a man with a beard"])
+    assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
+    # The score is 100 * max(cos, 0) of the two embeddings, prompt by prompt.
+    cos = (scorer.guide.encode_image(images[:1]) * scorer.guide.encode_text("she is smiling")).sum()
+    torch.testing.assert_close(scores[0], 100 * cos.clamp(min=0))
+    swapped = scorer(images, ["a man with a beard", "she is smiling"])
+    assert not torch.allclose(scores, swapped)
+    # Real weights come through the Hub loader; offline without a cache the error names the repository.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="clip-vit-base-patch32"):
+        M.CLIPScorer()
 
 
 def test_evaluate_on_the_tiny_preset(tiny_pipe, tmp_path):
@@ -71,8 +83,8 @@ def test_evaluate_on_the_tiny_preset(tiny_pipe, tmp_path):
     results = evaluate(tiny_pipe, dataset, ("mask", "scribble"), num_samples=3, seed=0,
                        lpips=load_network("lpips", "tiny"), arcface=load_network("arcface", "tiny"),
                        face_parser=load_network("face_parser", "tiny"), fid_feature=tiny_fid_feature(),
-                       show_progress=False)
-    assert set(results["mask"]) >= {"fid", "lpips", "ms_ssim", "id", "pixel_accuracy", "miou"}
+                       clip=M.CLIPScorer("tiny"), show_progress=False)
+    assert set(results["mask"]) >= {"fid", "lpips", "ms_ssim", "id", "pixel_accuracy", "miou", "clip_score"}
     assert "pixel_accuracy" not in results["scribble"]
     assert all(0 <= results[m]["ms_ssim"] <= 1 for m in results)
     json_path, table_path = write_report(results, tmp_path)
