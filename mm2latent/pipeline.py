@@ -187,15 +187,17 @@ class FacePipeline:
             wanted = [c for c in components if load_vae or c != "vae"]
             folders = {c: resolve_component(c, components[c], base, base_repo) for c in wanted}
             scheduler = DDIMScheduler.from_pretrained(folders["scheduler"])
-            controlnets = {m: ControlNetModel.from_pretrained(folders[f"controlnet_{m}"], use_safetensors=True)
+            # The big networks are read straight in the target dtype (peak memory: no float32 copy first).
+            big = {"use_safetensors": True, "torch_dtype": dtype}
+            controlnets = {m: ControlNetModel.from_pretrained(folders[f"controlnet_{m}"], **big)
                            for m in MODALITIES if f"controlnet_{m}" in folders}
             encoder = DiffusionEncoder(
-                unet=UNet2DConditionModel.from_pretrained(folders["unet"], use_safetensors=True),
-                text_encoder=CLIPTextModel.from_pretrained(folders["text_encoder"], use_safetensors=True),
+                unet=UNet2DConditionModel.from_pretrained(folders["unet"], **big),
+                text_encoder=CLIPTextModel.from_pretrained(folders["text_encoder"], use_safetensors=True, dtype=dtype),
                 tokenizer=CLIPTokenizer.from_pretrained(folders["tokenizer"]),
                 scheduler=scheduler,
                 controlnets=controlnets,
-                vae=AutoencoderKL.from_pretrained(folders["vae"], use_safetensors=True) if "vae" in folders else None,
+                vae=AutoencoderKL.from_pretrained(folders["vae"], **big) if "vae" in folders else None,
             )
             pipe = cls(
                 encoder=encoder,
