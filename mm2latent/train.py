@@ -1,6 +1,8 @@
-"""Train the face-mask ControlNet (stage 0), M (stage 1) or T (stage 2); or ``prepare`` the data.
+"""Train the face-mask ControlNet (stage 0), M (stage 1) or T (stage 2); ``prepare`` the data; or train the
+photo ``inverter`` (pSp-style encoder for real-photo editing).
 
     python -m mm2latent.train prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
+    python -m mm2latent.train inverter --images ffhq/images1024x1024 --model mm2latent/mm2latent-celebahq --output runs/inverter
     python -m mm2latent.train --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
     accelerate launch --multi_gpu --num_processes 8 -m mm2latent.train --config configs/stage1_mapper.yaml
 """
@@ -128,6 +130,53 @@ def run(config: dict, pipe: FacePipeline | None = None) -> Trainer:
     return trainer
 
 
+def train_inverter(images_dir: str | Path, output: str | Path, model: str = "tiny", steps: int = 1000,
+                   batch_size: int = 8, learning_rate: float = 1e-4, lpips: str | None = None,
+                   arcface: str | None = None, init: str | None = None, save_every: int = 500,
+                   seed: int = 0, device: str | None = None) -> Path:
+    """Train the pSp-style inverter (photo -> W+) on FFHQ-aligned faces with L2, LPIPS, ID and w-regularisation.
+
+    Args:
+        images_dir: a folder of aligned face photos (``*.png``/``*.jpg``, e.g. FFHQ's images1024x1024).
+        output: where the encoder is saved (``config.json`` + ``model.safetensors``), also every ``save_every`` steps.
+        model: the pipeline whose StyleGAN2 the encoder inverts into ("tiny", a folder or a Hub repo).
+        steps, batch_size, learning_rate, seed: the optimisation (Adam, as pSp).
+        lpips, arcface: loss networks (default repositories, a folder, "org/name" or "tiny").
+        init: an encoder folder to start from (default: a fresh encoder at the generator's sizes).
+        save_every: checkpoint period in steps.
+        device: default CUDA when available.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .inversion import PSPEncoder, image_to_tensor, tiny_psp_config, train_encoder_step
+
+    files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not files:
+        raise ValueError(f"no .png/.jpg images in {images_dir}")
+    pipe = FacePipeline.from_pretrained(model, device=device, dtype=torch.float32, load_vae=False)
+    generator = pipe.generator.requires_grad_(False)
+    if init is not None:
+        encoder = PSPEncoder.from_pretrained(init)
+    elif model == "tiny":
+        encoder = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))
+    else:
+        encoder = PSPEncoder(num_ws=generator.num_ws, style_dim=generator.style_dim)
+    encoder.to(pipe.device)
+    losses = {"lpips": load_network("lpips", lpips, pipe.device), "identity": load_network("arcface", arcface, pipe.device)}
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=learning_rate)
+    order = torch.Generator().manual_seed(seed)
+    output = Path(output)
+    for step in (bar := tqdm(range(1, steps + 1), desc="inverter")):
+        picks = torch.randint(len(files), (batch_size,), generator=order).tolist()
+        batch = torch.cat([image_to_tensor(Image.open(files[i]).convert("RGB"), encoder.input_size) for i in picks])
+        terms = train_encoder_step(encoder, generator, batch.to(pipe.device), optimizer, **losses)
+        bar.set_postfix(loss=f"{terms['total']:.4f}")
+        if step % save_every == 0 or step == steps:
+            encoder.save_pretrained(output)
+    return output
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -152,6 +201,25 @@ def main(argv: list[str] | None = None) -> None:
         out = prepare(args.root, args.output, args.text_dir, args.mask_dir, args.mask_size, args.scribble_size,
                       args.test_fraction, test_ids, args.seed, args.limit, args.workers)
         print(out)
+        return
+    if argv and argv[0] == "inverter":
+        parser = argparse.ArgumentParser(prog="python -m mm2latent.train inverter",
+                                         description="Train the photo -> W+ encoder used to edit real photos.")
+        parser.add_argument("--images", required=True, help="folder of FFHQ-aligned face photos")
+        parser.add_argument("--output", required=True)
+        parser.add_argument("--model", default="tiny", help="pipeline whose generator is inverted (folder or repo)")
+        parser.add_argument("--steps", type=int, default=1000)
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--learning-rate", type=float, default=1e-4)
+        parser.add_argument("--lpips", default=None)
+        parser.add_argument("--arcface", default=None)
+        parser.add_argument("--init", default=None, help="encoder folder to continue from")
+        parser.add_argument("--save-every", type=int, default=500)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--device", default=None)
+        args = parser.parse_args(argv[1:])
+        print(train_inverter(args.images, args.output, args.model, args.steps, args.batch_size, args.learning_rate,
+                             args.lpips, args.arcface, args.init, args.save_every, args.seed, args.device))
         return
     parser = argparse.ArgumentParser(prog="python -m mm2latent.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -125,3 +125,24 @@ def test_training_step_updates_only_the_encoder(generator, lpips, photo):
     assert losses[-1]["total"] < losses[0]["total"]
     assert any(not torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert all(torch.equal(g_before[k], v) for k, v in generator.state_dict().items())
+
+
+def test_train_inverter_command_saves_a_loadable_encoder(testdata, tmp_path):
+    import shutil
+
+    from mm2latent.inversion import PSPEncoder, tiny_psp_config
+    from mm2latent.train import main
+
+    images = tmp_path / "faces"
+    images.mkdir()
+    for name in ("ffhq_0.jpg", "ffhq_1.jpg"):
+        shutil.copy(testdata / "photos" / name, images / name)  # a temporary copy, deleted with tmp_path
+    start = PSPEncoder(**tiny_psp_config(10, 64))
+    start.save_pretrained(tmp_path / "start")
+    main(["inverter", "--images", str(images), "--output", str(tmp_path / "out"), "--model", "tiny", "--steps", "3",
+          "--batch-size", "2", "--lpips", "tiny", "--arcface", "tiny", "--init", str(tmp_path / "start"),
+          "--device", "cpu"])
+    trained = PSPEncoder.from_pretrained(tmp_path / "out")
+    before, after = start.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
