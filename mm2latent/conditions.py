@@ -21,6 +21,8 @@ __all__ = [
     "CELEBAMASK_CLASSES",
     "CELEBAMASK_PALETTE",
     "FACE_CLASS_IDS",
+    "check_face",
+    "has_face",
     "FACE_PARSER_TO_CELEBAMASK",
     "MAX_IMAGE_PIXELS",
     "load_image",
@@ -290,12 +292,23 @@ def parse_mask(
 
     if target_size is not None and target_size != (ids.shape[1], ids.shape[0]):
         ids = np.asarray(Image.fromarray(ids).resize(target_size, Image.Resampling.NEAREST))
-    if require_face and not np.isin(ids, list(FACE_CLASS_IDS)).any():
+    if require_face:
+        check_face(ids)
+    return np.ascontiguousarray(ids, dtype=np.uint8)
+
+
+def has_face(ids: np.ndarray) -> bool:
+    """Whether a class-id map contains any face class (skin, nose, eyes, brows, ears, mouth, lips)."""
+    return bool(np.isin(ids, list(FACE_CLASS_IDS)).any())
+
+
+def check_face(ids: np.ndarray) -> None:
+    """Raise :class:`EmptyMaskError` when a class-id map has no face class."""
+    if not has_face(ids):
         raise EmptyMaskError(
             "the mask contains no face: paint at least skin (or eyes, nose, mouth, ...); "
             "hair, hat, neck, cloth, glasses and background alone are not a face"
         )
-    return np.ascontiguousarray(ids, dtype=np.uint8)
 
 
 def _checked_ids(values: np.ndarray, source_order: str) -> np.ndarray:

@@ -277,9 +277,10 @@ class DiffusionEncoder(nn.Module):
             size = (height // scale, width // scale)
             attn_out[block].append(out[keep].transpose(1, 2).reshape(-1, out.shape[-1], *size))
             attn_probs.append(probs[keep].transpose(1, 2).reshape(-1, probs.shape[-1], *size))
+        t = torch.as_tensor(t)
         return EncoderFeatures(
             h=h[keep], f=[f[keep] for f in store["f"]], attn_out=attn_out, attn_probs=attn_probs,
-            timestep=int(t) if torch.as_tensor(t).numel() == 1 else torch.as_tensor(t).tolist(),
+            timestep=int(t) if t.numel() == 1 else t.tolist(),
         )
 
     def extract(

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .errors import EmptyPromptError, InvalidSeedError, InvalidSettingError, InvalidStepsError
-from .inversion import InversionResult, PSPEncoder, image_to_tensor, invert, photo_mask, tiny_psp_config
+from .images import image_to_tensor, tensor_to_pil
+from .inversion import InversionResult, PSPEncoder, invert, photo_mask, tiny_psp_config
 from .mapping import Modulation
 
 __all__ = [
@@ -304,9 +305,11 @@ def clip_refine(
     index = torch.tensor(_layers(layers, start.shape[1]), device=start.device)
     chosen = start[:, index].clone().requires_grad_(True)
     text = clip.encode_text(prompt.strip()).to(param.device)
-    with torch.no_grad():
-        reference = generator.synthesis(start.to(param.dtype)) if reference is None else reference.to(param.device)
-        reference_id = _identity(identity_net, reference) if identity_net is not None else None
+    reference_id = None
+    if identity_net is not None:  # the identity term's target; without it no reference is needed
+        with torch.no_grad():
+            reference = generator.synthesis(start.to(param.dtype)) if reference is None else reference.to(param.device)
+            reference_id = _identity(identity_net, reference)
     optimizer = torch.optim.Adam([chosen], lr=lr)
     losses = []
     with torch.enable_grad():
@@ -357,8 +360,7 @@ def _render(generator: nn.Module, latent: torch.Tensor) -> tuple[torch.Tensor, I
     param = next(generator.parameters())
     with torch.no_grad():
         images = generator.synthesis(latent.to(param.device, param.dtype)).float()
-    array = ((images[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return images, Image.fromarray(array)
+    return images, tensor_to_pil(images[:1])[0]
 
 
 def invert_photo(pipe, photo: Any, refine_steps: int = 0, progress: bool | None = None,
@@ -411,7 +413,8 @@ def edit_photo(
         latent, clip_losses = refined.latent, refined.losses
     with pipe._lock:
         images, image = _render(pipe.generator, latent)
-        _, reconstruction = _render(pipe.generator, w_real)
+        # The inversion already drew the reconstruction; only a bare latent needs rendering.
+        reconstruction = inversion.reconstruction if inversion is not None else _render(pipe.generator, w_real)[1]
         identity_net = getattr(pipe, "identity", None)
         similarity = None
         if identity_net is not None:

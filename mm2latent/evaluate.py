@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .images import image_to_tensor
 from .networks import build_tiny_network, load_network
 from .pipeline import FacePipeline
 
@@ -36,11 +37,6 @@ MODALITY_TITLES = {"mask": "Text + Mask", "scribble": "Text + Scribble"}
 def _pil_inputs(item: dict, modality: str):
     control = (item["controls"][modality].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(control) if modality == "mask" else Image.fromarray(control[..., 0])
-
-
-def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                        for i in images])
 
 
 @torch.no_grad()
@@ -82,7 +78,7 @@ def evaluate(
             item = dataset[(int(position), 0)]
             visual = {modality: _pil_inputs(item, modality)}
             out = pipe(item["caption"], seed=seed + i, mode=mode, **visual)
-            image = _to_tensor(out.images).to(pipe.device)
+            image = torch.cat([image_to_tensor(i) for i in out.images]).to(pipe.device)
             target = item["target"][None].to(pipe.device)
             if target.shape[-1] != image.shape[-1]:
                 target = F.interpolate(target, size=image.shape[-2:], mode="bilinear", antialias=True)

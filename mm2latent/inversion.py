@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .align import AlignedFace, align_face
 from .errors import InvalidSettingError, InvalidStepsError
+from .images import image_to_tensor, tensor_to_pil
 from .mapping import Map2StyleHeads
 from .networks.arcface import IR50_STAGES, BottleneckIRSE
 
@@ -192,15 +193,6 @@ class InversionResult:
     refine_losses: list[float] = field(default_factory=list)
 
 
-def image_to_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, size, size] float32 in [-1, 1]."""
-    image = image.convert("RGB")
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return (array / 127.5 - 1.0).permute(2, 0, 1)[None]
-
-
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size:
         return images
@@ -341,18 +333,13 @@ def invert(
     mask = photo_mask(face_parser, image) if face_parser is not None else None
     return InversionResult(
         latent=latent.detach().float().cpu(),
-        reconstruction=_to_pil(reconstruction),
+        reconstruction=tensor_to_pil(reconstruction[:1])[0],
         aligned=image,
         mask=mask,
         faces_found=faces,
         messages=messages,
         refine_losses=losses,
     )
-
-
-def _to_pil(images: torch.Tensor) -> Image.Image:
-    array = ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedConditionError,
 )
 from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
+from .images import tensor_to_pil
 from .inversion import InversionResult, PSPEncoder
 from .mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
 from .networks import NETWORKS
@@ -94,12 +95,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if dtype not in names:
         raise InvalidSettingError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
     return names[dtype]
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
 
 
 class FacePipeline:

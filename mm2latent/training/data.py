@@ -15,7 +15,6 @@ top-12% magnitude threshold — a Canny-like thin edge map, white on black) and 
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..conditions import CELEBAMASK_CLASSES, edges_from_photo, mask_to_color, parse_mask
+from ..images import image_to_tensor
 
 PART_NAMES = CELEBAMASK_CLASSES[1:]  # g_mask.py's label_list: class id = position + 1
 IMAGES_PER_FOLDER = 2000
@@ -150,14 +150,6 @@ def prepare(
 
 
 # ------------------------------------------------------------------------------------------- reading
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL RGB -> [3, size, size] in [-1, 1] (Lanczos resize)."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-
 def control_to_tensor(image: Image.Image) -> torch.Tensor:
     """A condition image -> [3, H, W] in [0, 1], what the ControlNets read."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -225,8 +217,8 @@ class FaceDataset(Dataset):
             caption = captions[_rng(self.seed, image_id, epoch).integers(len(captions))]
         with Image.open(_image_file(self.image_dir, image_id)) as photo:
             photo = photo.convert("RGB")
-            item = {"pixel_values": image_to_tensor(photo, self.image_size),
-                    "target": image_to_tensor(photo, self.target_size)}
+            item = {"pixel_values": image_to_tensor(photo, self.image_size)[0],
+                    "target": image_to_tensor(photo, self.target_size)[0]}
         controls = {}
         if "mask" in self.modalities:
             ids = parse_mask(self.root / "masks" / f"{image_id}.png", require_face=False)
@@ -283,6 +275,11 @@ class SyntheticFaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def ids(self) -> list[int]:
+        """Image id of each position (the position itself), as ``FaceDataset.ids``."""
+        return list(range(len(self.targets)))
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         position, epoch = key if isinstance(key, tuple) else (key, 0)
         words = _rng(self.seed, position, 0).choice(len(SYNTHETIC_WORDS), size=2, replace=False)
@@ -322,10 +319,12 @@ class StepBatchSampler(Sampler):
 
     def batch(self, step: int) -> list[tuple[int, int]]:
         start = (step * self.world_size + self.rank) * self.batch_size
-        items = []
+        items, orders = [], {}
         for position in range(start, start + self.batch_size):
             epoch, offset = divmod(position, self.num_samples)
-            items.append((int(self.order(epoch)[offset]), epoch))
+            if epoch not in orders:  # one shuffle per epoch, not one per item
+                orders[epoch] = self.order(epoch)
+            items.append((int(orders[epoch][offset]), epoch))
         return items
 
     def __iter__(self):
@@ -347,6 +346,3 @@ def collate(items: list[dict]) -> dict:
         batch["idd"] = torch.stack([item["idd"] for item in items])
     return batch
 
-
-def default_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))

@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..diffusion_encoder import DiffusionEncoder
-from ..pipeline import FacePipeline, tensor_to_pil
-from .data import FaceDataset, SyntheticFaceDataset, image_to_tensor
+from ..images import image_to_tensor, tensor_to_pil
+from ..pipeline import FacePipeline
+from .data import FaceDataset, SyntheticFaceDataset
 from .losses import LatentLoss
 
 
@@ -78,7 +79,7 @@ class CachedDiffusionImages(Dataset):
     def __getitem__(self, key):
         item = self.base[key]
         with Image.open(self.cache_dir / f"{int(item['image_id'])}.png") as image:
-            item["idd"] = image_to_tensor(image, self.size)
+            item["idd"] = image_to_tensor(image, self.size)[0]
         return item
 
 
@@ -197,8 +198,9 @@ def build_idd_cache(config: dict, pipe: FacePipeline, dataset: Dataset, cache_di
     scheduler.set_timesteps(diffusion["idd_steps"], device=encoder.device)
     start = min(len(scheduler.timesteps) - 1, int(round(len(scheduler.timesteps) * (1 - diffusion["idd_strength"]))))
     timesteps = scheduler.timesteps[start:]
+    # Ids come from the dataset's id list: loading every item just to read its id would decode all photos.
     todo = [i for i in range(rank, len(dataset), world_size)
-            if not (cache_dir / f"{int(dataset[i]['image_id'])}.png").is_file()]
+            if not (cache_dir / f"{int(dataset.ids[i])}.png").is_file()]
     size = pipe.generator.resolution
     for chunk in range(0, len(todo), diffusion["idd_batch_size"]):
         items = [dataset[i] for i in todo[chunk:chunk + diffusion["idd_batch_size"]]]

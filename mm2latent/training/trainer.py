@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -134,7 +135,7 @@ class Trainer:
                 batch = next(batches)
                 generator = step_generator(self.config["seed"], self.step * accumulation + micro, acc.process_index)
                 last = micro == accumulation - 1
-                context = acc.no_sync(self.model) if not last else _null()
+                context = acc.no_sync(self.model) if not last else nullcontext()
                 with context, acc.autocast():
                     loss, terms, images = self.stage.loss(batch, self.model, generator)
                 acc.backward(loss / accumulation)
@@ -202,14 +203,6 @@ class Trainer:
         self.accelerator.end_training()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _flat(config: dict, prefix: str = "") -> dict:
     """TensorBoard hparams accept scalars only."""
     out = {}
@@ -223,6 +216,3 @@ def _flat(config: dict, prefix: str = "") -> dict:
             out[name] = str(value)
     return out
 
-
-def seed_everything(seed: int) -> None:
-    set_seed(seed)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..editing import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, METHODS, edit_photo, invert_photo, latent_file
 from ..inversion import MAX_REFINE_STEPS, InversionResult
+from ..pipeline import MAX_SEED
 from . import editor
 from .handlers import call_reporting_warnings, checked_int, friendly_errors, user_error
 
@@ -107,7 +108,7 @@ class EditHandlers:
             raise user_error(f"Choose a method among {', '.join(METHODS)}")
         mask = editor.mask_from_canvas(mask_value) if use_mask else None
         clip_steps = checked_int(clip_steps, "CLIP steps", 0, UI_MAX_CLIP_STEPS)
-        seed = checked_int(seed, "seed", 0, 2**32 - 1)
+        seed = checked_int(seed, "seed", 0, MAX_SEED)
         callback = None
         if progress is not None and clip_steps:
             def callback(step, loss):
@@ -172,7 +173,7 @@ def build_edit_tab(pipe: Any | Callable[[], Any], concurrency_limit: int | None 
                                   info="modulate: apply T's scale and shift to the photo's latent; "
                                        "mix: blend in the latent M draws from the text")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=2**32 - 1)
+                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=MAX_SEED)
                     clip_steps = gr.Slider(0, UI_MAX_CLIP_STEPS, value=DEFAULT_CLIP_STEPS, step=5,
                                            label="CLIP refinement steps (text only, slower)")
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit-photo-button")

@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..conditions import CELEBAMASK_CLASSES, CELEBAMASK_PALETTE, mask_to_color, parse_mask, parse_scribble
-from ..errors import EmptyMaskError
+from ..conditions import (
+    CELEBAMASK_CLASSES,
+    CELEBAMASK_PALETTE,
+    check_face,
+    mask_to_color,
+    parse_mask,
+    parse_scribble,
+)
 from ..templates import TEMPLATE_NAMES, blank_mask, template_mask
 
 CANVAS_SIZE = 512
@@ -70,7 +76,7 @@ def swatch_names_script() -> str:
              for name, (r, g, b) in zip(CELEBAMASK_CLASSES, CELEBAMASK_PALETTE.tolist())}
     return (
         "<script>(() => {const names = " + json.dumps(names) + ";"
-        "const label = () => document.querySelectorAll('#mask-editor button.color').forEach((b) => {"
+        "const label = () => document.querySelectorAll('#mask-editor button.color, #edit-mask-editor button.color').forEach((b) => {"
         "const n = names[b.style.backgroundColor]; if (n && b.title !== n) {b.title = n; b.setAttribute('aria-label', n);}});"
         "new MutationObserver(label).observe(document.documentElement, {childList: true, subtree: true});"
         "})();</script>"
@@ -143,7 +149,8 @@ def mask_from_canvas(value: Any) -> np.ndarray | None:
     ids = parse_mask(picture, require_face=False)
     if not ids.any():
         return None
-    return parse_mask(ids, require_face=True)  # the library's "no face" error, if any
+    check_face(ids)  # the library's "no face" error
+    return ids
 
 
 def strokes_from_canvas(value: Any) -> np.ndarray | None:
@@ -162,9 +169,3 @@ def describe_mask(ids: np.ndarray) -> str:
     return ", ".join(CLASS_LABELS[CELEBAMASK_CLASSES[i]] for i in present) or "background only"
 
 
-def has_face(ids: np.ndarray) -> bool:
-    try:
-        parse_mask(np.asarray(ids, dtype=np.uint8), require_face=True)
-    except EmptyMaskError:
-        return False
-    return True

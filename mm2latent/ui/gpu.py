@@ -22,6 +22,3 @@ def gpu_task(duration: int) -> Callable[[F], F]:
         return lambda function: function
     return spaces.GPU(duration=duration)  # pragma: no cover
 
-
-def on_zero_gpu() -> bool:
-    return spaces is not None

@@ -25,9 +25,9 @@ import gradio as gr
 import numpy as np
 from PIL import ImageOps
 
-from ..conditions import edges_from_photo, parse_mask, parse_scribble, scribble_to_image
+from ..conditions import edges_from_photo, has_face, parse_mask, parse_scribble, scribble_to_image
 from ..errors import MM2LatentError
-from ..pipeline import MAX_SEED, MAX_STEPS, MODES
+from ..pipeline import COMBINE, MAX_SEED, MAX_STEPS, MODES
 from ..templates import dilate
 from .editor import (
     CANVAS_SIZE,
@@ -35,7 +35,6 @@ from .editor import (
     STROKE_WIDTHS,
     TEMPLATE_CHOICES,
     describe_mask,
-    has_face,
     mask_canvas,
     mask_from_canvas,
     sketch_canvas,
@@ -52,7 +51,7 @@ _WARNINGS_LOCK = threading.Lock()
 _QUOTED_PATH = re.compile(r"'(?:/|[A-Za-z]:\\)[^']*[/\\]([^'/\\]+)'")
 
 EXAMPLE_SEED = 42
-COMBINE_CHOICES = ("mean", "coarse-to-fine")
+COMBINE_CHOICES = COMBINE
 
 
 # --------------------------------------------------------------------------------------------
