@@ -14,11 +14,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from mm2latent.ui import editor, text
-from mm2latent.ui.edit import build_edit_tab
+from mm2latent.ui import canvases as editor
+from mm2latent.ui import text
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_pipeline
+from mm2latent.ui.photo_tab import build_edit_tab
 from mm2latent.ui.settings import Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -239,7 +239,7 @@ def weights_info(preset: str) -> dict:
 
 
 def parse_dtype(name: str):
-    from mm2latent.pipeline import resolve_dtype
+    from mm2latent.pipelines.generation import resolve_dtype
 
     return resolve_dtype(name, None)
 
@@ -255,8 +255,8 @@ def make_inputs(pipe):
     """Mask inputs drawn by code at the ControlNet's resolution: index map (L) and colour rendering (RGB)."""
     from PIL import Image
 
-    from mm2latent.conditions import CELEBAMASK_PALETTE
-    from mm2latent.speed import synthetic_face_mask
+    from mm2latent.inputs.conditions import CELEBAMASK_PALETTE
+    from mm2latent.pipelines.speedups import synthetic_face_mask
 
     ids = synthetic_face_mask(pipe.encoder.image_size)
     return Image.fromarray(ids, mode="L"), Image.fromarray(CELEBAMASK_PALETTE[ids], mode="RGB")
@@ -296,7 +296,7 @@ def cold_start_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mm2latent import FacePipeline
-    from mm2latent.speed import compile_pipeline, enable_channels_last, synthetic_face_mask
+    from mm2latent.pipelines.speedups import compile_pipeline, enable_channels_last, synthetic_face_mask
 
     t_import = time.time()
     device = torch.device(args.device)
@@ -381,8 +381,8 @@ def fast_model_only(pipe, encoding, controls, seeds):
 def run(args) -> dict:
     import torch
 
-    from mm2latent import speed
-    from mm2latent.pipeline import tensor_to_pil
+    from mm2latent.pipelines import speedups as speed
+    from mm2latent.pipelines.generation import tensor_to_pil
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -731,11 +731,11 @@ def measure_space_overhead(pipe, timer, args, colour_mask, stages, e2e, features
     import io
     import tempfile
 
-    from mm2latent.conditions import parse_mask
-    from mm2latent.metadata import png_info
+    from mm2latent.inputs.conditions import parse_mask
+    from mm2latent.inputs.metadata import png_info
 
     try:
-        from mm2latent.ui.editor import mask_from_canvas
+        from mm2latent.ui.canvases import mask_from_canvas
         from mm2latent.ui.outputs import attention_gallery, save_run
 
         source = "the Space's own helpers (mm2latent.ui.editor.mask_from_canvas, mm2latent.ui.outputs.save_run, attention_gallery)"
@@ -768,7 +768,7 @@ def measure_space_overhead(pipe, timer, args, colour_mask, stages, e2e, features
         if save_run is not None:
             save_run(folder, output.images, output.latents.numpy(), output.seeds, settings, "bench")
         else:
-            from mm2latent.metadata import save_png
+            from mm2latent.inputs.metadata import save_png
 
             save_png(image, folder / "bench.png", settings)
 
@@ -995,7 +995,7 @@ def parse_args(argv=None):
     parser.add_argument("--ablation-dtypes", nargs="*", default=None,
                         help="precisions to re-measure at the end (default: bfloat16 on CPUs with bf16 support, "
                              "the other two on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the capture-free regions (see mm2latent.speed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the capture-free regions (see mm2latent.pipelines.speedups)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend ('eager' / 'aot_eager' only check tracing)")

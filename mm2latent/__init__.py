@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
 def __getattr__(name):
     # Importing torch/diffusers takes seconds; load the heavy modules only when they are used.
     if name in {"FacePipeline", "FacePipelineOutput"}:
-        from . import pipeline
+        from .pipelines import generation as pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'mm2latent' has no attribute {name!r}")

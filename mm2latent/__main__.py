@@ -33,9 +33,9 @@ def run_generate(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .hub import DEFAULT_MODEL_REPO
-    from .metadata import save_png
-    from .pipeline import FacePipeline
+    from .inputs.metadata import save_png
+    from .pipelines.generation import FacePipeline
+    from .pipelines.hub import DEFAULT_MODEL_REPO
 
     name = args.preset or args.model or os.environ.get("MM2LATENT_MODEL_REPO", DEFAULT_MODEL_REPO)
     with tqdm(total=3, desc="mm2latent", unit="stage") as bar:
@@ -64,7 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .convert import add_convert_arguments, run_convert
+    from .models.stylegan2_checkpoints import add_convert_arguments, run_convert
 
     parser = argparse.ArgumentParser(prog="python -m mm2latent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm2latent.align import FaceTooSmallError, NoFaceError, align_face, template_landmarks
+from mm2latent.editing.align import FaceTooSmallError, NoFaceError, align_face, template_landmarks
 from mm2latent.errors import ImageTooLargeError, InvalidImageError
 
 BACKDROP = (90, 120, 150)

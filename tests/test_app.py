@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm2latent.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
 from mm2latent.errors import EmptyMaskError
-from mm2latent.templates import template_mask, template_sketch
-from mm2latent.ui import editor, examples, outputs
+from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
+from mm2latent.inputs.templates import template_mask, template_sketch
+from mm2latent.ui import canvases as editor
+from mm2latent.ui import examples, outputs
 from mm2latent.ui.settings import Settings, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from mm2latent.__main__ import main
-from mm2latent.metadata import read_png_settings
+from mm2latent.inputs.metadata import read_png_settings
 
 
 def test_generate_writes_png_with_metadata(tiny_pipe, mask_path, tmp_path):

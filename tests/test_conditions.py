@@ -1,4 +1,4 @@
-"""Tests for mm2latent.conditions: image loading, masks, scribbles and edges."""
+"""Tests for mm2latent.inputs.conditions: image loading, masks, scribbles and edges."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from mm2latent.conditions import (
+from mm2latent.errors import (
+    EmptyMaskError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidSettingError,
+)
+from mm2latent.inputs.conditions import (
     CELEBAMASK_CLASSES,
     CELEBAMASK_PALETTE,
     FACE_CLASS_IDS,
@@ -25,12 +31,6 @@ from mm2latent.conditions import (
     parse_scribble,
     scribble_is_empty,
     scribble_to_image,
-)
-from mm2latent.errors import (
-    EmptyMaskError,
-    ImageTooLargeError,
-    InvalidImageError,
-    InvalidSettingError,
 )
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mm2latent.conditions import CELEBAMASK_CLASSES, mask_to_color, parse_mask
-from mm2latent.train import main
+from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, parse_mask
+from mm2latent.training.cli import main
 from mm2latent.training.data import (
     FaceDataset,
     StepBatchSampler,

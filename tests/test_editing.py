@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mm2latent.editing import (
+from mm2latent.editing.methods import (
     LAYER_RANGES,
     apply_edit,
     build_tiny_editing_components,
@@ -122,7 +122,7 @@ def test_photo_mask_is_loaded(inversion):
 
 @pytest.fixture(scope="module")
 def handlers(edit_pipe):
-    from mm2latent.ui.edit import EditHandlers
+    from mm2latent.ui.photo_tab import EditHandlers
 
     return EditHandlers(edit_pipe)
 
@@ -158,7 +158,7 @@ def test_ui_edit_without_inverting_first_and_errors(handlers, testdata):
 @pytest.fixture(scope="module")
 def edit_app(edit_pipe):
     """A small Blocks with only the edit tab, served locally (the Space wires the same tab)."""
-    from mm2latent.ui.edit import build_edit_tab
+    from mm2latent.ui.photo_tab import build_edit_tab
 
     with gr.Blocks() as demo:
         build_edit_tab(edit_pipe)

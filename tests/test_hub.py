@@ -9,7 +9,7 @@ from huggingface_hub import constants
 
 from mm2latent import FacePipeline
 from mm2latent.errors import WeightsNotFoundError
-from mm2latent.hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference
+from mm2latent.pipelines.hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

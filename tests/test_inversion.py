@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from mm2latent.errors import InvalidStepsError
-from mm2latent.inversion import (
+from mm2latent.editing.inversion import (
     PSPEncoder,
     convert_psp_state_dict,
     image_to_tensor,
@@ -14,7 +13,8 @@ from mm2latent.inversion import (
     tiny_psp_config,
     train_encoder_step,
 )
-from mm2latent.networks import build_tiny_network
+from mm2latent.errors import InvalidStepsError
+from mm2latent.models.networks import build_tiny_network
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,8 @@ def test_training_step_updates_only_the_encoder(generator, lpips, photo):
 def test_train_inverter_command_saves_a_loadable_encoder(testdata, tmp_path):
     import shutil
 
-    from mm2latent.inversion import PSPEncoder, tiny_psp_config
-    from mm2latent.train import main
+    from mm2latent.editing.inversion import PSPEncoder, tiny_psp_config
+    from mm2latent.training.cli import main
 
     images = tmp_path / "faces"
     images.mkdir()

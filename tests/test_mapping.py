@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm2latent.mapping import Map2StyleHeads, MappingNetwork, StyleModulationNetwork
+from mm2latent.models.mapping import Map2StyleHeads, MappingNetwork, StyleModulationNetwork
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mm2latent import metrics as M
-from mm2latent.evaluate import evaluate, markdown_table, tiny_fid_feature, write_report
-from mm2latent.networks import load_network
+from mm2latent.models.networks import load_network
+from mm2latent.training import metrics as M
+from mm2latent.training.evaluate import evaluate, markdown_table, tiny_fid_feature, write_report
 
 
 @pytest.fixture(scope="module")

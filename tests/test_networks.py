@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mm2latent.errors import WeightsNotFoundError
-from mm2latent.networks import IRSE50, LPIPS, BiSeNet, build_tiny_network, load_network
-from mm2latent.networks.convert import convert, lpips_state
+from mm2latent.models.networks import IRSE50, LPIPS, BiSeNet, build_tiny_network, load_network
+from mm2latent.models.networks.checkpoints import convert, lpips_state
 
 
 def test_real_architectures_have_the_public_layouts():

@@ -166,7 +166,7 @@ def test_bfloat16_close_to_float32(mask_path):
 
 
 def test_dtype_names():
-    from mm2latent.pipeline import resolve_dtype
+    from mm2latent.pipelines.generation import resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("bfloat16", cpu) is torch.bfloat16

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from mm2latent import FacePipeline, speed
+from mm2latent import FacePipeline
+from mm2latent.pipelines import speedups as speed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "She has long wavy blonde hair and is smiling."
@@ -48,7 +49,7 @@ def assert_same_output(first, second, atol=LATENT_ATOL):
 
 
 def test_synthetic_mask_is_a_face(pipe, mask):
-    from mm2latent.conditions import FACE_CLASS_IDS, parse_mask
+    from mm2latent.inputs.conditions import FACE_CLASS_IDS, parse_mask
 
     assert mask.shape == (pipe.encoder.image_size,) * 2 and mask.dtype == np.uint8
     assert set(np.unique(mask)) > {0, 1, 13} and np.isin(mask, list(FACE_CLASS_IDS)).mean() > 0.15

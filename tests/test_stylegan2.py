@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mm2latent.convert import (
+from mm2latent.errors import CheckpointFormatError
+from mm2latent.models.stylegan2 import ModulatedConv2d, StyleGAN2Generator, Upsample, make_kernel, upfirdn2d
+from mm2latent.models.stylegan2_checkpoints import (
     add_convert_arguments,
     convert_checkpoint,
     convert_nvidia_pickle,
@@ -28,8 +30,6 @@ from mm2latent.convert import (
     nvidia_to_rosinality_state_dict,
     run_convert,
 )
-from mm2latent.errors import CheckpointFormatError
-from mm2latent.stylegan2 import ModulatedConv2d, StyleGAN2Generator, Upsample, make_kernel, upfirdn2d
 
 TAPS = (1.0, 3.0, 3.0, 1.0)
 SMALL = dict(resolution=256, style_dim=64, n_mlp=2, channel_base=2048, channel_max=64)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm2latent.conditions import CELEBAMASK_CLASSES, mask_to_color, parse_mask, parse_scribble
 from mm2latent.errors import InvalidSettingError
-from mm2latent.templates import (
+from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, parse_mask, parse_scribble
+from mm2latent.inputs.templates import (
     TEMPLATE_NAMES,
     TEMPLATE_SIZE,
     blank_mask,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from mm2latent.train import build, main, run
+from mm2latent.training.cli import build, main, run
 from mm2latent.training.components import clone_pipeline
 from mm2latent.training.config import load_config
 from mm2latent.training.model_card import model_card
@@ -134,7 +134,7 @@ def test_accelerate_two_processes_agree(tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mm2latent.train",
+               "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mm2latent.training",
                "--config", str(path)]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +156,7 @@ def clone_state(config: dict) -> dict:
 
 
 def test_losses_are_zero_on_targets(tiny_pipe):
-    from mm2latent.networks import load_network
+    from mm2latent.models.networks import load_network
     from mm2latent.training.losses import LatentLoss
 
     loss = LatentLoss({"l2": 1, "lpips": 0.8, "id": 0.1, "w_reg": 0.0}, load_network("lpips", "tiny"),

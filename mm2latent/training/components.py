@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..hub import DEFAULT_COMPONENTS, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
-from ..mapping import MappingNetwork, StyleModulationNetwork
-from ..pipeline import FacePipeline
+from ..models.mapping import MappingNetwork, StyleModulationNetwork
+from ..pipelines.generation import FacePipeline
+from ..pipelines.hub import DEFAULT_COMPONENTS, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 
 
 def load_training_pipeline(source: str, components: dict | None = None, fresh: tuple[str, ...] = ()) -> FacePipeline:

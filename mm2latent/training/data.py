@@ -8,7 +8,7 @@ Raw layout (as the datasets ship)::
 
 ``prepare`` writes, once, one 19-class index map per image (parts painted in the order of the official
 ``g_mask.py``, later parts overwrite earlier ones), one scribble per image
-(:func:`mm2latent.conditions.edges_from_photo`: Gaussian blur, Sobel gradient, non-maximum suppression,
+(:func:`mm2latent.inputs.conditions.edges_from_photo`: Gaussian blur, Sobel gradient, non-maximum suppression,
 top-12% magnitude threshold — a Canny-like thin edge map, white on black) and the split files.
 """
 
@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..conditions import CELEBAMASK_CLASSES, edges_from_photo, mask_to_color, parse_mask
-from ..images import image_to_tensor
+from ..inputs.conditions import CELEBAMASK_CLASSES, edges_from_photo, mask_to_color, parse_mask
+from ..inputs.images import image_to_tensor
 
 PART_NAMES = CELEBAMASK_CLASSES[1:]  # g_mask.py's label_list: class id = position + 1
 IMAGES_PER_FOLDER = 2000
-EDGE_DETECTOR = ("mm2latent.conditions.edges_from_photo: Gaussian blur (radius size/256), Sobel gradient, "
+EDGE_DETECTOR = ("mm2latent.inputs.conditions.edges_from_photo: Gaussian blur (radius size/256), Sobel gradient, "
                  "non-maximum suppression, threshold at the 88th percentile of the magnitude")
 PREPARED_FORMAT = "mm2latent-celebamask-hq"
 SYNTHETIC_WORDS = ("smiling", "blonde hair", "black hair", "young", "old", "eyeglasses", "beard", "bangs")
@@ -191,7 +191,7 @@ class FaceDataset(Dataset):
         self.root = Path(root)
         info = json.loads((self.root / "dataset.json").read_text())
         if info.get("_format") != PREPARED_FORMAT:
-            raise ValueError(f"{self.root} was not written by `mm2latent.train prepare`")
+            raise ValueError(f"{self.root} was not written by `python -m mm2latent.training prepare`")
         self.image_dir, self.text_dir = Path(info["image_dir"]), Path(info["text_dir"])
         self.ids = [int(line) for line in (self.root / f"{split}.txt").read_text().split()]
         self.image_size, self.target_size, self.condition_size = image_size, target_size, condition_size

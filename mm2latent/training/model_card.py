@@ -23,7 +23,7 @@ def model_card(config: dict, final_logs: dict | None = None, metrics: dict | Non
     lines = [
         "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
         f"# mm2latent — {STAGE_NAMES[config['stage']]}", "",
-        "Trained with `python -m mm2latent.train` (reference implementation of *Diffusion-driven GAN Inversion "
+        "Trained with `python -m mm2latent.training` (reference implementation of *Diffusion-driven GAN Inversion "
         "for Multi-Modal Face Image Generation*, Kim et al., CVPR 2024).", "",
         "## Training data", "", f"{card['data']}.", "",
         f"**Data license:** {card['data_license']}. These weights are derived from that data and inherit its "

@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..diffusion_encoder import DiffusionEncoder
-from ..images import image_to_tensor, tensor_to_pil
-from ..pipeline import FacePipeline
+from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..models.diffusion_encoder import DiffusionEncoder
+from ..pipelines.generation import FacePipeline
 from .data import FaceDataset, SyntheticFaceDataset
 from .losses import LatentLoss
 
@@ -60,7 +60,7 @@ def build_dataset(config: dict, pipe_or_encoder, generator=None) -> Dataset:
     if data["kind"] != "celebamask":
         raise ValueError(f"data.kind must be 'celebamask' or 'synthetic', got {data['kind']!r}")
     if not data.get("root"):
-        raise ValueError("data.root must point at the folder written by `python -m mm2latent.train prepare`")
+        raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
     target = generator.resolution if generator is not None else size
     return FaceDataset(data["root"], data["split"], image_size=size, target_size=target, condition_size=size,
                        modalities=tuple(data["modalities"]), seed=config["seed"],

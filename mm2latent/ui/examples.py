@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..conditions import mask_to_palette_image
-from ..templates import template_mask, template_sketch
+from ..inputs.conditions import mask_to_palette_image
+from ..inputs.templates import template_mask, template_sketch
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "examples"
 

@@ -25,11 +25,11 @@ import gradio as gr
 import numpy as np
 from PIL import ImageOps
 
-from ..conditions import edges_from_photo, has_face, parse_mask, parse_scribble, scribble_to_image
 from ..errors import MM2LatentError
-from ..pipeline import COMBINE, MAX_SEED, MAX_STEPS, MODES
-from ..templates import dilate
-from .editor import (
+from ..inputs.conditions import edges_from_photo, has_face, parse_mask, parse_scribble, scribble_to_image
+from ..inputs.templates import dilate
+from ..pipelines.generation import COMBINE, MAX_SEED, MAX_STEPS, MODES
+from .canvases import (
     CANVAS_SIZE,
     DEFAULT_STROKE,
     STROKE_WIDTHS,
@@ -177,7 +177,7 @@ class SpaceHandlers:
     """Event handlers bound to one loaded pipeline.
 
     Args:
-        pipe: the loaded :class:`~mm2latent.pipeline.FacePipeline` (read for its properties).
+        pipe: the loaded :class:`~mm2latent.pipelines.generation.FacePipeline` (read for its properties).
         run: what actually generates: ``run(**request) -> FacePipelineOutput`` (the ZeroGPU-wrapped call
             in ``app.py``); default ``pipe`` itself.
         settings: the Space settings.

@@ -25,7 +25,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     ``python app.py`` on a machine without network or token must still reach a working page, so any
     failure to load the real weights is logged and replaced by the demo preset.
     """
-    from ..pipeline import FacePipeline
+    from ..pipelines.generation import FacePipeline
 
     problem = None
     pipe = None

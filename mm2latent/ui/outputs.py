@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..metadata import save_png
+from ..inputs.metadata import save_png
 
 OVERLAY_SIZE = 256
 # An inferno-like colour ramp for attention strength 0 -> 1.

@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..hub import DEFAULT_MODEL_REPO
+from ..pipelines.hub import DEFAULT_MODEL_REPO
 
 PREFIX = "MM2LATENT_"
 CACHE_MODES = ("lazy", "eager", "off")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hub import DEFAULT_MODEL_REPO
+from ..pipelines.hub import DEFAULT_MODEL_REPO
 
 TITLE = "MM2Latent faces: text + mask or sketch → StyleGAN2"
 

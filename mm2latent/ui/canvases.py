@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..conditions import (
+from ..inputs.conditions import (
     CELEBAMASK_CLASSES,
     CELEBAMASK_PALETTE,
     check_face,
@@ -23,7 +23,7 @@ from ..conditions import (
     parse_mask,
     parse_scribble,
 )
-from ..templates import TEMPLATE_NAMES, blank_mask, template_mask
+from ..inputs.templates import TEMPLATE_NAMES, blank_mask, template_mask
 
 CANVAS_SIZE = 512
 BLANK_CANVAS = "blank canvas"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from .errors import EmptyMaskError, ImageTooLargeError, InvalidImageError, InvalidSettingError
+from ..errors import EmptyMaskError, ImageTooLargeError, InvalidImageError, InvalidSettingError
 
 __all__ = [
     "CELEBAMASK_CLASSES",

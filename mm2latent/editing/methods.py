@@ -30,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from .errors import EmptyPromptError, InvalidSeedError, InvalidSettingError, InvalidStepsError
-from .images import image_to_tensor, tensor_to_pil
+from ..errors import EmptyPromptError, InvalidSeedError, InvalidSettingError, InvalidStepsError
+from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..models.mapping import Modulation
 from .inversion import InversionResult, PSPEncoder, invert, photo_mask, tiny_psp_config
-from .mapping import Modulation
 
 __all__ = [
     "LAYER_RANGE_NAMES",
@@ -161,10 +161,10 @@ def edit_latent(
     """Run E on (prompt, mask/scribble) with one U-Net pass and apply M/T to the real latent.
 
     Args:
-        pipe: a :class:`~mm2latent.pipeline.FacePipeline`.
+        pipe: a :class:`~mm2latent.pipelines.generation.FacePipeline`.
         w_real: the photo's W+ latent, [1, L, D].
         prompt: the wanted description (may be empty when a mask or a sketch is given).
-        mask: an edited 19-class mask (any form :func:`~mm2latent.conditions.parse_mask` reads).
+        mask: an edited 19-class mask (any form :func:`~mm2latent.inputs.conditions.parse_mask` reads).
         scribble: a sketch.
         seed: the diffusion noise seed.
         strength: 0 keeps w_real, 1 applies the edit fully (up to 2 exaggerates it).
@@ -432,7 +432,7 @@ def edit_photo(
 
 def build_tiny_clip(seed: int = 1234) -> ClipGuide:
     """A toy CLIP (random weights, the tiny preset's tokenizer) for tests and the offline demo."""
-    from .presets import build_tiny_tokenizer
+    from ..pipelines.presets import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -456,7 +456,7 @@ def build_tiny_editing_components(generator: nn.Module, seed: int = 1234) -> dic
     Returns a dict with the pipeline attribute names: ``inverter``, ``face_parser``, ``identity``,
     ``lpips``, ``clip``.
     """
-    from .networks import build_tiny_network
+    from ..models.networks import build_tiny_network
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

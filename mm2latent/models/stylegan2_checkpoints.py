@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointFormatError, MM2LatentError
+from ..errors import CheckpointFormatError, MM2LatentError
 from .stylegan2 import StyleGAN2Generator, make_kernel
 
 __all__ = [

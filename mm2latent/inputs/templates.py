@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import InvalidSettingError
 from .conditions import CELEBAMASK_CLASSES
-from .errors import InvalidSettingError
 
 __all__ = ["TEMPLATE_NAMES", "TEMPLATE_SIZE", "template_mask", "template_sketch", "blank_mask", "mask_edges"]
 

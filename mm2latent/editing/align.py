@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .conditions import load_image
-from .errors import InvalidImageError
+from ..errors import InvalidImageError
+from ..inputs.conditions import load_image
 
 __all__ = [
     "MIN_FACE_SIZE",
@@ -282,7 +282,7 @@ def align_face(photo: Any, size: int = OUTPUT_SIZE, keep_aligned: bool = True) -
             resize it instead of resampling it through the quad.
 
     Raises :class:`FaceTooSmallError` for photos or faces under 64 px, :class:`NoFaceError` when
-    no face is found, and the errors of :func:`~mm2latent.conditions.load_image`.
+    no face is found, and the errors of :func:`~mm2latent.inputs.conditions.load_image`.
     """
     image = _to_rgb(photo)
     if min(image.size) < MIN_FACE_SIZE:

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import WeightsNotFoundError
+from ..errors import WeightsNotFoundError
 
 MANIFEST_NAME = "mm2latent.json"
 MANIFEST_FORMAT = "mm2latent"
@@ -60,7 +60,7 @@ DEFAULT_COMPONENTS: dict[str, dict] = {
 }
 
 _NETWORK_FILES = ["*.json", "*.safetensors"]
-# Real-photo editing: our pSp encoder, converted loss networks (see mm2latent.networks), and CLIP.
+# Real-photo editing: our pSp encoder, converted loss networks (see mm2latent.models.networks), and CLIP.
 DEFAULT_COMPONENTS.update({
     "inverter": {"path": "inverter"},
     "face_parser": {"repo_id": "mm2latent/loss-networks", "subfolder": "face-parser-bisenet",

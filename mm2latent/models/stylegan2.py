@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .errors import CheckpointFormatError, InvalidSettingError
+from ..errors import CheckpointFormatError, InvalidSettingError
 
 __all__ = [
     "NOISE_MODES",

@@ -2,7 +2,7 @@
 
 Module names follow the ``lpips`` package: ``scaling_layer``, ``net.slice1..5`` (VGG16 ``features``
 indices kept), ``lin0..lin4.model.1`` (1x1 convs after dropout), so the package's ``vgg.pth`` plus
-torchvision's VGG16 weights convert to one safetensors file (``mm2latent.networks.convert``).
+torchvision's VGG16 weights convert to one safetensors file (``mm2latent.models.networks.checkpoints``).
 """
 
 from __future__ import annotations

@@ -17,23 +17,29 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DCondi
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import __version__
-from .conditions import mask_to_color, parse_mask, parse_scribble, scribble_is_empty, scribble_to_image
-from .diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures
-from .editing import ClipGuide, EditResult, build_tiny_editing_components, edit_photo, invert_photo
-from .errors import (
+from .. import __version__
+from ..editing.inversion import InversionResult, PSPEncoder
+from ..editing.methods import ClipGuide, EditResult, build_tiny_editing_components, edit_photo, invert_photo
+from ..errors import (
     EmptyPromptError,
     InvalidSeedError,
     InvalidSettingError,
     InvalidStepsError,
     UnsupportedConditionError,
 )
+from ..inputs.conditions import (
+    mask_to_color,
+    parse_mask,
+    parse_scribble,
+    scribble_is_empty,
+    scribble_to_image,
+)
+from ..inputs.images import tensor_to_pil
+from ..models.diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures
+from ..models.mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
+from ..models.networks import NETWORKS
+from ..models.stylegan2 import StyleGAN2Generator
 from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
-from .images import tensor_to_pil
-from .inversion import InversionResult, PSPEncoder
-from .mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
-from .networks import NETWORKS
-from .stylegan2 import StyleGAN2Generator
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 100
@@ -42,7 +48,7 @@ MODES = ("fast", "quality")
 COMBINE = ("mean", "coarse-to-fine")
 # Built-in presets with deterministic random (untrained) weights: name -> builder in presets.py.
 PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components"}
-# Optional networks for real-photo editing: attribute -> network kind in mm2latent.networks (or None).
+# Optional networks for real-photo editing: attribute -> network kind in mm2latent.models.networks (or None).
 EDITING_COMPONENTS = {"inverter": None, "face_parser": "face_parser", "identity": "arcface", "lpips": "lpips",
                       "clip": None}
 

@@ -3,7 +3,7 @@
 Module names follow that repository's ``model.py``/``resnet.py`` (``cp.resnet.layer1.0.conv1``,
 ``cp.arm16.conv_atten``, ``ffm.convblk``, ``conv_out.conv_out``, ...), so its ``79999_iter.pth`` loads
 after a safetensors conversion. Its classes come in the face-parser order; :meth:`BiSeNet.parse`
-returns CelebAMask-HQ ids through :data:`mm2latent.conditions.FACE_PARSER_TO_CELEBAMASK`.
+returns CelebAMask-HQ ids through :data:`mm2latent.inputs.conditions.FACE_PARSER_TO_CELEBAMASK`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from ..conditions import FACE_PARSER_TO_CELEBAMASK
+from ...inputs.conditions import FACE_PARSER_TO_CELEBAMASK
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

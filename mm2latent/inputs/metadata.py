@@ -9,7 +9,7 @@ import os
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from .. import __version__
 
 
 def png_info(settings: dict) -> PngInfo:

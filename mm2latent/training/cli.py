@@ -1,10 +1,10 @@
 """Train the face-mask ControlNet (stage 0), M (stage 1) or T (stage 2); ``prepare`` the data; or train the
 photo ``inverter`` (pSp-style encoder for real-photo editing).
 
-    python -m mm2latent.train prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
-    python -m mm2latent.train inverter --images ffhq/images1024x1024 --model mm2latent/mm2latent-celebahq --output runs/inverter
-    python -m mm2latent.train --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
-    accelerate launch --multi_gpu --num_processes 8 -m mm2latent.train --config configs/stage1_mapper.yaml
+    python -m mm2latent.training prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
+    python -m mm2latent.training inverter --images ffhq/images1024x1024 --model mm2latent/mm2latent-celebahq --output runs/inverter
+    python -m mm2latent.training --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
+    accelerate launch --multi_gpu --num_processes 8 -m mm2latent.training --config configs/stage1_mapper.yaml
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .hub import DEFAULT_COMPONENTS, resolve_component
-from .networks import load_network
-from .pipeline import FacePipeline
-from .training.components import load_training_pipeline
-from .training.config import load_config, parse_overrides
-from .training.data import prepare
-from .training.model_card import push_folder, write_model_card
-from .training.stages import (
+from ..models.networks import load_network
+from ..pipelines.generation import FacePipeline
+from ..pipelines.hub import DEFAULT_COMPONENTS, resolve_component
+from .components import load_training_pipeline
+from .config import load_config, parse_overrides
+from .data import prepare
+from .model_card import push_folder, write_model_card
+from .stages import (
     CachedDiffusionImages,
     ControlNetStage,
     LatentStage,
     build_dataset,
     build_idd_cache,
 )
-from .training.trainer import Trainer, make_accelerator
+from .trainer import Trainer, make_accelerator
 
-logger = logging.getLogger("mm2latent.train")
+logger = logging.getLogger("mm2latent.training")
 
 
 def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
@@ -47,7 +47,7 @@ def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .diffusion_encoder import DiffusionEncoder
+    from ..models.diffusion_encoder import DiffusionEncoder
 
     specs = {**DEFAULT_COMPONENTS, **{k: v for k, v in config["components"].items() if v is not None}}
     folder = {n: resolve_component(n, specs[n], None, None) for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
@@ -149,7 +149,7 @@ def train_inverter(images_dir: str | Path, output: str | Path, model: str = "tin
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .inversion import PSPEncoder, image_to_tensor, tiny_psp_config, train_encoder_step
+    from ..editing.inversion import PSPEncoder, image_to_tensor, tiny_psp_config, train_encoder_step
 
     files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not files:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if argv and argv[0] == "prepare":
-        parser = argparse.ArgumentParser(prog="python -m mm2latent.train prepare",
+        parser = argparse.ArgumentParser(prog="python -m mm2latent.training prepare",
                                          description="Convert CelebAMask-HQ + MM-CelebA-HQ once for training.")
         parser.add_argument("--root", required=True, help="CelebAMask-HQ folder (CelebA-HQ-img, CelebAMask-HQ-mask-anno)")
         parser.add_argument("--output", required=True)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         print(out)
         return
     if argv and argv[0] == "inverter":
-        parser = argparse.ArgumentParser(prog="python -m mm2latent.train inverter",
+        parser = argparse.ArgumentParser(prog="python -m mm2latent.training inverter",
                                          description="Train the photo -> W+ encoder used to edit real photos.")
         parser.add_argument("--images", required=True, help="folder of FFHQ-aligned face photos")
         parser.add_argument("--output", required=True)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print(train_inverter(args.images, args.output, args.model, args.steps, args.batch_size, args.learning_rate,
                              args.lpips, args.arcface, args.init, args.save_every, args.seed, args.device))
         return
-    parser = argparse.ArgumentParser(prog="python -m mm2latent.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mm2latent.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and training/config.py)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")

@@ -2,7 +2,7 @@
 
 Established implementations are used where they exist: torchmetrics for FID (with any feature
 network) and MS-SSIM; transformers' CLIP for the CLIP score. LPIPS, ArcFace and the face parser are
-the networks of :mod:`mm2latent.networks`. Images are [B, 3, H, W] in [-1, 1] throughout.
+the networks of :mod:`mm2latent.models.networks`. Images are [B, 3, H, W] in [-1, 1] throughout.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditions import NUM_CLASSES
+from ..inputs.conditions import NUM_CLASSES
 
 
 def lpips_distance(lpips: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,8 +129,13 @@ class CLIPScorer:
     """
 
     def __init__(self, source=None, device: str | torch.device = "cpu"):
-        from .editing import ClipGuide, build_tiny_clip
-        from .hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference, resolve_component
+        from ..editing.methods import ClipGuide, build_tiny_clip
+        from ..pipelines.hub import (
+            DEFAULT_COMPONENTS,
+            apply_env_overrides,
+            parse_repo_reference,
+            resolve_component,
+        )
 
         if isinstance(source, ClipGuide):
             guide = source

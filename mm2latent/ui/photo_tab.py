@@ -16,10 +16,17 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from ..editing import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, METHODS, edit_photo, invert_photo, latent_file
-from ..inversion import MAX_REFINE_STEPS, InversionResult
-from ..pipeline import MAX_SEED
-from . import editor
+from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
+from ..editing.methods import (
+    LAYER_RANGE_NAMES,
+    MAX_CLIP_STEPS,
+    METHODS,
+    edit_photo,
+    invert_photo,
+    latent_file,
+)
+from ..pipelines.generation import MAX_SEED
+from . import canvases as editor
 from .handlers import call_reporting_warnings, checked_int, friendly_errors, user_error
 
 DEFAULT_STRENGTH = 1.0

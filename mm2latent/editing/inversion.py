@@ -1,7 +1,7 @@
 """Inversion of a real photo to W+: a pSp-style learned encoder, optional optimisation refinement.
 
 :class:`PSPEncoder` is pSp's ``GradualStyleEncoder`` (Richardson et al. 2021): an IR-SE50 body
-(the ArcFace building blocks of :mod:`mm2latent.networks.arcface`), a three-level feature pyramid
+(the ArcFace building blocks of :mod:`mm2latent.models.networks.arcface`), a three-level feature pyramid
 (coarse / middle / fine) and one map2style head per W+ layer, the output added to the generator's
 mean latent. :func:`refine_latent` then optimises W+ against the photo (L2 + LPIPS) for visitors
 who want a closer reconstruction. :func:`train_encoder_step` is the training step (L2, LPIPS,
@@ -23,11 +23,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InvalidSettingError, InvalidStepsError
+from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..models.mapping import Map2StyleHeads
+from ..models.networks.arcface import IR50_STAGES, BottleneckIRSE
 from .align import AlignedFace, align_face
-from .errors import InvalidSettingError, InvalidStepsError
-from .images import image_to_tensor, tensor_to_pil
-from .mapping import Map2StyleHeads
-from .networks.arcface import IR50_STAGES, BottleneckIRSE
 
 __all__ = [
     "MAX_REFINE_STEPS",

@@ -12,9 +12,9 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .diffusion_encoder import DiffusionEncoder
-from .mapping import MappingNetwork, StyleModulationNetwork
-from .stylegan2 import StyleGAN2Generator
+from ..models.diffusion_encoder import DiffusionEncoder
+from ..models.mapping import MappingNetwork, StyleModulationNetwork
+from ..models.stylegan2 import StyleGAN2Generator
 
 TINY_SEED = 20240617
 

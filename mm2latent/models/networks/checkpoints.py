@@ -1,8 +1,8 @@
 """Convert the public PyTorch checkpoints of the loss/metric networks to safetensors folders.
 
-    python -m mm2latent.networks.convert arcface model_ir_se50.pth out/arcface-ir-se50
-    python -m mm2latent.networks.convert lpips vgg.pth out/lpips-vgg --vgg vgg16-397923af.pth
-    python -m mm2latent.networks.convert face_parser 79999_iter.pth out/face-parser-bisenet
+    python -m mm2latent.models.networks.checkpoints arcface model_ir_se50.pth out/arcface-ir-se50
+    python -m mm2latent.models.networks.checkpoints lpips vgg.pth out/lpips-vgg --vgg vgg16-397923af.pth
+    python -m mm2latent.models.networks.checkpoints face_parser 79999_iter.pth out/face-parser-bisenet
 
 Sources: ``model_ir_se50.pth`` (pSp / TreB1eN InsightFace_Pytorch), ``vgg.pth`` (lpips package,
 ``lpips/weights/v0.1``) with torchvision's ImageNet VGG16 (``vgg16-397923af.pth``), ``79999_iter.pth``

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .errors import InvalidStepsError, UnsupportedConditionError
+from ..errors import InvalidStepsError, UnsupportedConditionError
 
 MODALITIES = ("mask", "scribble")
 

@@ -2,7 +2,7 @@
 
 Module names follow pSp's ``models/encoders/model_irse.py`` (``input_layer``, ``body.N.res_layer``,
 ``body.N.shortcut_layer``, ``output_layer``), so the state dict of ``model_ir_se50.pth`` loads after a
-plain safetensors conversion (see ``mm2latent.networks.convert``).
+plain safetensors conversion (see ``mm2latent.models.networks.checkpoints``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paper's Table 1 on sampled mask/scribble–text pairs of the test split.
 
-    python -m mm2latent.evaluate --model runs/stage2_modulator/final --data data/celebamask-hq-prepared \
+    python -m mm2latent.training.evaluate --model runs/stage2_modulator/final --data data/celebamask-hq-prepared \
         --num-samples 2000 --output eval/
 
 For every sampled test image and modality, the model generates a face from (caption, mask or scribble)
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..inputs.images import image_to_tensor
+from ..models.networks import build_tiny_network, load_network
+from ..pipelines.generation import FacePipeline
 from . import metrics as M
-from .images import image_to_tensor
-from .networks import build_tiny_network, load_network
-from .pipeline import FacePipeline
 
 COLUMNS = {  # key -> (header, higher is better)
     "fid": ("FID↓", False), "lpips": ("LPIPS↓", False), "ms_ssim": ("MS-SSIM↑", True), "id": ("ID↑", True),
@@ -62,7 +62,7 @@ def evaluate(
         modalities: visual inputs to evaluate (each needs a ControlNet in ``pipe``).
         num_samples: pairs per modality (capped at the dataset size).
         seed: picks the pairs and seeds the generation (sample i uses seed + i).
-        lpips, arcface, face_parser: metric networks (``mm2latent.networks``); None skips that metric.
+        lpips, arcface, face_parser: metric networks (``mm2latent.models.networks``); None skips that metric.
         fid_feature: "inception" (torch-fidelity's InceptionV3), a ``FIDFeatures`` module, or None to skip FID.
         clip: a ``CLIPScorer``, or None to skip the CLIP score.
         mode: the pipeline's generation mode.
@@ -92,7 +92,7 @@ def evaluate(
             for key, value in scores.items():
                 sums.setdefault(key, []).append(float(value.mean()))
             if modality == "mask" and face_parser is not None:
-                from .conditions import parse_mask
+                from ..inputs.conditions import parse_mask
 
                 ids = torch.from_numpy(parse_mask(visual["mask"], require_face=False).astype(np.int64))
                 predicted = face_parser.parse(image, size=ids.shape[-1])[0].cpu()
@@ -135,12 +135,12 @@ def tiny_fid_feature() -> M.FIDFeatures:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .training.data import FaceDataset
+    from .data import FaceDataset
 
-    parser = argparse.ArgumentParser(prog="python -m mm2latent.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mm2latent.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder, Hub repo, or 'tiny'")
-    parser.add_argument("--data", required=True, help="folder written by `python -m mm2latent.train prepare`")
+    parser.add_argument("--data", required=True, help="folder written by `python -m mm2latent.training prepare`")
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", default="eval")
     parser.add_argument("--num-samples", type=int, default=2000)
