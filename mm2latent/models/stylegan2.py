@@ -26,6 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import CheckpointFormatError, InvalidSettingError
+from .generator import truncate_latents
 
 __all__ = [
     "NOISE_MODES",
@@ -349,7 +350,7 @@ def _names(names: Sequence[str]) -> str:
 
 
 class StyleGAN2Generator(nn.Module, PyTorchModelHubMixin):
-    """StyleGAN2 generator (config-f layout) driven by W+ codes.
+    """StyleGAN2 generator (config-f layout) driven by W+ codes; a 2D :class:`~.generator.Generator`.
 
     ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors``;
     ``from_pretrained(dir_or_repo)`` loads them (strictly). Rosinality checkpoints load
@@ -392,6 +393,7 @@ class StyleGAN2Generator(nn.Module, PyTorchModelHubMixin):
 
         self.resolution = resolution
         self.style_dim = style_dim
+        self.camera_dim = 0  # a 2D generator: no camera
         self.blur_kernel = blur_kernel
         self.log_size = int(math.log2(resolution))
         self.num_ws = 2 * self.log_size - 2
@@ -457,15 +459,9 @@ class StyleGAN2Generator(nn.Module, PyTorchModelHubMixin):
         z = torch.randn(num_samples, self.style_dim, generator=generator, device=device)
         return self.mapping(z).float().mean(0).to(ref.dtype)
 
-    def truncate(self, ws: torch.Tensor, psi: float) -> torch.Tensor:
-        """``latent_avg + psi * (ws - latent_avg)``; ``psi == 1`` returns ``ws`` unchanged."""
-        psi = float(psi)
-        if not math.isfinite(psi):
-            raise InvalidSettingError(f"truncation must be a finite number, got {psi}")
-        if psi == 1.0:
-            return ws
-        avg = self.latent_avg.to(device=ws.device, dtype=ws.dtype)
-        return avg + psi * (ws - avg)
+    def truncate(self, ws: torch.Tensor, psi: float | torch.Tensor) -> torch.Tensor:
+        """``latent_avg + psi * (ws - latent_avg)``; ``psi`` a float (1.0 returns ``ws`` unchanged) or ``[B]``."""
+        return truncate_latents(ws, self.latent_avg, psi)
 
     # -- synthesis -----------------------------------------------------------------------------
 
@@ -516,13 +512,17 @@ class StyleGAN2Generator(nn.Module, PyTorchModelHubMixin):
         noise_mode: str = "const",
         noise: Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        **render_kwargs,
     ) -> torch.Tensor:
         """Render ``ws`` (``[B, num_ws, style_dim]`` or ``[B, style_dim]``) to ``[B, 3, R, R]``.
 
         ``noise_mode``: "const" uses the stored noise buffers, "random" draws fresh noise
         (from ``generator`` if given), "none" adds no noise. An explicit ``noise`` list
-        (``num_noise_layers`` tensors ``[1 or B, 1, r, r]``) overrides the mode.
+        (``num_noise_layers`` tensors ``[1 or B, 1, r, r]``) overrides the mode. A 2D generator takes
+        no other rendering option (a camera, say): passing one is an error, not silently ignored.
         """
+        if render_kwargs:
+            raise InvalidSettingError(f"StyleGAN2 is a 2D generator and takes no {', '.join(sorted(render_kwargs))}")
         ws = self._broadcast_ws(ws)
         batch = ws.shape[0]
         noises = self._noise_inputs(noise_mode, noise, generator, batch, ws)

@@ -1,0 +1,100 @@
+"""The generator interface: what the pipeline, M, T, editing and training need of a GAN.
+
+Any frozen GAN with a W+ latent space can sit at the end of the method (METHOD.md: StyleGAN2 for 2D,
+EG3D for 3D-aware faces). M and T size themselves from ``num_ws`` and ``style_dim``; the pipeline
+renders with ``synthesis(ws, noise_mode, **render_kwargs)`` (a 3D generator takes its camera there);
+truncation pulls toward ``latent_avg`` (w̄, pSp's ``latent_avg``). Generators are
+``PyTorchModelHubMixin`` modules (``config.json`` + ``model.safetensors``); the manifest names the
+class with ``{"class": <name>}`` from :data:`GENERATOR_CLASSES` (default ``"stylegan2"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..errors import InvalidSettingError
+
+__all__ = ["GENERATOR_CLASSES", "Generator", "generator_class", "generator_class_name", "truncate_latents"]
+
+#: Manifest class name -> "module:Class" of every generator the library knows (imported on demand).
+GENERATOR_CLASSES: dict[str, str] = {
+    "stylegan2": "mm2latent.models.stylegan2:StyleGAN2Generator",
+}
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A frozen GAN driven by W+ latents.
+
+    Attributes:
+        num_ws: W+ layers (18 for StyleGAN2 at 1024², 14 for EG3D at 512²).
+        style_dim: size of one w (512).
+        resolution: side of the rendered image.
+        camera_dim: size of the camera label ``synthesis`` takes (0 for a 2D generator, 25 for EG3D).
+        latent_avg: the mean latent w̄, ``[style_dim]`` (a buffer saved with the weights).
+    """
+
+    num_ws: int
+    style_dim: int
+    resolution: int
+    camera_dim: int
+    latent_avg: torch.Tensor
+
+    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const", **render_kwargs) -> torch.Tensor:
+        """Render ``ws`` ``[B, num_ws, style_dim]`` to images ``[B, 3, resolution, resolution]`` in [-1, 1]."""
+        ...
+
+    def truncate(self, ws: torch.Tensor, psi: float | torch.Tensor) -> torch.Tensor:
+        """Pull ``ws`` toward ``latent_avg``: ``w̄ + ψ (w − w̄)``; ψ a float or one value per image ``[B]``."""
+        ...
+
+    def save_pretrained(self, save_directory, **kwargs): ...
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs): ...
+
+
+def truncate_latents(ws: torch.Tensor, latent_avg: torch.Tensor, psi: float | torch.Tensor) -> torch.Tensor:
+    """``latent_avg + psi * (ws - latent_avg)`` for ``ws`` ``[B, L, D]``.
+
+    Args:
+        ws: the latents.
+        latent_avg: w̄, ``[D]``.
+        psi: one ψ for the batch (1.0 returns ``ws`` itself, bit for bit) or one per image, ``[B]``.
+    """
+    if isinstance(psi, torch.Tensor):
+        if psi.ndim != 1 or psi.shape[0] != ws.shape[0]:
+            raise InvalidSettingError(f"a truncation tensor needs one ψ per image ([{ws.shape[0]}]), "
+                                      f"got {tuple(psi.shape)}")
+        if not torch.isfinite(psi).all():
+            raise InvalidSettingError("truncation values must be finite")
+        psi = psi.to(device=ws.device, dtype=ws.dtype)[:, None, None]
+    else:
+        psi = float(psi)
+        if not math.isfinite(psi):
+            raise InvalidSettingError(f"truncation must be a finite number, got {psi}")
+        if psi == 1.0:
+            return ws
+    avg = latent_avg.to(device=ws.device, dtype=ws.dtype)
+    return avg + psi * (ws - avg)
+
+
+def generator_class(name: str) -> type:
+    """The class registered as ``name`` in :data:`GENERATOR_CLASSES`."""
+    if name not in GENERATOR_CLASSES:
+        raise InvalidSettingError(f"unknown generator class {name!r}; known: {', '.join(sorted(GENERATOR_CLASSES))}")
+    module, _, attribute = GENERATOR_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def generator_class_name(generator: Generator) -> str:
+    """The registry name of a generator instance (for manifests)."""
+    for name, path in GENERATOR_CLASSES.items():
+        module, _, attribute = path.partition(":")
+        if type(generator).__module__ == module and type(generator).__name__ == attribute:
+            return name
+    raise InvalidSettingError(f"{type(generator).__name__} is not registered in GENERATOR_CLASSES")
