@@ -14,8 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from mm2latent.ui import canvases as editor
-from mm2latent.ui import text
+from mm2latent.ui import canvases, text
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_pipeline
@@ -48,18 +47,18 @@ def slug(name: str) -> str:
 def build_mask_tab() -> dict:
     with gr.Tab("Text + mask", id="mask") as tab:
         with gr.Row(equal_height=False):
-            template = gr.Radio(list(editor.TEMPLATE_CHOICES), value=editor.DEFAULT_TEMPLATE,
+            template = gr.Radio(list(canvases.TEMPLATE_CHOICES), value=canvases.DEFAULT_TEMPLATE,
                                 label="Start from a template", scale=5, elem_id="template")
             reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
         canvas = gr.ImageEditor(
-            value=editor.template_canvas(editor.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
-            sources=(), transforms=(), layers=False, canvas_size=(editor.CANVAS_SIZE, editor.CANVAS_SIZE),
+            value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
+            sources=(), transforms=(), layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE),
             fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
-            brush=gr.Brush(colors=editor.palette_hex(), color_mode="fixed", default_size=12,
-                           default_color=editor.class_colour_hex(editor.DEFAULT_BRUSH_CLASS)),
+            brush=gr.Brush(colors=canvases.palette_hex(), color_mode="fixed", default_size=12,
+                           default_color=canvases.class_colour_hex(canvases.DEFAULT_BRUSH_CLASS)),
             eraser=gr.Eraser(default_size=12),
         )
-        gr.HTML(editor.legend_html(), label="Brush colours", elem_id="legend")
+        gr.HTML(canvases.legend_html(), label="Brush colours", elem_id="legend")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=240):
                 gr.Markdown("Pick a class colour with the palette button in the editor's toolbar and paint. Paint "
@@ -75,13 +74,13 @@ def build_mask_tab() -> dict:
 
 def build_sketch_tab() -> dict:
     with gr.Tab("Text + sketch", id="sketch") as tab:
-        stroke = gr.Radio(list(editor.STROKE_WIDTHS), value=editor.DEFAULT_STROKE, label="Stroke width",
+        stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
                           elem_id="stroke-width")
         canvas = gr.ImageEditor(
-            value=editor.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
-            layers=False, canvas_size=(editor.CANVAS_SIZE, editor.CANVAS_SIZE), fixed_canvas=True,
+            value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
+            layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
             label="Sketch", elem_id="sketchpad", height=600,
-            brush=sketch_brush(editor.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),
+            brush=sketch_brush(canvases.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),
         )
         with gr.Row():
             upload = gr.File(label="Upload a sketch", file_types=["image"], elem_id="sketch-upload")
@@ -93,7 +92,7 @@ def build_sketch_tab() -> dict:
 
 def sketch_brush(width: str) -> gr.Brush:
     return gr.Brush(colors=["#000000"], color_mode="fixed", default_color="#000000",
-                    default_size=editor.STROKE_WIDTHS.get(width, editor.STROKE_WIDTHS[editor.DEFAULT_STROKE]))
+                    default_size=canvases.STROKE_WIDTHS.get(width, canvases.STROKE_WIDTHS[canvases.DEFAULT_STROKE]))
 
 
 def build_settings() -> list:
@@ -151,7 +150,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Tabs(selected="mask"):
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
-                    build_edit_tab(lambda: MODEL.pipe, concurrency_limit=SETTINGS.concurrency)
+                    build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency)
                 settings = build_settings()
             with gr.Column(scale=5):
                 out = build_outputs()
@@ -220,7 +219,7 @@ def launch(**overrides):
     """Start the server with the Space's options (``overrides`` win, e.g. ``prevent_thread_lock=True``)."""
     options = {"server_name": SETTINGS.server_name, "server_port": SETTINGS.server_port,
                "max_file_size": SETTINGS.max_file_size, "allowed_paths": [str(EXAMPLES_DIR)], "css": text.CSS,
-               "head": editor.swatch_names_script()}
+               "head": canvases.swatch_names_script()}
     return demo.launch(**{**options, **overrides})
 
 

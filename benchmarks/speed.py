@@ -368,21 +368,18 @@ def measure_cold_start(args) -> dict:
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 
-def fast_model_only(pipe, encoding, controls, seeds):
+def fast_model_only(pipe, prompts, controls, seeds):
     """Fast mode without pre/post-processing: cached embeddings -> U-Net pass -> M, T -> StyleGAN2."""
-    batch = len(seeds)
-    encoder = pipe.encoder
-    encoded = encoder(encoding.embeds.expand(batch, -1, -1), {k: v.expand(batch, -1, -1, -1) for k, v in controls.items()},
-                      encoder.initial_noise(seeds), num_steps=1, feature_steps=[0])
-    w, _, _ = pipe.latents_from_features(encoded.features[0], encoding.word_mask)
-    return pipe.generator.synthesis(w, noise_mode="const")
+    prediction = pipe.predict_latents(prompts, controls, pipe.prepare_noise(seeds))
+    return pipe.render(prediction.latents)
 
 
 def run(args) -> dict:
     import torch
 
+    from mm2latent.inputs.images import tensor_to_pil
     from mm2latent.pipelines import speedups as speed
-    from mm2latent.pipelines.generation import tensor_to_pil
+    from mm2latent.pipelines.request import GenerationRequest
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -504,7 +501,7 @@ def run(args) -> dict:
     stages["mapper_M"] = timer.measure(lambda: pipe.mapper(features.h, pipe.generator.latent_avg), args.repeats,
                                        args.warmup, "M")
     stages["modulator_T"] = timer.measure(lambda: pipe.modulator(features, word_mask), args.repeats, args.warmup, "T")
-    w, _, _ = pipe.latents_from_features(features, word_mask)
+    w, _, _ = pipe.latents_from_features(features, word_mask)  # M and T, as the pipeline composes them
 
     def synthesis():
         holder["image"] = pipe.generator.synthesis(w, noise_mode="const")
@@ -529,7 +526,8 @@ def run(args) -> dict:
 
     e2e["fast_uncached_prompt"] = timer.measure(fast_uncached, args.repeats, e2e_warmup,
                                                 "fast mode end to end (prompt not cached)")
-    e2e["fast_model_only"] = timer.measure(lambda: fast_model_only(pipe, encoding, controls, [seed]), args.repeats,
+    prompts = pipe.encode_prompts([PROMPT])
+    e2e["fast_model_only"] = timer.measure(lambda: fast_model_only(pipe, prompts, controls, [seed]), args.repeats,
                                            e2e_warmup,
                                            "fast model only (no pre/post-processing)")
     for steps in args.quality_steps:
@@ -577,11 +575,10 @@ def run(args) -> dict:
                 "what": "the same pass without hooks and with SDPA in the captured attn2 layers (features are needed: "
                         "this is the capture's cost)",
             }
-        capture = getattr(encoder, "_capture", None)
-        if capture is not None:
+        if True:
 
             def install_capture():
-                with capture({}):
+                with encoder.capturing({}):
                     pass
 
             ablations["capture_install_per_call"] = {
@@ -629,8 +626,8 @@ def run(args) -> dict:
         # the smallest batch above 1: the gain of batching shows there already, and on CPU it is the cheapest
         size = min([b for b in args.batch_sizes if b > 1], default=1)
         if size > 1:
-            requests = [speed.FastRequest(prompt=f"{PROMPT} {i}", mask=index_mask, seed=seed + i) for i in range(size)]
-            batched = timer.measure(lambda: speed.generate_fast_batch(pipe, requests), heavy_repeats, heavy_warmup,
+            requests = [GenerationRequest.create(f"{PROMPT} {i}", mask=index_mask, seed=seed + i) for i in range(size)]
+            batched = timer.measure(lambda: pipe.generate_batch(requests), heavy_repeats, heavy_warmup,
                                     f"{size} different requests batched", per=size)
             ablations["request_batching"] = {
                 "on": batched, "off": {"median_ms": size * e2e["fast"]["median_ms"]},
@@ -753,9 +750,13 @@ def measure_space_overhead(pipe, timer, args, colour_mask, stages, e2e, features
     ids = canvas_to_ids()
     parts["pipeline_preprocess"] = timer.measure(lambda: pipe.prepare_conditions(mask=ids), args.repeats, args.warmup,
                                                  "Space: pipeline mask pre-processing")
-    if hasattr(pipe, "_word_maps"):
-        parts["attention_maps"] = timer.measure(lambda: pipe._word_maps([features], word_mask), args.repeats,
-                                                args.warmup, "Space: per-word attention maps")
+    from mm2latent.models.mapping import word_attention_maps
+    from mm2latent.pipelines.generation import word_maps
+
+    word_tokens = pipe.encode_prompts([PROMPT]).word_tokens[0]
+    parts["attention_maps"] = timer.measure(
+        lambda: word_maps(word_attention_maps(features.attn_probs, pipe.modulator.feature_size).float(), word_tokens),
+        args.repeats, args.warmup, "Space: per-word attention maps")
     parts["to_pil"] = stages["postprocess_to_pil"]
     output = pipe(PROMPT, mask=ids, seed=0, return_intermediates=True)
     image, settings = output.images[0], output.settings

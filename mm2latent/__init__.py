@@ -17,18 +17,24 @@ from .errors import (  # noqa: E402
     WeightsNotFoundError,
 )
 
+# Importing torch/diffusers takes seconds; the heavy modules load only when one of these is used.
+_LAZY = {
+    "FacePipeline": "pipelines.generation", "FacePipelineOutput": "pipelines.generation",
+    "LatentPrediction": "pipelines.generation", "GenerationRequest": "pipelines.request",
+    "FaceEditPipeline": "pipelines.editing", "StyleGAN2Generator": "models.stylegan2", "Generator": "models.generator",
+}
+
 
 def __getattr__(name):
-    # Importing torch/diffusers takes seconds; load the heavy modules only when they are used.
-    if name in {"FacePipeline", "FacePipelineOutput"}:
-        from .pipelines import generation as pipeline
+    if name in _LAZY:
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'mm2latent' has no attribute {name!r}")
 
 
 __all__ = [
-    "FacePipeline", "FacePipelineOutput", "MM2LatentError", "InputError", "EmptyPromptError", "InvalidImageError",
+    *_LAZY, "MM2LatentError", "InputError", "EmptyPromptError", "InvalidImageError",
     "ImageTooLargeError", "EmptyMaskError", "InvalidSeedError", "InvalidStepsError", "InvalidSettingError",
     "UnsupportedConditionError", "WeightsNotFoundError", "CheckpointFormatError",
 ]

@@ -26,8 +26,7 @@ from PIL import Image
 from mm2latent.errors import EmptyMaskError
 from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
 from mm2latent.inputs.templates import template_mask, template_sketch
-from mm2latent.ui import canvases as editor
-from mm2latent.ui import examples, outputs
+from mm2latent.ui import canvases, examples, outputs
 from mm2latent.ui.settings import Settings, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,20 +129,20 @@ def test_bad_settings_are_refused_in_plain_words(name, value, words):
 
 
 def test_palette_and_legend_cover_the_19_classes():
-    colours = editor.palette_hex()
+    colours = canvases.palette_hex()
     assert len(colours) == len(set(colours)) == 19 and colours[0] == "#000000"
-    assert editor.class_colour_hex("skin") == "#cc0000"
-    legend = editor.legend_html()
+    assert canvases.class_colour_hex("skin") == "#cc0000"
+    legend = canvases.legend_html()
     assert legend.count("mm2l-swatch") == 19 and "glasses" in legend and "lower lip" in legend
-    assert "rgb(0, 0, 204)" in editor.swatch_names_script() and "#mask-editor" in editor.swatch_names_script()
+    assert "rgb(0, 0, 204)" in canvases.swatch_names_script() and "#mask-editor" in canvases.swatch_names_script()
 
 
-@pytest.mark.parametrize("name", editor.TEMPLATE_CHOICES)
+@pytest.mark.parametrize("name", canvases.TEMPLATE_CHOICES)
 def test_template_canvas_reads_back_as_the_template(name):
-    value = editor.template_canvas(name)
-    assert value["background"].size == (editor.CANVAS_SIZE, editor.CANVAS_SIZE)
-    ids = editor.mask_from_canvas(value)
-    if name == editor.BLANK_CANVAS:
+    value = canvases.template_canvas(name)
+    assert value["background"].size == (canvases.CANVAS_SIZE, canvases.CANVAS_SIZE)
+    ids = canvases.mask_from_canvas(value)
+    if name == canvases.BLANK_CANVAS:
         assert ids is None
     else:
         assert np.array_equal(ids, template_mask(name))
@@ -151,13 +150,13 @@ def test_template_canvas_reads_back_as_the_template(name):
 
 def test_brush_strokes_with_soft_edges_read_as_their_class():
     """A composite like the browser's: template + an anti-aliased hair stroke across the cheeks."""
-    picture = np.asarray(editor.template_canvas("short hair")["composite"].convert("RGBA")).copy()
+    picture = np.asarray(canvases.template_canvas("short hair")["composite"].convert("RGBA")).copy()
     hair = np.array([0, 0, 204], dtype=np.float32)
     rows = slice(290, 306)
     for offset, weight in ((-2, 0.3), (-1, 0.7), (0, 1.0), (1, 0.7), (2, 0.3)):
         band = picture[rows.start + offset : rows.stop + offset, 180:330, :3].astype(np.float32)
         picture[rows.start + offset : rows.stop + offset, 180:330, :3] = np.rint(band * (1 - weight) + hair * weight)
-    ids = editor.mask_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(picture)})
+    ids = canvases.mask_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(picture)})
     changed = ids != template_mask("short hair")
     assert set(np.unique(ids[changed])) <= {HAIR}
     assert (ids[292:304, 190:320] == HAIR).all()
@@ -165,24 +164,24 @@ def test_brush_strokes_with_soft_edges_read_as_their_class():
 
 def test_transparent_canvas_is_empty_and_faceless_paint_is_refused():
     transparent = Image.new("RGBA", (512, 512), (255, 255, 255, 0))
-    assert editor.mask_from_canvas({"background": None, "layers": [], "composite": transparent}) is None
-    assert editor.mask_from_canvas(None) is None
+    assert canvases.mask_from_canvas({"background": None, "layers": [], "composite": transparent}) is None
+    assert canvases.mask_from_canvas(None) is None
     ids = np.zeros((512, 512), dtype=np.uint8)
     ids[:100] = HAIR
     with pytest.raises(EmptyMaskError, match="no face"):
-        editor.mask_from_canvas(editor.mask_canvas(ids))
+        canvases.mask_from_canvas(canvases.mask_canvas(ids))
 
 
 def test_sketch_canvas_round_trip():
-    assert editor.strokes_from_canvas(editor.sketch_canvas()) is None
+    assert canvases.strokes_from_canvas(canvases.sketch_canvas()) is None
     strokes = template_sketch("short hair")
-    value = editor.sketch_canvas(strokes)
+    value = canvases.sketch_canvas(strokes)
     assert value["background"].getpixel((0, 0)) == (255, 255, 255)  # black on white for the visitor
-    assert np.array_equal(editor.strokes_from_canvas(value), strokes)
+    assert np.array_equal(canvases.strokes_from_canvas(value), strokes)
     # Strokes on a transparent layer with no paper behind them (after "clear canvas").
     layer = np.zeros((512, 512, 4), dtype=np.uint8)
     layer[200:210, 100:400, 3] = 255
-    got = editor.strokes_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(layer)})
+    got = canvases.strokes_from_canvas({"background": None, "layers": [], "composite": Image.fromarray(layer)})
     assert got[205, 250] and not got[100, 250]
 
 
@@ -236,7 +235,7 @@ def handlers(tiny_pipe, tmp_path_factory):
 
 def test_handler_generates_everything_a_visitor_sees(handlers, tiny_pipe):
     gallery, seed, summary, attention, files, diffusion = handlers.generate_from_mask(
-        "She has long wavy blonde hair and is smiling.", editor.template_canvas("long hair"), seed=11,
+        "She has long wavy blonde hair and is smiling.", canvases.template_canvas("long hair"), seed=11,
         randomize_seed=False, num_images=2, show_diffusion=True, steps=2)
     assert seed == 11 and "`11`, `12`" in summary and "text + mask" in summary
     assert [caption for _, caption in gallery] == ["seed 11", "seed 12"]
@@ -252,7 +251,7 @@ def test_handler_generates_everything_a_visitor_sees(handlers, tiny_pipe):
 def test_handler_refuses_bad_input_in_plain_words(handlers):
     import gradio as gr
 
-    blank, paper = editor.template_canvas(editor.BLANK_CANVAS), editor.sketch_canvas()
+    blank, paper = canvases.template_canvas(canvases.BLANK_CANVAS), canvases.sketch_canvas()
     cases = [
         (handlers.generate_from_mask, ("", blank), {}, "Nothing to generate from"),
         (handlers.generate_from_sketch, ("  ", paper), {}, "Nothing to generate from"),
@@ -274,7 +273,7 @@ def test_handler_refuses_bad_input_in_plain_words(handlers):
 
 
 def test_handler_text_only_quality_mode_and_examples(handlers, tiny_pipe):
-    blank = editor.template_canvas(editor.BLANK_CANVAS)
+    blank = canvases.template_canvas(canvases.BLANK_CANVAS)
     gallery, *_ = handlers.generate_from_mask("A man with a beard.", blank, mode="quality", steps=3,
                                               feature_steps="0, 2", combine="coarse-to-fine")
     assert len(gallery) == 1
@@ -282,7 +281,7 @@ def test_handler_text_only_quality_mode_and_examples(handlers, tiny_pipe):
     result = handlers.example_from_mask(mask_prompt, {"background": None, "layers": [], "composite": mask_file})
     assert result[1] == 42
     sketch_prompt, sketch_file = examples.sketch_example_rows()[0]
-    tab_result = handlers.generate_from_active_tab("sketch", sketch_prompt, None, editor.sketch_canvas(
+    tab_result = handlers.generate_from_active_tab("sketch", sketch_prompt, None, canvases.sketch_canvas(
         template_sketch("short hair")), randomize_seed=False, seed=3)
     assert "sketch" in tab_result[2] and tab_result[1] == 3
 
@@ -297,7 +296,7 @@ def test_handler_uploads(handlers, tmp_path):
     with pytest.warns(UserWarning, match="no face"):
         handlers.upload_mask(str(hair_only_mask(tmp_path / "hair.png")))
     sketch = handlers.sketch_from_photo(str(photo_like(tmp_path / "photo.png")), "thick")
-    assert editor.strokes_from_canvas(sketch) is not None
+    assert canvases.strokes_from_canvas(sketch) is not None
 
 
 def test_handler_errors_hide_server_paths_and_unexpected_failures(handlers, tmp_path, caplog):
@@ -413,13 +412,13 @@ def canvas(path: Path | str) -> dict:
 
 def blank_mask_file(folder: Path) -> Path:
     path = folder / "blank.png"
-    editor.template_canvas(editor.BLANK_CANVAS)["background"].save(path)
+    canvases.template_canvas(canvases.BLANK_CANVAS)["background"].save(path)
     return path
 
 
 def white_paper_file(folder: Path) -> Path:
     path = folder / "paper.png"
-    editor.sketch_canvas()["background"].save(path)
+    canvases.sketch_canvas()["background"].save(path)
     return path
 
 
@@ -469,10 +468,10 @@ def test_api_upload_sketch_and_sketch_from_photo(client, files):
 
     value = client.predict(handle_file(str(files["sketch"])), api_name="/upload_sketch")
     assert image_size(value["background"]) == (512, 512)
-    assert editor.strokes_from_canvas({"composite": value["background"]}).sum() == template_sketch("short hair").sum()
+    assert canvases.strokes_from_canvas({"composite": value["background"]}).sum() == template_sketch("short hair").sum()
     value = client.predict(handle_file(str(files["photo"])), "thin", api_name="/sketch_from_photo")
     assert image_size(value["background"]) == (512, 512)
-    assert editor.strokes_from_canvas({"composite": value["background"]}) is not None
+    assert canvases.strokes_from_canvas({"composite": value["background"]}) is not None
 
 
 def test_api_generate_from_mask(client, files, tiny_pipe):
@@ -594,8 +593,8 @@ def test_api_invert_photo_returns_aligned_reconstruction_and_mask(inverted, tiny
     _, (aligned, reconstruction, mask, latent, info) = inverted
     assert image_size(aligned) == (ALIGNED_SIZE, ALIGNED_SIZE)
     assert image_size(reconstruction) == (tiny_pipe.resolution, tiny_pipe.resolution) == (64, 64)
-    assert image_size(mask["background"]) == (editor.CANVAS_SIZE, editor.CANVAS_SIZE)
-    ids = editor.mask_from_canvas({"composite": mask["background"]})  # raises if the mask holds no face
+    assert image_size(mask["background"]) == (canvases.CANVAS_SIZE, canvases.CANVAS_SIZE)
+    ids = canvases.mask_from_canvas({"composite": mask["background"]})  # raises if the mask holds no face
     assert ids.shape == (512, 512) and ids.max() < len(CELEBAMASK_CLASSES) and len(np.unique(ids)) > 2
     saved = saved_latent(latent)
     assert saved["latent"].shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)

@@ -6,39 +6,38 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from mm2latent.editing.methods import (
-    LAYER_RANGES,
-    apply_edit,
-    build_tiny_editing_components,
-    clip_refine,
-    edit_latent,
-    edit_photo,
-    identity_similarity,
-    invert_photo,
-    layer_ranges,
-)
+from mm2latent.editing.methods import LAYER_RANGES, apply_edit, clip_refine, identity_similarity, layer_ranges
 from mm2latent.errors import EmptyPromptError, InvalidSettingError
+from mm2latent.inputs.conditions import FACE_PARSER_TO_CELEBAMASK
+from mm2latent.inputs.images import image_to_tensor
+from mm2latent.pipelines.editing import FaceEditPipeline
+from mm2latent.pipelines.presets import build_tiny_editing_components
 
 
 @pytest.fixture(scope="module")
 def edit_pipe(tiny_pipe):
-    """A shallow copy of the tiny pipeline with editing components and a non-identity T (tiny T starts at γ=1, β=0)."""
+    """The tiny edit pipeline on a copy of the tiny pipeline with a non-identity T (tiny T starts at γ=1, β=0)."""
     pipe = copy.copy(tiny_pipe)
     pipe.modulator = copy.deepcopy(tiny_pipe.modulator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         for heads in (pipe.modulator.gamma_heads, pipe.modulator.beta_heads):
             heads.weight.normal_(0, 1.0)
-    for name, part in build_tiny_editing_components(pipe.generator).items():
-        setattr(pipe, name, part)
-    return pipe
+    return FaceEditPipeline(pipe, **build_tiny_editing_components(pipe.generator))
 
 
 @pytest.fixture(scope="module")
 def inversion(edit_pipe, testdata):
-    return invert_photo(edit_pipe, testdata / "photos" / "ffhq_0.jpg")
+    return edit_pipe.invert(testdata / "photos" / "ffhq_0.jpg")
+
+
+def arcface_cosine(identity, a: Image.Image, b: Image.Image) -> float:
+    """The identity score computed by hand: unit ArcFace embeddings of the faces at 256², dot product."""
+    with torch.no_grad():
+        return float((identity.embed(image_to_tensor(a, 256)) * identity.embed(image_to_tensor(b, 256))).sum())
 
 
 def test_layer_ranges():
@@ -51,14 +50,14 @@ def test_layer_ranges():
 
 
 def test_strength_zero_returns_the_reconstruction(edit_pipe, inversion):
-    result = edit_photo(edit_pipe, inversion, "she has blonde hair", mask=inversion.mask, strength=0.0)
+    result = edit_pipe.edit(inversion, "she has blonde hair", mask=inversion.mask, strength=0.0)
     assert torch.equal(result.latent, inversion.latent)
     assert np.array_equal(np.asarray(result.image), np.asarray(inversion.reconstruction))
 
 
 @pytest.mark.parametrize("method", ["modulate", "mix"])
 def test_layer_range_leaves_other_layers_bit_identical(edit_pipe, inversion, method):
-    edit = edit_latent(edit_pipe, inversion.latent, "he has a beard", seed=3, layers="middle", method=method)
+    edit = edit_pipe.edit_latent(inversion.latent, "he has a beard", seed=3, layers="middle", method=method)
     outside = [i for i in range(edit_pipe.generator.num_ws) if i not in LAYER_RANGES["middle"]]
     assert torch.equal(edit.latent[:, outside], inversion.latent[:, outside])
     assert not torch.equal(edit.latent[:, 4:8], inversion.latent[:, 4:8])
@@ -70,7 +69,7 @@ def test_layer_range_leaves_other_layers_bit_identical(edit_pipe, inversion, met
 
 
 def test_strength_interpolates(edit_pipe, inversion):
-    full = edit_latent(edit_pipe, inversion.latent, "smiling", seed=1)
+    full = edit_pipe.edit_latent(inversion.latent, "smiling", seed=1)
     half = apply_edit(inversion.latent, full.w_m, full.modulation, strength=0.5)
     torch.testing.assert_close(half, (inversion.latent + full.latent) / 2)
 
@@ -78,13 +77,13 @@ def test_strength_interpolates(edit_pipe, inversion):
 def test_a_different_prompt_or_mask_changes_the_latent(edit_pipe, inversion, testdata):
     mask = np.asarray(Image.open(testdata / "masks" / "celebamaskhq_0_index.png"))
     bald = np.where(mask == 13, 0, mask).astype(np.uint8)  # the visitor paints the hair over with background
-    base = edit_latent(edit_pipe, inversion.latent, "she has blonde hair", mask=mask, method="mix")
-    other_prompt = edit_latent(edit_pipe, inversion.latent, "he has a beard", mask=mask, method="mix")
-    other_mask = edit_latent(edit_pipe, inversion.latent, "she has blonde hair", mask=bald, method="mix")
+    base = edit_pipe.edit_latent(inversion.latent, "she has blonde hair", mask=mask, method="mix")
+    other_prompt = edit_pipe.edit_latent(inversion.latent, "he has a beard", mask=mask, method="mix")
+    other_mask = edit_pipe.edit_latent(inversion.latent, "she has blonde hair", mask=bald, method="mix")
     # The tiny model is untrained, so the differences are small but far above float noise (~1e-7).
     assert (other_prompt.latent - base.latent).abs().max() > 1e-5
     assert (other_mask.latent - base.latent).abs().max() > 1e-5
-    modulated = [edit_latent(edit_pipe, inversion.latent, p, mask=m).latent
+    modulated = [edit_pipe.edit_latent(inversion.latent, p, mask=m).latent
                  for p, m in (("she has blonde hair", mask), ("he has a beard", mask), ("she has blonde hair", None))]
     assert (modulated[1] - modulated[0]).abs().max() > 1e-5
     assert (modulated[2] - modulated[0]).abs().max() > 1e-5
@@ -92,13 +91,13 @@ def test_a_different_prompt_or_mask_changes_the_latent(edit_pipe, inversion, tes
 
 def test_bad_settings_raise(edit_pipe, inversion):
     with pytest.raises(EmptyPromptError):
-        edit_latent(edit_pipe, inversion.latent, "  ")
+        edit_pipe.edit_latent(inversion.latent, "  ")
     with pytest.raises(InvalidSettingError):
-        edit_latent(edit_pipe, inversion.latent, "smiling", strength=3.0)
+        edit_pipe.edit_latent(inversion.latent, "smiling", strength=3.0)
     with pytest.raises(InvalidSettingError):
-        edit_latent(edit_pipe, inversion.latent, "smiling", layers="eyes")
+        edit_pipe.edit_latent(inversion.latent, "smiling", layers="eyes")
     with pytest.raises(InvalidSettingError):
-        edit_photo(edit_pipe, torch.zeros(1, 3, 4), "smiling")
+        edit_pipe.edit(torch.zeros(1, 3, 4), "smiling")
 
 
 def test_clip_refinement_moves_only_the_chosen_layers(edit_pipe, inversion):
@@ -109,12 +108,25 @@ def test_clip_refinement_moves_only_the_chosen_layers(edit_pipe, inversion):
     assert not torch.equal(result.latent[:, 8:], inversion.latent[:, 8:])
 
 
-def test_identity_similarity_of_a_photo_with_itself(edit_pipe, inversion):
-    assert identity_similarity(edit_pipe.identity, inversion.aligned, inversion.aligned) == pytest.approx(1.0, abs=1e-5)
+def test_identity_similarity_is_the_arcface_cosine(edit_pipe, inversion):
+    expected = arcface_cosine(edit_pipe.identity, inversion.aligned, inversion.reconstruction)
+    assert identity_similarity(edit_pipe.identity, inversion.aligned, inversion.reconstruction) == pytest.approx(
+        expected, abs=1e-5)
+    # 256² tensors go in as they are and give the same score.
+    tensors = [image_to_tensor(x, 256) for x in (inversion.aligned, inversion.reconstruction)]
+    assert identity_similarity(edit_pipe.identity, *tensors) == pytest.approx(expected, abs=1e-5)
 
 
-def test_photo_mask_is_loaded(inversion):
-    assert inversion.mask.shape == (512, 512) and inversion.mask.dtype == np.uint8 and inversion.mask.max() <= 18
+def test_photo_mask_is_the_parsers_argmax_in_celebamask_order(edit_pipe, inversion):
+    parser = edit_pipe.face_parser
+    x = F.interpolate(image_to_tensor(inversion.aligned), size=(parser.input_size,) * 2, mode="bilinear",
+                      align_corners=False)
+    with torch.no_grad():
+        logits = parser(((x + 1) / 2 - parser.mean) / parser.std)
+    logits = F.interpolate(logits, size=(512, 512), mode="bilinear", align_corners=False)
+    expected = FACE_PARSER_TO_CELEBAMASK[logits.argmax(dim=1)[0].numpy()]
+    assert inversion.mask.shape == (512, 512) and inversion.mask.dtype == np.uint8
+    np.testing.assert_array_equal(inversion.mask, expected)
 
 
 # ---------------------------------------------------------------------------------------------- UI handlers
@@ -127,17 +139,24 @@ def handlers(edit_pipe):
     return EditHandlers(edit_pipe)
 
 
-def test_ui_invert_then_edit(handlers, testdata):
+def test_ui_invert_then_edit(handlers, edit_pipe, testdata):
     photo = Image.open(testdata / "photos" / "ffhq_2.jpg")
     aligned, reconstruction, canvas, path, info, state = handlers.invert(photo, 0, progress=None)
     assert aligned.size == (256, 256) and reconstruction.size == (64, 64) and "Inverted" in info
     assert canvas["background"].size == (512, 512)
-    assert torch.load(path)["latent"].shape == (1, 10, 64)
+    assert torch.equal(torch.load(path)["latent"], state.inversion.latent)
     pair, edited, identity, path, info, state = handlers.edit(
         state, photo, 0, "she is smiling", canvas, True, 1.0, "middle", "modulate", 0, 0, progress=None)
     assert pair[0].size == pair[1].size == edited.size == (64, 64)
-    assert -1.0 <= float(identity) <= 1.0
-    assert torch.load(path)["settings"]["layers"] == "middle"
+    # The shown score is the ArcFace cosine of the aligned photo and the rendered edit, to the 3 decimals shown.
+    saved = torch.load(path)
+    rendered = F.interpolate(edit_pipe.generation.render(saved["latent"]).float(), size=(256, 256), mode="bilinear",
+                             align_corners=False, antialias=True)
+    with torch.no_grad():
+        expected = float((edit_pipe.identity.embed(image_to_tensor(state.inversion.aligned, 256))
+                          * edit_pipe.identity.embed(rendered)).sum())
+    assert float(identity) == pytest.approx(expected, abs=1e-3)
+    assert saved["settings"]["layers"] == "middle"
 
 
 def test_ui_edit_without_inverting_first_and_errors(handlers, testdata):
@@ -176,5 +195,5 @@ def test_edit_endpoint_through_gradio_client(edit_app, testdata):
     result = client.predict(photo, 0, "she has blonde hair", None, False, 1.0, "all", "modulate", 0, 0,
                             api_name="/edit_photo")
     pair, edited, identity, latent, info = result
-    assert len(pair) == 2 and -1.0 <= float(identity) <= 1.0
+    assert len(pair) == 2 and identity.startswith(("0.", "-0.", "1.0"))
     assert torch.load(latent if isinstance(latent, str) else latent["path"])["latent"].shape == (1, 10, 64)

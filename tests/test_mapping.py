@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mm2latent.models.mapping import Map2StyleHeads, MappingNetwork, StyleModulationNetwork
+from mm2latent.pipelines.generation import combine_steps
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +107,10 @@ def test_sizes_follow_the_configs(tiny_pipe):
     assert StyleModulationNetwork(num_ws=4, hidden_channels=8, head_channels=4).block_channels == [1280, 1280, 640, 320]
 
 
-def test_combine_steps(tiny_pipe):
+def test_combine_steps():
     steps = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 8, 3)
-    mean = tiny_pipe.combine_steps(steps, "mean")
+    mean = combine_steps(steps, "mean")
     assert torch.equal(mean, torch.full((2, 8, 3), 1.5))
-    coarse_to_fine = tiny_pipe.combine_steps(steps, "coarse-to-fine")
+    coarse_to_fine = combine_steps(steps, "coarse-to-fine")
     # Layer l takes step floor(l * 4 / 8): layers 0-1 step 0, 2-3 step 1, 4-5 step 2, 6-7 step 3.
     assert coarse_to_fine[0, :, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

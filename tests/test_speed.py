@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm2latent import FacePipeline
+from mm2latent import FacePipeline, GenerationRequest
 from mm2latent.pipelines import speedups as speed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,15 +107,16 @@ def test_prompt_cache_identical(pipe, mask):
 def test_batched_requests_match_single_calls(pipe, mask):
     other = np.where(mask == 13, 0, mask).astype(np.uint8)  # bald
     requests = [
-        speed.FastRequest(PROMPT, mask=mask, seed=1),
-        speed.FastRequest("He has a beard and short black hair.", mask=other, seed=2, truncation=0.7),
-        speed.FastRequest(PROMPT, seed=3),  # text only: a second group
-        speed.FastRequest("", mask=mask, seed=4),
+        GenerationRequest.create(PROMPT, mask=mask, seed=1),
+        GenerationRequest.create("He has a beard and short black hair.", mask=other, seed=2, truncation=0.7),
+        GenerationRequest.create(PROMPT, seed=3),  # text only: a second group
+        GenerationRequest.create("", mask=mask, seed=4, num_images=2),
     ]
-    outputs = speed.generate_fast_batch(pipe, requests)
-    assert len(outputs) == len(requests)
+    outputs = pipe.generate_batch(requests)
+    assert len(outputs) == len(requests) and len(outputs[3].images) == 2
     for request, output in zip(requests, outputs):
-        single = pipe(request.prompt, mask=request.mask, seed=request.seed, truncation=request.truncation)
+        single = pipe(request.prompt, mask=request.mask, seed=request.seed, truncation=request.truncation,
+                      num_images=request.num_images)
         assert_same_output(single, output)
         assert output.settings == single.settings
         assert output.seeds == single.seeds and output.timesteps == single.timesteps

@@ -9,14 +9,18 @@ gives what METHOD.md calls
 * ``attn_probs``: their attention probabilities, max-pooled over heads.
 
 Hooks and attention processors are installed for the duration of one call and removed afterwards;
-all other attention layers keep diffusers' default (SDPA) processor.
+all other attention layers keep diffusers' default (SDPA) processor. ControlNets and the VAE may be given
+as :class:`LazyComponent` loaders: they are read from disk on first use, so a request that needs neither
+never holds them in memory.
 """
 
 from __future__ import annotations
 
+import string
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,12 +38,56 @@ MODALITIES = ("mask", "scribble")
 
 @dataclass
 class PromptEncoding:
-    """CLIP text embeddings of one prompt and which token positions are real words."""
+    """CLIP text embeddings of one prompt and which token positions are real words.
 
-    embeds: torch.Tensor  # [1, 77, D]
-    word_mask: torch.Tensor  # [1, 77] bool: True for word tokens (not BOS/EOS/padding)
-    words: list[str]  # the word tokens, in order
+    Attributes:
+        embeds: [1, 77, D] text embeddings.
+        word_mask: [1, 77] bool, True for word tokens (not BOS/EOS/padding): what T's Ā averages over.
+        words: the prompt's words, sub-word pieces merged ("bushy", not "bu", "sh", "y"), punctuation left out.
+        word_tokens: for each word, the token positions it spans (its attention map is their mean).
+        truncated: whether the prompt was longer than the 77 tokens CLIP reads.
+        kept: the part of the prompt CLIP read, when truncated (else the whole prompt).
+    """
+
+    embeds: torch.Tensor
+    word_mask: torch.Tensor
+    words: list[str]
+    word_tokens: list[list[int]]
     truncated: bool
+    kept: str = ""
+
+
+@dataclass
+class PromptBatch:
+    """The encodings of a batch of prompts, stacked (one row per sample)."""
+
+    embeds: torch.Tensor  # [B, 77, D]
+    word_mask: torch.Tensor  # [B, 77] bool
+    words: list[list[str]]
+    word_tokens: list[list[list[int]]]
+    truncated: list[bool]
+
+    @classmethod
+    def stack(cls, encodings: Sequence[PromptEncoding]) -> PromptBatch:
+        return cls(embeds=torch.cat([e.embeds for e in encodings]), word_mask=torch.cat([e.word_mask for e in encodings]),
+                   words=[e.words for e in encodings], word_tokens=[e.word_tokens for e in encodings],
+                   truncated=[e.truncated for e in encodings])
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class LazyComponent:
+    """A network read from disk on first use.
+
+    Attributes:
+        load: ``load(dtype) -> module`` (weights read straight in that dtype).
+        config: the module's config, known without loading its weights (e.g. the VAE's scale factor).
+    """
+
+    load: Callable[[torch.dtype], nn.Module]
+    config: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -103,8 +151,11 @@ class DiffusionEncoder(nn.Module):
         tokenizer: its ``CLIPTokenizer`` (77 tokens).
         scheduler: a ``DDIMScheduler``; copied per call, its ``timestep_spacing`` forced to "trailing"
             so that the first step is t = T.
-        controlnets: one ``ControlNetModel`` per visual modality, keys among ``MODALITIES``.
-        vae: the ``AutoencoderKL``; only needed to decode I^d_0 or to encode training photos.
+        controlnets: one ``ControlNetModel`` (or a :class:`LazyComponent` loading one) per visual modality,
+            keys among ``MODALITIES``.
+        vae: the ``AutoencoderKL`` (or a :class:`LazyComponent`); only needed to decode I^d_0 or to encode
+            training photos.
+        prompt_cache_size: how many prompt encodings are kept (least recently used dropped first).
     """
 
     def __init__(
@@ -113,8 +164,8 @@ class DiffusionEncoder(nn.Module):
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         scheduler: DDIMScheduler,
-        controlnets: dict[str, ControlNetModel],
-        vae: AutoencoderKL | None = None,
+        controlnets: dict[str, ControlNetModel | LazyComponent],
+        vae: AutoencoderKL | LazyComponent | None = None,
         prompt_cache_size: int = 64,
     ):
         super().__init__()
@@ -126,8 +177,16 @@ class DiffusionEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler.config)
         self.scheduler_config["timestep_spacing"] = "trailing"
-        self.controlnets = nn.ModuleDict(controlnets)
-        self.vae = vae
+        self.controlnets = nn.ModuleDict({m: c for m, c in controlnets.items() if isinstance(c, nn.Module)})
+        self._pending: dict[str, LazyComponent] = {f"controlnet_{m}": c for m, c in controlnets.items()
+                                                   if isinstance(c, LazyComponent)}
+        self._modalities = [m for m in MODALITIES if m in controlnets]
+        if isinstance(vae, LazyComponent):
+            self._pending["vae"] = vae
+            vae = None
+        self._vae = vae
+        self._vae_config = dict(vae.config) if vae is not None else dict(self._pending["vae"].config) \
+            if "vae" in self._pending else None
         self.prompt_cache_size = prompt_cache_size
         self._prompt_cache: OrderedDict[str, PromptEncoding] = OrderedDict()
         self._lock = threading.RLock()
@@ -145,6 +204,55 @@ class DiffusionEncoder(nn.Module):
         super().__setstate__(state)
         self._lock = threading.RLock()
 
+    # ----------------------------------------------------------------- lazily loaded parts
+    @property
+    def modalities(self) -> list[str]:
+        """Visual inputs there is a ControlNet for (loaded or not yet loaded)."""
+        return list(self._modalities)
+
+    @property
+    def has_vae(self) -> bool:
+        return self._vae_config is not None
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether a lazily loaded part ("vae", "controlnet_mask", ...) is in memory."""
+        return name not in self._pending
+
+    def _materialize(self, name: str) -> nn.Module:
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is None:
+                return self._vae if name == "vae" else self.controlnets[name.removeprefix("controlnet_")]
+            module = pending.load(self.dtype).to(self.device).eval().requires_grad_(False)
+            if name == "vae":
+                self._vae = module
+            else:
+                self.controlnets[name.removeprefix("controlnet_")] = module
+            del self._pending[name]
+            return module
+
+    def controlnet(self, modality: str) -> ControlNetModel:
+        """The ControlNet of a modality, loaded on first use."""
+        if modality not in self._modalities:
+            available = ", ".join(self._modalities) or "none"
+            raise UnsupportedConditionError(f"this model has no ControlNet for a {modality} input (available: {available})")
+        return self._materialize(f"controlnet_{modality}")
+
+    @property
+    def vae(self) -> AutoencoderKL | None:
+        """The VAE, loaded on first use (None when the pipeline has none)."""
+        return self._materialize("vae") if "vae" in self._pending else self._vae
+
+    def parts(self) -> dict[str, nn.Module | LazyComponent]:
+        """Every network, by manifest name; parts not loaded yet appear as their :class:`LazyComponent`."""
+        parts: dict = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.has_vae:
+            parts["vae"] = self._pending.get("vae", self._vae)
+        for modality in self._modalities:
+            name = f"controlnet_{modality}"
+            parts[name] = self._pending.get(name) or self.controlnets[modality]
+        return parts
+
     # ----------------------------------------------------------------- structure
     @property
     def latent_size(self) -> int:
@@ -153,7 +261,8 @@ class DiffusionEncoder(nn.Module):
     @property
     def image_size(self) -> int:
         """Pixel size of the visual conditions (and of I^d_0)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        channels = self._vae_config.get("block_out_channels") if self._vae_config else None
+        factor = 2 ** (len(channels) - 1) if channels else 8
         return self.latent_size * factor
 
     @property
@@ -186,42 +295,81 @@ class DiffusionEncoder(nn.Module):
         return self._attn2_layers
 
     # ----------------------------------------------------------------- text
+    def clear_prompt_cache(self) -> None:
+        """Forget every cached prompt encoding."""
+        with self._lock:
+            self._prompt_cache.clear()
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> PromptEncoding:
-        """CLIP-encode a prompt (cached). Longer prompts are truncated to 77 tokens with a warning."""
+        """CLIP-encode one prompt (cached). Longer prompts are truncated to 77 tokens with a warning."""
+        return self.encode_prompts([prompt])[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEncoding]:
+        """CLIP-encode prompts; the ones not in the cache go through the text encoder as one batch.
+
+        A prompt longer than the 77 tokens CLIP reads is truncated, with a warning showing what was kept.
+        """
+        found: dict[str, PromptEncoding] = {}
         with self._lock:
-            cached = self._prompt_cache.get(prompt)
-            if cached is not None and cached.embeds.device == self.device and cached.embeds.dtype == self.dtype:
-                self._prompt_cache.move_to_end(prompt)
-                return cached
+            for prompt in prompts:
+                cached = self._prompt_cache.get(prompt)
+                if cached is not None and cached.embeds.device == self.device and cached.embeds.dtype == self.dtype:
+                    self._prompt_cache.move_to_end(prompt)
+                    found[prompt] = cached
+        missing = list(dict.fromkeys(p for p in prompts if p not in found))
+        if missing:
+            tok = self.tokenizer
+            max_length = tok.model_max_length if tok.model_max_length < 10_000 else 77
+            ids = tok(missing, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+            embeds = self.text_encoder(ids.to(self.device))[0]
+            for row, prompt in enumerate(missing):
+                encoding = self._describe_tokens(prompt, ids[row], embeds[row : row + 1], max_length)
+                if encoding.truncated:
+                    warnings.warn(f"The prompt is longer than the {max_length} tokens CLIP reads, so it was "
+                                  f"truncated to: {encoding.kept!r}", stacklevel=3)
+                found[prompt] = encoding
+            with self._lock:
+                for prompt in missing:
+                    self._prompt_cache[prompt] = found[prompt]
+                while len(self._prompt_cache) > self.prompt_cache_size:
+                    self._prompt_cache.popitem(last=False)
+        return [found[p] for p in prompts]
+
+    def _describe_tokens(self, prompt: str, ids: torch.Tensor, embeds: torch.Tensor, max_length: int) -> PromptEncoding:
+        """Word mask, words (BPE pieces merged at CLIP's end-of-word marker) and truncation of one prompt."""
         tok = self.tokenizer
-        max_length = tok.model_max_length if tok.model_max_length < 10_000 else 77
-        full_ids = tok(prompt, truncation=False).input_ids
-        truncated = len(full_ids) > max_length
-        if truncated:
-            kept = tok.decode(full_ids[1 : max_length - 1])
-            warnings.warn(
-                f"The prompt is {len(full_ids)} tokens long; CLIP reads only {max_length}, so it was "
-                f"truncated to: {kept!r}",
-                stacklevel=3,
-            )
-        ids = tok(prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
         special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-        word_mask = torch.tensor([[i not in special for i in ids[0].tolist()]])
-        words = [tok.decode([i]).strip() for i, m in zip(ids[0].tolist(), word_mask[0].tolist()) if m]
-        embeds = self.text_encoder(ids.to(self.device))[0]
-        encoding = PromptEncoding(embeds=embeds, word_mask=word_mask.to(self.device), words=words, truncated=truncated)
-        with self._lock:
-            self._prompt_cache[prompt] = encoding
-            while len(self._prompt_cache) > self.prompt_cache_size:
-                self._prompt_cache.popitem(last=False)
-        return encoding
+        ids_list = ids.tolist()
+        word_mask = torch.tensor([[i not in special for i in ids_list]])
+        words, word_tokens, piece, positions = [], [], [], []
+        for position, (token_id, is_word) in enumerate(zip(ids_list, word_mask[0].tolist())):
+            if not is_word:
+                continue
+            token = tok.convert_ids_to_tokens(token_id)
+            piece.append(token_id)
+            positions.append(position)
+            if token.endswith("</w>") or position == len(ids_list) - 1:
+                text = tok.decode(piece).strip()
+                if text.strip(string.punctuation):  # punctuation alone is no word to show
+                    words.append(text)
+                    word_tokens.append(positions)
+                piece, positions = [], []
+        if piece:
+            words.append(tok.decode(piece).strip())
+            word_tokens.append(positions)
+        full_length = len(tok(prompt, truncation=False).input_ids)
+        truncated = full_length > max_length
+        kept = tok.decode([i for i in ids_list if i not in special]) if truncated else prompt
+        return PromptEncoding(embeds=embeds, word_mask=word_mask.to(self.device), words=words,
+                              word_tokens=word_tokens, truncated=truncated, kept=kept)
 
     # ----------------------------------------------------------------- one U-Net pass
     def _check_controls(self, controls: dict[str, torch.Tensor]) -> None:
         for name in controls:
-            if name not in self.controlnets:
-                available = ", ".join(self.controlnets) or "none"
+            if name not in self._modalities:
+                available = ", ".join(self._modalities) or "none"
                 raise UnsupportedConditionError(
                     f"this model has no ControlNet for a {name} input (available: {available})"
                 )
@@ -229,7 +377,7 @@ class DiffusionEncoder(nn.Module):
     def _control_residuals(self, latents, t, embeds, controls, conditioning_scale):
         down, mid = None, None
         for name, image in controls.items():
-            d, m = self.controlnets[name](
+            d, m = self.controlnet(name)(
                 latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
                 conditioning_scale=conditioning_scale, return_dict=False,
             )
@@ -246,8 +394,12 @@ class DiffusionEncoder(nn.Module):
         return noise_pred, mid
 
     @contextmanager
-    def _capture(self, store: dict):
-        """Install the feature hooks and cross-attention processors; restore the U-Net afterwards."""
+    def capturing(self, store: dict):
+        """Within the block, U-Net passes record h, f and the cross-attention into ``store``.
+
+        Installs forward hooks on the mid and up blocks and swaps the decoder's cross-attention processors
+        for recording ones; the U-Net is restored on exit. Yields the recorded layers' names.
+        """
         # Only the decoder's attn2 layers are swapped (directly, not through a walk of the whole U-Net).
         layers = self._cross_attention_layers()
         originals = [module.processor for _, module in layers]
@@ -307,7 +459,7 @@ class DiffusionEncoder(nn.Module):
         self._check_controls(controls)
         assert latents.ndim == 4 and prompt_embeds.shape[0] == latents.shape[0], "batch sizes differ"
         store: dict = {}
-        with self._lock, self._capture(store) as layers:
+        with self._lock, self.capturing(store) as layers:
             noise_pred, mid = self._unet(latents, timestep, prompt_embeds, controls, conditioning_scale)
         features = self._collect(store, layers, mid, latents, timestep, slice(None))
         return features, noise_pred
@@ -365,7 +517,7 @@ class DiffusionEncoder(nn.Module):
             raise InvalidStepsError(
                 f"feature steps must be indices in [0, {num_steps - 1}] for {num_steps} steps, got {feature_steps}"
             )
-        if decode and self.vae is None:
+        if decode and not self.has_vae:
             raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
         batch = noise.shape[0]
         use_cfg = guidance_scale > 1.0
@@ -388,7 +540,7 @@ class DiffusionEncoder(nn.Module):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             if i in feature_steps:
                 store: dict = {}
-                with self._lock, self._capture(store) as layers:
+                with self._lock, self.capturing(store) as layers:
                     noise_pred, mid = self._unet(model_in, t, embeds, controls, conditioning_scale)
                 features.append(self._collect(store, layers, mid, model_in, t, keep))
                 timesteps.append(int(t))

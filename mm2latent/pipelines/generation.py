@@ -1,32 +1,29 @@
-"""``FacePipeline``: text + mask/scribble -> diffusion features -> M and T -> W+ -> StyleGAN2 face."""
+"""``FacePipeline``: text + mask/scribble -> diffusion features -> M and T -> W+ -> the GAN's face.
+
+The method is written once, as public stages that every caller composes (``__call__``, batched requests,
+photo editing, the benchmark, training):
+
+1. :meth:`FacePipeline.prepare_conditions` — mask / scribble -> ControlNet images;
+2. :meth:`FacePipeline.encode_prompts` — prompts -> CLIP embeddings (batched, cached);
+3. :meth:`FacePipeline.prepare_noise` — seeds -> initial latents z_T;
+4. :meth:`FacePipeline.predict_latents` — one U-Net(+ControlNet) pass per feature step, then M and T:
+   w = w^m ⊙ w^γ + w^β (:meth:`FacePipeline.latents_from_features` on given features);
+5. :meth:`FacePipeline.render` — truncation and the generator.
+"""
 
 from __future__ import annotations
 
-import json
-import numbers
 import os
-import secrets
 import threading
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from .. import __version__
-from ..editing.inversion import InversionResult, PSPEncoder
-from ..editing.methods import ClipGuide, EditResult, build_tiny_editing_components, edit_photo, invert_photo
-from ..errors import (
-    EmptyPromptError,
-    InvalidSeedError,
-    InvalidSettingError,
-    InvalidStepsError,
-    UnsupportedConditionError,
-)
+from ..errors import InvalidSettingError, UnsupportedConditionError
 from ..inputs.conditions import (
     mask_to_color,
     parse_mask,
@@ -35,22 +32,19 @@ from ..inputs.conditions import (
     scribble_to_image,
 )
 from ..inputs.images import tensor_to_pil
-from ..models.diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures
+from ..models.diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures, PromptBatch
+from ..models.generator import Generator
 from ..models.mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
-from ..models.networks import NETWORKS
-from ..models.stylegan2 import StyleGAN2Generator
-from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
+from .components import load_components, save_components, write_manifest
+from .request import COMBINE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MODES, GenerationRequest
 
-MAX_SEED = 2**32 - 1
-MAX_STEPS = 100
-MAX_IMAGES = 16
-MODES = ("fast", "quality")
-COMBINE = ("mean", "coarse-to-fine")
+__all__ = [
+    "COMBINE", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS", "FacePipeline", "FacePipelineOutput",
+    "GenerationRequest", "LatentPrediction", "resolve_dtype",
+]
+
 # Built-in presets with deterministic random (untrained) weights: name -> builder in presets.py.
 PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components"}
-# Optional networks for real-photo editing: attribute -> network kind in mm2latent.models.networks (or None).
-EDITING_COMPONENTS = {"inverter": None, "face_parser": "face_parser", "identity": "arcface", "lpips": "lpips",
-                      "clip": None}
 
 
 @dataclass
@@ -65,9 +59,10 @@ class FacePipelineOutput:
         condition_images: the visual inputs as the model saw them ("mask" colour map, "scribble").
         step_latents: with ``return_intermediates``: w_t of each feature step, [S, B, L, D].
         timesteps: the diffusion timestep of each feature step.
-        attention_words: with ``return_intermediates``: the prompt's word tokens.
-        attention_maps: per-word cross-attention maps Ā, [B, n_words, H, W] in [0, 1].
+        attention_words: with ``return_intermediates``: the prompt's words (sub-word pieces merged).
+        attention_maps: per-word cross-attention maps Ā, [B, n_words, H, W], each scaled to peak 1.
         diffusion_images: with ``return_diffusion_image``: I^d_0, what the diffusion model itself draws.
+        warnings: notes for the user (e.g. the prompt was truncated to what CLIP reads).
     """
 
     images: list[Image.Image]
@@ -80,22 +75,56 @@ class FacePipelineOutput:
     attention_words: list[str] = field(default_factory=list)
     attention_maps: torch.Tensor | None = None
     diffusion_images: list[Image.Image] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LatentPrediction:
+    """Stage 4's output for a batch of B samples and S feature steps.
+
+    Attributes:
+        latents: the latent of each sample, the per-step latents combined, [B, L, D] (not truncated).
+        step_latents: w_t = w^m_t ⊙ w^γ_t + w^β_t of each step, [S, B, L, D].
+        w_m: M's latents w^m_t, [S, B, L, D].
+        gamma: T's scales w^γ_t, [S, B, L, D].
+        beta: T's shifts w^β_t, [S, B, L, D].
+        attention: T's word-averaged attention Ā_t, [S, B, 1, H, W].
+        timesteps: the diffusion timestep of each step.
+        token_maps: with ``return_attention``: per-token cross-attention maps averaged over the steps,
+            [B, 77, H, W] (float32, CPU).
+        features: with ``return_features``: the encoder's features of each step.
+        diffusion_images: with ``decode``: I^d_0, [B, 3, H, W] in [-1, 1].
+    """
+
+    latents: torch.Tensor
+    step_latents: torch.Tensor
+    w_m: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    attention: torch.Tensor
+    timesteps: list[int]
+    token_maps: torch.Tensor | None = None
+    features: list[EncoderFeatures] | None = None
+    diffusion_images: torch.Tensor | None = None
+
+    def modulation(self, step: int = 0) -> Modulation:
+        """T's modulation at one feature step."""
+        return Modulation(gamma=self.gamma[step], beta=self.beta[step], attention=self.attention[step])
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """A torch dtype from a dtype, a name ("float32", "bfloat16", "float16", "auto") or None (= auto)."""
+    """A torch dtype from a dtype, a name ("float32", "bfloat16", "float16", "auto") or None (= auto).
+
+    Auto is float16 on CUDA and float32 elsewhere.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return _default_dtype(device)
+        return torch.float16 if device.type == "cuda" else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -103,12 +132,43 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return names[dtype]
 
 
+def combine_steps(step_latents: torch.Tensor, combine: str = "mean") -> torch.Tensor:
+    """[S, B, L, D] per-step latents -> [B, L, D].
+
+    ``mean`` averages the steps. ``coarse-to-fine`` gives layer l the step ⌊l·S/L⌋: early, text-heavy
+    steps feed the coarse layers, late, structure-heavy steps the fine ones.
+    """
+    if combine not in COMBINE:
+        raise InvalidSettingError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+    if combine == "mean":
+        return step_latents.mean(dim=0)
+    steps, _, layers, _ = step_latents.shape
+    pick = torch.arange(layers) * steps // layers
+    return step_latents[pick, :, torch.arange(layers)].permute(1, 0, 2)
+
+
+def word_maps(token_maps: torch.Tensor, word_tokens: list[list[int]]) -> torch.Tensor:
+    """Per-word maps from per-token maps: the mean over each word's tokens, scaled to peak 1.
+
+    Args:
+        token_maps: [B, T, H, W] per-token maps.
+        word_tokens: the token positions of each word (shared by the B samples).
+
+    Returns:
+        [B, n_words, H, W] in [0, 1].
+    """
+    if not word_tokens:
+        return token_maps.new_zeros(token_maps.shape[0], 0, *token_maps.shape[2:])
+    maps = torch.stack([token_maps[:, positions].mean(dim=1) for positions in word_tokens], dim=1)
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
+
+
 class FacePipeline:
     """The whole method in one object.
 
     Args:
         encoder: the frozen diffusion encoder E (U-Net, ControlNets, text encoder, VAE, scheduler).
-        generator: the frozen StyleGAN2 G.
+        generator: the frozen GAN G (any :class:`~mm2latent.models.generator.Generator`: StyleGAN2, EG3D).
         mapper: the mapping network M.
         modulator: the style modulation network T (AbSMNet).
         trained: whether M and T carry trained weights (False for the tiny preset and fresh models).
@@ -118,7 +178,7 @@ class FacePipeline:
     def __init__(
         self,
         encoder: DiffusionEncoder,
-        generator: StyleGAN2Generator,
+        generator: Generator,
         mapper: MappingNetwork,
         modulator: StyleModulationNetwork,
         trained: bool = False,
@@ -133,21 +193,18 @@ class FacePipeline:
         self.show_progress = True
         for module in (generator, mapper, modulator):
             module.requires_grad_(False).eval()
-        self._lock = threading.RLock()
-        # Real-photo editing (optional): pSp encoder, face parser, ArcFace, LPIPS, CLIP guide.
-        self.inverter: PSPEncoder | None = None
-        self.face_parser = self.identity = self.lpips = None
-        self.clip: ClipGuide | None = None
+        # One generation at a time: feature capture swaps U-Net processors for the duration of a pass.
+        self.lock = threading.RLock()
 
     def __getstate__(self):
         # Locks cannot be copied; ``copy.deepcopy(pipe)`` gives an independent pipeline with its own.
         state = self.__dict__.copy()
-        state["_lock"] = None
+        state["lock"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -164,103 +221,59 @@ class FacePipeline:
 
         Args:
             name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"full-random"`` (real sizes, random
-                weights, for benchmarks), a local folder written by
-                ``save_pretrained``, or a Hub repository holding an ``mm2latent.json`` manifest.
+                weights, for benchmarks), a local folder written by ``save_pretrained``, or a Hub repository
+                holding an ``mm2latent.json`` manifest.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
             dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a
                 CPU with AMX/AVX512-BF16 halves memory and time, see benchmarks/README.md).
-            load_vae: load the VAE (needed only for I^d_0 previews and training).
+            load_vae: keep the VAE (needed only for I^d_0 previews and training; loaded on first use anyway).
         """
         device = torch.device(device) if device is not None else _default_device()
         dtype = resolve_dtype(dtype, device)
         if str(name_or_path) in PRESETS:
             from . import presets
 
-            builder = getattr(presets, PRESETS[str(name_or_path)])
-            pipe = cls(**builder(), trained=False, name=str(name_or_path))
-            if str(name_or_path) == "tiny":
-                for key, part in build_tiny_editing_components(pipe.generator).items():
-                    setattr(pipe, key, part)
+            pipe = cls(**getattr(presets, PRESETS[str(name_or_path)])(), trained=False, name=str(name_or_path))
         else:
-            manifest, base, base_repo = load_manifest(name_or_path, revision)
-            components = manifest["components"]
-            wanted = [c for c in components if load_vae or c != "vae"]
-            folders = {c: resolve_component(c, components[c], base, base_repo) for c in wanted}
-            scheduler = DDIMScheduler.from_pretrained(folders["scheduler"])
-            # The big networks are read straight in the target dtype (peak memory: no float32 copy first).
-            big = {"use_safetensors": True, "torch_dtype": dtype}
-            controlnets = {m: ControlNetModel.from_pretrained(folders[f"controlnet_{m}"], **big)
-                           for m in MODALITIES if f"controlnet_{m}" in folders}
-            encoder = DiffusionEncoder(
-                unet=UNet2DConditionModel.from_pretrained(folders["unet"], **big),
-                text_encoder=CLIPTextModel.from_pretrained(folders["text_encoder"], use_safetensors=True, dtype=dtype),
-                tokenizer=CLIPTokenizer.from_pretrained(folders["tokenizer"]),
-                scheduler=scheduler,
-                controlnets=controlnets,
-                vae=AutoencoderKL.from_pretrained(folders["vae"], **big) if "vae" in folders else None,
-            )
-            pipe = cls(
-                encoder=encoder,
-                generator=StyleGAN2Generator.from_pretrained(folders["generator"]),
-                mapper=MappingNetwork.from_pretrained(folders["mapper"]),
-                modulator=StyleModulationNetwork.from_pretrained(folders["modulator"]),
-                trained=bool(manifest.get("pipeline", {}).get("trained", False)),
-                name=str(name_or_path),
-            )
-            pipe._load_editing_components(folders)
+            manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",))
+            pipe = cls.from_components(parts, trained=bool(manifest.get("pipeline", {}).get("trained", False)),
+                                       name=str(name_or_path))
         return pipe.to(device, dtype)
 
-    def _load_editing_components(self, folders: dict[str, Path]) -> None:
-        for key, kind in EDITING_COMPONENTS.items():
-            if key not in folders:
-                continue
-            if key == "inverter":
-                part = PSPEncoder.from_pretrained(folders[key])
-            elif key == "clip":
-                part = ClipGuide.from_pretrained(folders[key])
-            else:
-                part = NETWORKS[kind][0].from_pretrained(folders[key])
-            if isinstance(part, torch.nn.Module):
-                part.eval().requires_grad_(False)
-            setattr(self, key, part)
+    @classmethod
+    def from_components(cls, parts: dict, trained: bool = False, name: str = "custom") -> FacePipeline:
+        """Assemble a pipeline from loaded manifest components ({"unet": ..., "mapper": ..., ...})."""
+        encoder = DiffusionEncoder(
+            unet=parts["unet"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+            scheduler=parts["scheduler"], vae=parts.get("vae"),
+            controlnets={m: parts[f"controlnet_{m}"] for m in MODALITIES if f"controlnet_{m}" in parts},
+        )
+        return cls(encoder=encoder, generator=parts["generator"], mapper=parts["mapper"],
+                   modulator=parts["modulator"], trained=trained, name=name)
+
+    def components(self) -> dict:
+        """Every network by manifest name (parts not loaded yet appear as their lazy loaders)."""
+        return {**self.encoder.parts(), "tokenizer": self.encoder.tokenizer, "scheduler": self.encoder.make_scheduler(),
+                "generator": self.generator, "mapper": self.mapper, "modulator": self.modulator}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write every component (safetensors + configs) and the ``mm2latent.json`` manifest."""
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
-        encoder = self.encoder
-        parts = {
-            "mapper": self.mapper, "modulator": self.modulator, "generator": self.generator,
-            "unet": encoder.unet, "text_encoder": encoder.text_encoder, "tokenizer": encoder.tokenizer,
-            "scheduler": encoder.make_scheduler(),
-        }
-        if encoder.vae is not None:
-            parts["vae"] = encoder.vae
-        parts.update({f"controlnet_{m}": c for m, c in encoder.controlnets.items()})
-        parts.update({key: getattr(self, key) for key in EDITING_COMPONENTS
-                      if key != "clip" and getattr(self, key) is not None})
-        if self.clip is not None:
-            parts["clip"] = self.clip.model
-            self.clip.tokenizer.save_pretrained(root / "clip")
-        for name, part in parts.items():
-            part.save_pretrained(root / name)
-        manifest = {
-            "_format": MANIFEST_FORMAT,
-            "_version": MANIFEST_VERSION,
-            "_mm2latent_version": __version__,
-            "pipeline": {"trained": self.trained, "source": self.name},
-            "components": {name: {"path": name} for name in parts},
-        }
-        (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        entries = save_components(self.components(), root)
+        write_manifest(root, entries, {"trained": self.trained, "source": self.name})
         return root
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FacePipeline:
         """Move every network to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
-        for module in (self.encoder, self.generator, self.mapper, self.modulator, self.inverter, self.face_parser,
-                       self.identity, self.lpips, self.clip):
-            if module is not None:
-                module.to(device=device, dtype=dtype)
+        # The encoder moves its own parts (and remembers where lazily loaded ones go): diffusers warns when
+        # its models are cast one by one.
+        self.encoder.to(device=device, dtype=dtype)
+        inside = {id(part) for part in self.encoder.parts().values()}
+        for part in self.components().values():
+            if isinstance(part, torch.nn.Module) and id(part) not in inside:
+                part.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -274,58 +287,36 @@ class FacePipeline:
     @property
     def modalities(self) -> list[str]:
         """Visual inputs this model has a ControlNet for."""
-        return list(self.encoder.controlnets)
+        return self.encoder.modalities
 
     @property
     def resolution(self) -> int:
         return self.generator.resolution
 
-    # ------------------------------------------------------------------ validation
-    def _check_settings(self, prompt, has_visual, seed, mode, num_steps, feature_steps, truncation, num_images,
-                        combine) -> tuple[str, int, int, list[int]]:
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidSettingError(f"the prompt must be text, got {type(prompt).__name__}")
-        prompt = (prompt or "").strip()
-        if not prompt and not has_visual:
-            raise EmptyPromptError("the prompt is empty and there is no mask or scribble: describe the face, "
-                                   "draw a mask or a sketch, or both")
-        if seed is None:
-            seed = secrets.randbelow(MAX_SEED + 1)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) <= MAX_SEED:
-            raise InvalidSeedError(f"the seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-        if mode not in MODES:
-            raise InvalidSettingError(f"mode must be one of {MODES}, got {mode!r}")
-        if combine not in COMBINE:
-            raise InvalidSettingError(f"combine must be one of {COMBINE}, got {combine!r}")
-        if num_steps is None:
-            num_steps = 1 if mode == "fast" else 20
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= MAX_STEPS:
-            raise InvalidStepsError(f"the number of steps must be an integer from 1 to {MAX_STEPS}, got {num_steps!r}")
-        if feature_steps is None:
-            feature_steps = [0] if mode == "fast" else list(range(num_steps))
-        feature_steps = sorted(set(feature_steps))
-        if mode == "fast" and feature_steps != [0]:
-            raise InvalidStepsError("fast mode reads features at the first step only; use mode='quality' for others")
-        if not feature_steps or not all(isinstance(s, numbers.Integral) and 0 <= s < num_steps for s in feature_steps):
-            raise InvalidStepsError(f"feature steps must be step indices from 0 to {num_steps - 1}, got {feature_steps}")
-        if not isinstance(truncation, numbers.Real) or not 0.0 <= float(truncation) <= 2.0:
-            raise InvalidSettingError(f"truncation ψ must be a number from 0 to 2, got {truncation!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or not 1 <= num_images <= MAX_IMAGES:
-            raise InvalidSettingError(f"the number of images must be from 1 to {MAX_IMAGES}, got {num_images!r}")
-        return prompt, int(seed), int(num_steps), [int(s) for s in feature_steps]
-
-    def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
-        """Turn user inputs into ControlNet images ([1, 3, H, W] in [0, 1]) and their previews."""
-        wanted = [name for name, value in (("mask", mask), ("scribble", scribble)) if value is not None]
+    # ------------------------------------------------------------------ 1. conditions
+    def check_request(self, request: GenerationRequest) -> None:
+        """What depends on the loaded model: a ControlNet for each visual input, a VAE for the preview."""
+        wanted = request.inputs
         if len(wanted) == 2 and not all(m in self.modalities for m in wanted):
             raise UnsupportedConditionError(
                 f"both a mask and a scribble were given, but this model has only a {self.modalities[0]} "
-                "ControlNet: pass one of them"
-            )
+                "ControlNet: pass one of them")
         for name in wanted:
             if name not in self.modalities:
                 available = ", ".join(self.modalities) or "none"
                 raise UnsupportedConditionError(f"this model has no ControlNet for a {name} (available: {available})")
+        if request.return_diffusion_image and not self.encoder.has_vae:
+            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
+
+    def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
+        """Stage 1: user inputs -> ControlNet images ([1, 3, H, W] in [0, 1]) and their previews.
+
+        Args:
+            mask: a 19-class face mask (path, PIL image or array; index, palette or colour map), or None.
+            scribble: a sketch (white-on-black or black-on-white), or None. A sketch without strokes is
+                ignored with a warning.
+        """
+        self.check_request(GenerationRequest(mask=mask, scribble=scribble))
         size = self.encoder.image_size
         previews: dict[str, Image.Image] = {}
         if mask is not None:
@@ -333,6 +324,8 @@ class FacePipeline:
         if scribble is not None:
             binary = parse_scribble(scribble, size=size)
             if scribble_is_empty(binary):
+                import warnings
+
                 warnings.warn("the sketch has no strokes; it is ignored", stacklevel=3)
             else:
                 previews["scribble"] = scribble_to_image(binary).convert("RGB")
@@ -343,27 +336,113 @@ class FacePipeline:
         }
         return controls, previews
 
-    # ------------------------------------------------------------------ the method
-    def latents_from_features(self, features: EncoderFeatures, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Modulation]:
-        """M and T on one step's features: (w, w^m, modulation) with w = w^m ⊙ w^γ + w^β."""
-        w_m = self.mapper(features.h, self.generator.latent_avg)
-        modulation = self.modulator(features, word_mask.expand(features.h.shape[0], -1))
+    # ------------------------------------------------------------------ 2. text
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        """Stage 2: CLIP embeddings and word masks of one prompt per sample (cached, new ones batched)."""
+        return PromptBatch.stack(self.encoder.encode_prompts(list(prompts)))
+
+    # ------------------------------------------------------------------ 3. noise
+    def prepare_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Stage 3: seeded initial latents z_T, one seed per sample, drawn on the CPU so every device agrees."""
+        return self.encoder.initial_noise(list(seeds))
+
+    # ------------------------------------------------------------------ 4. latents
+    def latents_from_features(
+        self,
+        features: EncoderFeatures,
+        word_mask: torch.Tensor,
+        mapper: torch.nn.Module | None = None,
+        modulator: torch.nn.Module | None | bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, Modulation | None]:
+        """M and T on one step's features: (w, w^m, modulation) with w = w^m ⊙ w^γ + w^β.
+
+        Args:
+            features: one U-Net pass's features (batch B).
+            word_mask: [B, 77] word-token mask of the prompts.
+            mapper: M to use (default the pipeline's; training passes the module it optimises).
+            modulator: T to use (True: the pipeline's; None: T at identity, w = w^m, as in stage 1).
+        """
+        mapper = self.mapper if mapper is None else mapper
+        modulator = self.modulator if modulator is True else modulator
+        mapper_dtype = next(mapper.parameters()).dtype
+        w_m = mapper(features.h.to(mapper_dtype), self.generator.latent_avg)
+        if modulator is None:
+            return w_m, w_m, None
+        modulation = modulator(features, word_mask.expand(features.h.shape[0], -1))
         return w_m * modulation.gamma + modulation.beta, w_m, modulation
 
-    @staticmethod
-    def combine_steps(step_latents: torch.Tensor, combine: str = "mean") -> torch.Tensor:
-        """[S, B, L, D] per-step latents -> [B, L, D].
-
-        ``mean`` averages the steps. ``coarse-to-fine`` gives layer l the step ⌊l·S/L⌋: early, text-heavy
-        steps feed the coarse layers, late, structure-heavy steps the fine ones.
-        """
-        if combine == "mean":
-            return step_latents.mean(dim=0)
-        steps, _, layers, _ = step_latents.shape
-        pick = torch.arange(layers) * steps // layers
-        return step_latents[pick, :, torch.arange(layers)].permute(1, 0, 2)
-
     @torch.no_grad()
+    def predict_latents(
+        self,
+        prompts: PromptBatch,
+        controls: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        num_steps: int = 1,
+        feature_steps: Sequence[int] = (0,),
+        combine: str = "mean",
+        guidance_scale: float = 1.0,
+        decode: bool = False,
+        return_attention: bool = False,
+        return_features: bool = False,
+    ) -> LatentPrediction:
+        """Stage 4: the encoder's features at the feature steps, then M and T.
+
+        Args:
+            prompts: stage 2's output, one row per sample (B).
+            controls: modality -> [B or 1, 3, H, W] ControlNet images (stage 1; a single row is broadcast).
+            noise: [B, 4, h, w] initial latents (stage 3).
+            num_steps: DDIM steps of the schedule (1 = fast mode: one pass at t = T).
+            feature_steps: the step indices whose features feed the latent.
+            combine: how per-step latents merge ("mean" or "coarse-to-fine").
+            guidance_scale: classifier-free guidance of the denoising (> 1 runs the unconditional pass too).
+            decode: also denoise to the end and decode I^d_0.
+            return_attention: also return the per-token attention maps (averaged over the steps).
+            return_features: also return the encoder's features.
+        """
+        batch = noise.shape[0]
+        assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
+        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
+        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        with self.lock:
+            encoded = self.encoder(
+                prompts.embeds, controls, noise, num_steps=num_steps, feature_steps=list(feature_steps),
+                guidance_scale=guidance_scale, negative_embeds=negative, decode=decode,
+                show_progress=self.show_progress and num_steps > 1,
+            )
+            per_step = [self.latents_from_features(f, prompts.word_mask) for f in encoded.features]
+        step_latents = torch.stack([w for w, _, _ in per_step])
+        token_maps = None
+        if return_attention:
+            size = self.modulator.feature_size
+            token_maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in encoded.features]).mean(dim=0)
+            token_maps = token_maps.float().cpu()
+        return LatentPrediction(
+            latents=combine_steps(step_latents, combine),
+            step_latents=step_latents,
+            w_m=torch.stack([w_m for _, w_m, _ in per_step]),
+            gamma=torch.stack([m.gamma for _, _, m in per_step]),
+            beta=torch.stack([m.beta for _, _, m in per_step]),
+            attention=torch.stack([m.attention for _, _, m in per_step]),
+            timesteps=encoded.timesteps,
+            token_maps=token_maps,
+            features=encoded.features if return_features else None,
+            diffusion_images=encoded.image,
+        )
+
+    # ------------------------------------------------------------------ 5. rendering
+    @torch.no_grad()
+    def render(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0, noise_mode: str = "const",
+               **render_kwargs) -> torch.Tensor:
+        """Stage 5: truncate (ψ a float or one per image, [B]) and render with G: [B, 3, R, R] in [-1, 1].
+
+        ``render_kwargs`` go to the generator's ``synthesis`` (a 3D generator's camera).
+        """
+        with self.lock:
+            return self.generator.synthesis(self.generator.truncate(latents, truncation), noise_mode=noise_mode,
+                                            **render_kwargs)
+
+    # ------------------------------------------------------------------ the whole call
     def __call__(
         self,
         prompt: str | None = None,
@@ -380,6 +459,7 @@ class FacePipeline:
         combine: str = "mean",
         guidance_scale: float = 1.0,
         noise_mode: str = "const",
+        **render_kwargs,
     ) -> FacePipelineOutput:
         """Generate faces.
 
@@ -390,7 +470,7 @@ class FacePipeline:
             scribble: a sketch (white-on-black or black-on-white).
             seed: 0..2**32-1; random when None. Image i uses seed + i.
             mode: "fast" (one U-Net pass at t = T) or "quality" (DDIM steps, latents combined).
-            num_steps: DDIM steps (quality mode, and the preview denoising); default 20.
+            num_steps: DDIM steps (quality mode, and the preview's denoising); default 20.
             feature_steps: which steps feed the latent (quality mode); default all.
             truncation: ψ, pulls latents toward the mean (1 = none).
             num_images: images in one batch (1..16).
@@ -398,66 +478,76 @@ class FacePipeline:
             return_diffusion_image: also denoise to the end and decode I^d_0 (costs a full sampling).
             combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
             guidance_scale: classifier-free guidance of the diffusion sampling (1 = off).
-            noise_mode: StyleGAN2 noise: "const", "random" or "none".
+            noise_mode: the generator's noise: "const", "random" or "none".
+            render_kwargs: options of the generator's ``synthesis`` (a 3D generator's camera).
         """
-        has_visual = mask is not None or scribble is not None
-        prompt, seed, num_steps, feature_steps = self._check_settings(
-            prompt, has_visual, seed, mode, num_steps, feature_steps, truncation, num_images, combine)
-        with self._lock:
-            controls, previews = self.prepare_conditions(mask, scribble)
-            encoding = self.encoder.encode_prompt(prompt)
-            seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
-            embeds = encoding.embeds.expand(num_images, -1, -1)
-            negative = self.encoder.encode_prompt("").embeds.expand(num_images, -1, -1) if guidance_scale > 1 else None
-            sampling_steps = num_steps if (mode == "quality" or return_diffusion_image) else 1
-            encoded = self.encoder(
-                embeds, {k: v.expand(num_images, -1, -1, -1) for k, v in controls.items()},
-                self.encoder.initial_noise(seeds), num_steps=sampling_steps, feature_steps=feature_steps,
-                guidance_scale=guidance_scale, negative_embeds=negative, decode=return_diffusion_image,
-                show_progress=self.show_progress and sampling_steps > 1,
-            )
-            per_step = [self.latents_from_features(f, encoding.word_mask) for f in encoded.features]
-            step_latents = torch.stack([w for w, _, _ in per_step])
-            latents = self.generator.truncate(self.combine_steps(step_latents, combine), float(truncation))
-            images = tensor_to_pil(self.generator.synthesis(latents, noise_mode=noise_mode))
-        settings = {
-            "prompt": prompt, "seed": seed, "mode": mode, "num_steps": sampling_steps, "feature_steps": feature_steps,
-            "truncation": float(truncation), "num_images": num_images, "combine": combine,
-            "guidance_scale": guidance_scale, "noise_mode": noise_mode, "inputs": sorted(previews),
-            "model": self.name, "trained": self.trained,
-        }
-        output = FacePipelineOutput(images=images, latents=latents.float().cpu(), seeds=seeds, settings=settings,
-                                    condition_images=previews, timesteps=encoded.timesteps)
-        if return_intermediates:
-            output.step_latents = step_latents.float().cpu()
-            output.attention_words = encoding.words
-            output.attention_maps = self._word_maps(encoded.features, encoding.word_mask)
-        if return_diffusion_image:
-            output.diffusion_images = tensor_to_pil(encoded.image)
-        return output
+        request = GenerationRequest.create(
+            prompt, mask, scribble, seed, mode, num_steps, feature_steps, truncation, num_images, combine,
+            guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs)
+        return self.generate(request)
 
-    # ------------------------------------------------------------------ real photos
-    def invert(self, photo, refine_steps: int = 0) -> InversionResult:
-        """Align a photo FFHQ-style, invert it to W+ (optionally refined by optimisation), parse its mask.
+    def generate(self, request: GenerationRequest) -> FacePipelineOutput:
+        """Run one validated request (see :class:`~mm2latent.pipelines.request.GenerationRequest`)."""
+        return self.generate_batch([request])[0]
 
-        Returns an ``InversionResult`` (latent [1, L, D], reconstruction, aligned photo, mask ids, messages).
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[FacePipelineOutput]:
+        """Several requests in as few batched passes as possible (what a Space queue that batches calls).
+
+        Requests that agree on everything that shapes the computation (visual inputs, mode, steps, guidance,
+        preview, noise mode, rendering options) share one U-Net pass, one M, one T and one generator pass;
+        their prompts, masks, seeds and truncations may all differ. Each output equals the request run alone
+        up to batched-kernel rounding.
         """
-        return invert_photo(self, photo, refine_steps=refine_steps)
+        for request in requests:
+            self.check_request(request)
+        results: list[FacePipelineOutput | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            key = (tuple(request.inputs), request.mode, request.sampling_steps, request.feature_steps,
+                   request.combine, request.guidance_scale, request.return_diffusion_image, request.noise_mode,
+                   repr(sorted(request.render_kwargs.items())))
+            groups.setdefault(key, []).append(index)
+        for indices in groups.values():
+            for index, output in zip(indices, self._generate_group([requests[i] for i in indices])):
+                results[index] = output
+        return results  # type: ignore[return-value]
 
-    def edit(self, latent_or_inversion, prompt: str = "", mask=None, scribble=None, strength: float = 1.0,
-             layers: str | list[int] = "all", method: str = "modulate", seed: int = 0, clip_steps: int = 0) -> EditResult:
-        """Edit a real photo's latent with text and/or an edited mask or sketch (METHOD.md).
-
-        ``method="modulate"``: w_edit = w_real ⊙ w^γ + w^β on the chosen ``layers`` ("coarse", "middle", "fine",
-        "all" or indices), blended by ``strength`` (0 = unchanged). ``method="mix"``: blend M's w^m into those
-        layers. ``clip_steps`` > 0 adds a text-only CLIP-guided refinement with an identity term.
-        """
-        return edit_photo(self, latent_or_inversion, prompt, mask, scribble, strength, layers, method, seed, clip_steps)
-
-    def _word_maps(self, features: list[EncoderFeatures], word_mask: torch.Tensor) -> torch.Tensor:
-        """Per-word Ā averaged over the feature steps, each map scaled to [0, 1]: [B, n_words, H, W]."""
-        size = self.modulator.feature_size
-        maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in features]).mean(dim=0)
-        maps = maps.float().cpu()[:, word_mask[0].cpu()]
-        peak = maps.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
-        return maps / peak
+    def _generate_group(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
+        first = requests[0]
+        prepared = [self.prepare_conditions(r.mask, r.scribble) for r in requests]
+        counts = [r.num_images for r in requests]
+        prompts = self.encode_prompts([r.prompt for r, n in zip(requests, counts) for _ in range(n)])
+        controls = {kind: torch.cat([c[kind].expand(n, -1, -1, -1) for (c, _), n in zip(prepared, counts)])
+                    for kind in prepared[0][0]}
+        seeds = [s for r in requests for s in r.seeds]
+        want_maps = any(r.return_intermediates for r in requests)
+        prediction = self.predict_latents(
+            prompts, controls, self.prepare_noise(seeds), num_steps=first.sampling_steps,
+            feature_steps=first.feature_steps, combine=first.combine, guidance_scale=first.guidance_scale,
+            decode=first.return_diffusion_image, return_attention=want_maps)
+        psis = [r.truncation for r, n in zip(requests, counts) for _ in range(n)]
+        # One ψ for the batch keeps ψ = 1 exact (no arithmetic); mixed ψ go in as one value per image.
+        truncation = psis[0] if len(set(psis)) == 1 else torch.tensor(psis)
+        truncated = self.generator.truncate(prediction.latents, truncation)
+        images = tensor_to_pil(self.render(truncated, 1.0, first.noise_mode, **first.render_kwargs))
+        latents = truncated.float().cpu()
+        outputs, start = [], 0
+        for request, (_, previews), count in zip(requests, prepared, counts):
+            rows = slice(start, start + count)
+            settings = {**request.settings(), "inputs": sorted(previews), "model": self.name, "trained": self.trained}
+            output = FacePipelineOutput(images=images[rows], latents=latents[rows], seeds=request.seeds,
+                                        settings=settings, condition_images=previews, timesteps=prediction.timesteps)
+            encoding_words = prompts.words[start]
+            if prompts.truncated[start]:
+                output.warnings.append("The prompt is longer than the 77 tokens CLIP reads; only its first part "
+                                       "was used.")
+            if request.return_intermediates:
+                output.step_latents = prediction.step_latents[:, rows].float().cpu()
+                output.attention_words = encoding_words
+                output.attention_maps = word_maps(prediction.token_maps[rows], prompts.word_tokens[start])
+            if request.return_diffusion_image:
+                output.diffusion_images = tensor_to_pil(prediction.diffusion_images[rows])
+            outputs.append(output)
+            start += count
+        return outputs

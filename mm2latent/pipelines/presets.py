@@ -144,3 +144,24 @@ def build_full_size_components(seed: int = TINY_SEED) -> dict:
         mapper = MappingNetwork(**mapper_config(encoder, generator))
         modulator = StyleModulationNetwork(**modulator_config(encoder, generator))
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
+
+
+def build_tiny_editing_components(generator, seed: int = 1234) -> dict:
+    """Toy inverter, face parser, identity net, LPIPS and CLIP with deterministic random weights.
+
+    Returns a dict with the :class:`~mm2latent.pipelines.editing.FaceEditPipeline` argument names: ``inverter``,
+    ``face_parser``, ``identity``, ``lpips``, ``clip``.
+    """
+    from ..editing.clip import build_tiny_clip
+    from ..editing.inversion import PSPEncoder, tiny_psp_config
+    from ..models.networks import build_tiny_network
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inverter = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))
+    parts = {"inverter": inverter, "face_parser": build_tiny_network("face_parser", seed),
+             "identity": build_tiny_network("arcface", seed), "lpips": build_tiny_network("lpips", seed)}
+    for module in parts.values():
+        module.eval().requires_grad_(False)
+    parts["clip"] = build_tiny_clip(seed)
+    return parts

@@ -11,14 +11,13 @@ check that each gives the same output as the plain pipeline within a stated tole
   (on by default); these switch it off to measure what it saves.
 * :func:`compile_pipeline`: ``torch.compile`` on every region of the networks that does not take part in
   feature capture (see its docstring), with an undo handle.
-* :func:`generate_fast_batch`: fast mode for several *different* requests (prompts, masks, seeds) in one
-  batched U-Net and StyleGAN2 pass: what a Space queue that batches concurrent requests calls.
 * :func:`warmup`: one call per batch size on a mask drawn by code (:func:`synthetic_face_mask`), so that the
   first user request does not pay for lazy initialisation, kernel selection or compilation.
 
 Already built into the library (nothing to toggle): SDPA everywhere except the captured ``attn2`` layers,
-fast mode without the VAE, features captured only at the requested steps, per-prompt text embedding
-cache, StyleGAN2 noise buffers and FIR kernels created once at construction.
+fast mode without the VAE, ControlNets and the VAE loaded on first use, features captured only at the
+requested steps, per-prompt text embedding cache, batched requests (``FacePipeline.generate_batch``),
+StyleGAN2 noise buffers and FIR kernels created once at construction.
 """
 
 from __future__ import annotations
@@ -33,19 +32,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .generation import FacePipeline, FacePipelineOutput, tensor_to_pil
+from .generation import FacePipeline
 
 __all__ = [
     "CHANNELS_LAST_PARTS",
     "COMPILE_PARTS",
     "CompileHandle",
-    "FastRequest",
     "channels_last_enabled",
     "clear_prompt_cache",
     "compile_pipeline",
     "disable_channels_last",
     "enable_channels_last",
-    "generate_fast_batch",
     "prompt_cache_disabled",
     "set_attention",
     "synthetic_face_mask",
@@ -130,9 +127,7 @@ def set_attention(pipe: FacePipeline, kind: str = "sdpa", parts: Sequence[str] =
 
 def clear_prompt_cache(pipe: FacePipeline) -> None:
     """Forget every cached prompt embedding."""
-    encoder = pipe.encoder
-    with encoder._lock:
-        encoder._prompt_cache.clear()
+    pipe.encoder.clear_prompt_cache()
 
 
 @contextmanager
@@ -266,71 +261,6 @@ def compile_pipeline(
                 wrap(module, "forward", part)
     handle.seconds = time.perf_counter() - start
     return handle
-
-
-# ---------------------------------------------------------------------------------------------- batching
-
-
-@dataclass
-class FastRequest:
-    """One fast-mode request, as a Space receives it."""
-
-    prompt: str | None = None
-    mask: Any = None
-    scribble: Any = None
-    seed: int = 0
-    truncation: float = 1.0
-
-
-@torch.no_grad()
-def generate_fast_batch(pipe: FacePipeline, requests: Sequence[FastRequest], noise_mode: str = "const") -> list[FacePipelineOutput]:
-    """Fast mode for several different requests in one batched pass.
-
-    Requests with the same kind of visual input (mask, scribble, both, none) share one U-Net+ControlNet
-    pass, one M, one T and one StyleGAN2 pass; their prompts, masks, seeds and truncations may all differ.
-    Each result equals ``pipe(prompt, mask=..., scribble=..., seed=..., truncation=..., mode="fast")`` up to
-    batched-kernel rounding (tests: 1e-4 on the latents in float32) and has the same ``settings``.
-    """
-    prepared = []
-    for request in requests:
-        has_visual = request.mask is not None or request.scribble is not None
-        prompt, seed, _, _ = pipe._check_settings(request.prompt, has_visual, request.seed, "fast", None, None,
-                                                  request.truncation, 1, "mean")
-        prepared.append((prompt, seed, request))
-    results: list[FacePipelineOutput | None] = [None] * len(requests)
-    with pipe._lock:
-        conditioned = []
-        for prompt, seed, request in prepared:
-            controls, previews = pipe.prepare_conditions(request.mask, request.scribble)
-            conditioned.append((prompt, seed, request, controls, previews))
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for index, item in enumerate(conditioned):
-            groups.setdefault(tuple(sorted(item[3])), []).append(index)
-        for kinds, indices in groups.items():
-            items = [conditioned[i] for i in indices]
-            encodings = [pipe.encoder.encode_prompt(prompt) for prompt, *_ in items]
-            embeds = torch.cat([e.embeds for e in encodings])
-            word_mask = torch.cat([e.word_mask for e in encodings])
-            controls = {k: torch.cat([item[3][k] for item in items]) for k in kinds}
-            seeds = [seed for _, seed, *_ in items]
-            encoded = pipe.encoder(embeds, controls, pipe.encoder.initial_noise(seeds), num_steps=1, feature_steps=[0])
-            w, _, _ = pipe.latents_from_features(encoded.features[0], word_mask)
-            psi = torch.tensor([float(item[2].truncation) for item in items], device=w.device, dtype=w.dtype)
-            avg = pipe.generator.latent_avg.to(device=w.device, dtype=w.dtype)
-            latents = avg + psi[:, None, None] * (w - avg)
-            images = tensor_to_pil(pipe.generator.synthesis(latents, noise_mode=noise_mode))
-            for j, (index, (prompt, seed, request, _, previews)) in enumerate(zip(indices, items)):
-                settings = {
-                    "prompt": prompt, "seed": seed, "mode": "fast", "num_steps": 1, "feature_steps": [0],
-                    "truncation": float(request.truncation), "num_images": 1, "combine": "mean",
-                    "guidance_scale": 1.0, "noise_mode": noise_mode, "inputs": sorted(previews),
-                    "model": pipe.name, "trained": pipe.trained,
-                }
-                results[index] = FacePipelineOutput(
-                    images=[images[j]], latents=latents[j : j + 1].float().cpu(), seeds=[seed], settings=settings,
-                    condition_images=previews, timesteps=encoded.timesteps,
-                )
-    return results  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------- warm-up

@@ -129,7 +129,7 @@ class CLIPScorer:
     """
 
     def __init__(self, source=None, device: str | torch.device = "cpu"):
-        from ..editing.methods import ClipGuide, build_tiny_clip
+        from ..editing.clip import ClipGuide, build_tiny_clip
         from ..pipelines.hub import (
             DEFAULT_COMPONENTS,
             apply_env_overrides,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..inputs.images import image_to_tensor, tensor_to_pil
-from ..models.diffusion_encoder import DiffusionEncoder
+from ..models.diffusion_encoder import DiffusionEncoder, PromptBatch
 from ..pipelines.generation import FacePipeline
 from .data import FaceDataset, SyntheticFaceDataset
 from .losses import LatentLoss
@@ -32,10 +32,9 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, micro_step, rank]).integers(2**62)))
 
 
-def encode_captions(encoder: DiffusionEncoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP embeddings [B, 77, D] and word masks [B, 77] of a batch of captions."""
-    encodings = [encoder.encode_prompt(c) for c in captions]
-    return torch.cat([e.embeds for e in encodings]), torch.cat([e.word_mask for e in encodings])
+def encode_captions(encoder: DiffusionEncoder, captions: list[str]) -> PromptBatch:
+    """CLIP embeddings and word masks of a batch of captions (new captions encoded as one batch)."""
+    return PromptBatch.stack(encoder.encode_prompts(captions))
 
 
 def choose_controls(controls: dict[str, torch.Tensor], available: list[str], sampling: str,
@@ -132,24 +131,22 @@ class LatentStage:
         controls = choose_controls(batch["controls"], list(encoder.controlnets),
                                    self.config["data"]["modality_sampling"], generator)
         controls = {k: v.to(device, dtype) for k, v in controls.items()}
-        embeds, word_mask = encode_captions(encoder, batch["caption"])
+        prompts = self.pipe.encode_prompts(batch["caption"])
         with torch.no_grad():
             z0 = encoder.encode_images(batch["pixel_values"].to(device), generator=generator)
             t = self.timesteps[int(torch.randint(len(self.timesteps), (1,), generator=generator))]
             noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
             z_t = self.scheduler.add_noise(z0, noise, torch.tensor([t], device=device))
-            features, _ = encoder.extract(z_t, t, embeds, controls, diffusion["conditioning_scale"])
-        return features, word_mask
+            features, _ = encoder.extract(z_t, t, prompts.embeds, controls, diffusion["conditioning_scale"])
+        return features, prompts.word_mask
 
     def latents(self, features, word_mask, model: nn.Module) -> torch.Tensor:
-        """w for this stage: w^m (stage 1) or w^m ⊙ w^γ + w^β with M frozen (stage 2)."""
-        latent_avg = self.pipe.generator.latent_avg
+        """w for this stage: w^m with T at identity (stage 1) or w^m ⊙ w^γ + w^β with M frozen (stage 2)."""
         if self.stage == 1:
-            return model(features.h.float(), latent_avg)
-        with torch.no_grad():
-            w_m = self.pipe.mapper(features.h, latent_avg).float()
-        modulation = model(features, word_mask)
-        return w_m * modulation.gamma.float() + modulation.beta.float()
+            w, _, _ = self.pipe.latents_from_features(features, word_mask, mapper=model, modulator=None)
+        else:
+            w, _, _ = self.pipe.latents_from_features(features, word_mask, modulator=model)
+        return w.float()
 
     def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(loss, logged terms, generated images) of one micro-batch."""
@@ -207,7 +204,7 @@ def build_idd_cache(config: dict, pipe: FacePipeline, dataset: Dataset, cache_di
         pixels = torch.stack([it["pixel_values"] for it in items]).to(encoder.device, encoder.dtype)
         controls = {m: torch.stack([it["controls"][m] for it in items]).to(encoder.device, encoder.dtype)
                     for m in items[0]["controls"] if m in encoder.controlnets}
-        embeds, _ = encode_captions(encoder, [it["caption"] for it in items])
+        embeds = encode_captions(encoder, [it["caption"] for it in items]).embeds
         seeds = [torch.Generator().manual_seed(config["seed"] * 1_000_003 + int(it["image_id"])) for it in items]
         z0 = torch.cat([encoder.encode_images(p[None], generator=g) for p, g in zip(pixels, seeds)])
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in seeds]).to(z0.device, z0.dtype)
@@ -255,7 +252,7 @@ class ControlNetStage:
             noisy = scheduler.add_noise(z0, noise, t)
             drop = torch.rand(len(batch["caption"]), generator=generator) < self.config["controlnet"]["proportion_empty_prompts"]
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            embeds, _ = encode_captions(encoder, captions)
+            embeds = encode_captions(encoder, captions).embeds
         cond = batch["controls"][self.modality].to(device, torch.float32)
         down, mid = model(noisy.float(), t, encoder_hidden_states=embeds.float(), controlnet_cond=cond, return_dict=False)
         pred = encoder.unet(noisy, t, encoder_hidden_states=embeds,

@@ -2,8 +2,8 @@
 
 :class:`EditHandlers` holds the event handlers as plain functions (testable without a browser);
 :func:`build_edit_tab` lays the tab out inside an open ``gr.Blocks`` and wires the two endpoints
-``/invert_photo`` and ``/edit_photo``. The pipeline must carry the editing components (``inverter``,
-and optionally ``face_parser``, ``identity``, ``lpips``, ``clip``).
+``/invert_photo`` and ``/edit_photo``. It runs a :class:`~mm2latent.pipelines.editing.FaceEditPipeline`, which
+must carry an ``inverter`` (and optionally ``face_parser``, ``identity``, ``lpips``, ``clip``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,9 @@ import gradio as gr
 from PIL import Image
 
 from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
-from ..editing.methods import (
-    LAYER_RANGE_NAMES,
-    MAX_CLIP_STEPS,
-    METHODS,
-    edit_photo,
-    invert_photo,
-    latent_file,
-)
+from ..editing.methods import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, METHODS, latent_file
 from ..pipelines.generation import MAX_SEED
-from . import canvases as editor
+from . import canvases
 from .handlers import call_reporting_warnings, checked_int, friendly_errors, user_error
 
 DEFAULT_STRENGTH = 1.0
@@ -66,18 +59,20 @@ class EditHandlers:
     """Event handlers of the tab.
 
     Args:
-        pipe: a FacePipeline with editing components, or a function returning one (lazy loading).
+        edit_pipeline: a FaceEditPipeline, or a function returning one (lazy loading).
     """
 
-    def __init__(self, pipe: Any | Callable[[], Any]):
-        self._pipe = pipe
+    def __init__(self, edit_pipeline: Any | Callable[[], Any]):
+        self._edit_pipeline = edit_pipeline
 
     @property
-    def pipe(self):
-        pipe = self._pipe() if callable(self._pipe) and not hasattr(self._pipe, "generator") else self._pipe
-        if getattr(pipe, "inverter", None) is None:
+    def edit_pipeline(self):
+        found = self._edit_pipeline
+        if callable(found) and not hasattr(found, "generation"):
+            found = found()
+        if getattr(found, "inverter", None) is None:
             raise user_error("This model has no photo encoder, so photo editing is unavailable")
-        return pipe
+        return found
 
     def _invert(self, photo, refine_steps, progress) -> PhotoState:
         if photo is None:
@@ -87,7 +82,7 @@ class EditHandlers:
         if progress is not None and steps:
             def callback(step, loss):
                 progress((step, steps), desc=f"Refining (loss {loss:.4f})")
-        inversion = call_reporting_warnings(invert_photo, self.pipe, photo, refine_steps=steps, progress=False,
+        inversion = call_reporting_warnings(self.edit_pipeline.invert, photo, refine_steps=steps, progress=False,
                                             callback=callback)
         return PhotoState(inversion, _photo_key(photo))
 
@@ -96,7 +91,7 @@ class EditHandlers:
         """photo -> (aligned, reconstruction, mask editor value, latent file, info, state)."""
         state = self._invert(photo, refine_steps, progress)
         inversion = state.inversion
-        canvas = editor.mask_canvas(inversion.mask) if inversion.mask is not None else gr.skip()
+        canvas = canvases.mask_canvas(inversion.mask) if inversion.mask is not None else gr.skip()
         path = latent_file(inversion.latent, _temp_path("inverted"), {"source": "inversion"})
         return inversion.aligned, inversion.reconstruction, canvas, str(path), _info(inversion), state
 
@@ -113,14 +108,14 @@ class EditHandlers:
             raise user_error(f"Choose a layer range among {', '.join(LAYER_RANGE_NAMES)}")
         if method not in METHODS:
             raise user_error(f"Choose a method among {', '.join(METHODS)}")
-        mask = editor.mask_from_canvas(mask_value) if use_mask else None
+        mask = canvases.mask_from_canvas(mask_value) if use_mask else None
         clip_steps = checked_int(clip_steps, "CLIP steps", 0, UI_MAX_CLIP_STEPS)
         seed = checked_int(seed, "seed", 0, MAX_SEED)
         callback = None
         if progress is not None and clip_steps:
             def callback(step, loss):
                 progress((step, clip_steps), desc=f"CLIP refinement (loss {loss:.4f})")
-        result = edit_photo(self.pipe, state.inversion, prompt, mask=mask, strength=float(strength), layers=layers,
+        result = self.edit_pipeline.edit(state.inversion, prompt, mask=mask, strength=float(strength), layers=layers,
                             method=method, seed=seed, clip_steps=clip_steps, progress=False, callback=callback)
         before = state.inversion.aligned.resize(result.image.size, Image.Resampling.LANCZOS)
         identity = ("no identity network loaded" if result.identity_similarity is None
@@ -136,14 +131,14 @@ def _temp_path(stem: str) -> str:
     return handle.name
 
 
-def build_edit_tab(pipe: Any | Callable[[], Any], concurrency_limit: int | None = 1) -> dict[str, Any]:
+def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: int | None = 1) -> dict[str, Any]:
     """Create the "Edit a photo" tab inside the current ``gr.Blocks`` and wire its endpoints.
 
     Args:
-        pipe: the FacePipeline (with editing components) or a function returning it.
+        edit_pipeline: the FaceEditPipeline or a function returning it.
         concurrency_limit: how many edits run at once.
     """
-    handlers = EditHandlers(pipe)
+    handlers = EditHandlers(edit_pipeline)
     with gr.Tab("Edit a photo", id="edit-photo") as tab:
         gr.Markdown("Upload a photo with one face. It is aligned like the training faces, inverted to the "
                     "generator's latent space, and its own mask is loaded into the editor: repaint it and/or "
@@ -162,14 +157,14 @@ def build_edit_tab(pipe: Any | Callable[[], Any], concurrency_limit: int | None 
             with gr.Column():
                 canvas = gr.ImageEditor(
                     type="pil", image_mode="RGBA", format="png", sources=(), transforms=(), layers=False,
-                    canvas_size=(editor.CANVAS_SIZE, editor.CANVAS_SIZE), fixed_canvas=True,
+                    canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
                     label="The photo's mask (edit it)", elem_id="edit-mask-editor", height=520,
-                    brush=gr.Brush(colors=editor.palette_hex(), color_mode="fixed", default_size=12,
-                                   default_color=editor.class_colour_hex(editor.DEFAULT_BRUSH_CLASS)),
+                    brush=gr.Brush(colors=canvases.palette_hex(), color_mode="fixed", default_size=12,
+                                   default_color=canvases.class_colour_hex(canvases.DEFAULT_BRUSH_CLASS)),
                     eraser=gr.Eraser(default_size=12),
                 )
                 use_mask = gr.Checkbox(value=True, label="Use the mask (untick for a text-only edit)")
-                gr.HTML(editor.legend_html())
+                gr.HTML(canvases.legend_html())
             with gr.Column():
                 prompt = gr.Textbox(label="Describe the change", placeholder="She has blonde hair and is smiling.",
                                     elem_id="edit-prompt")
