@@ -216,15 +216,19 @@ def faces():
     return torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
 
-def test_reference_has_e4e_layout_and_real_layout_converts_onto_our_encoder():
+def test_reference_has_e4e_layout():
     toy = {k: tuple(v.shape) for k, v in ReferenceEncoder().state_dict().items()}
     assert toy == e4e_layout(TINY_STAGES, NUM_WS, WIDTH, INPUT_SIZE, se_reduction=4)
+
+
+@pytest.mark.parametrize("num_ws, levels", [(18, (3, 4, 11)), (14, (3, 4, 7))])  # 1024² and 256² generators
+def test_real_size_layout_converts_onto_our_encoder(num_ws, levels):
     # The full-size e4e_ffhq_encode.pt layout (shapes only, on the meta device): config read back, keys map 1:1.
-    real = {k: torch.empty(shape, device="meta") for k, shape in e4e_layout().items()}
+    real = {k: torch.empty(shape, device="meta") for k, shape in e4e_layout(style_count=num_ws).items()}
     converted = convert_psp_state_dict({f"encoder.{k}": v for k, v in real.items()})
     config = psp_encoder_config(converted, "e4e")
-    assert config == dict(num_ws=18, style_dim=512, input_size=256, stages=list(IR50_STAGES), fpn_channels=512,
-                          head_channels=512, se_reduction=16, architecture="e4e", level_sizes=(3, 4, 11),
+    assert config == dict(num_ws=num_ws, style_dim=512, input_size=256, stages=list(IR50_STAGES), fpn_channels=512,
+                          head_channels=512, se_reduction=16, architecture="e4e", level_sizes=levels,
                           stores_latent_avg=True)
     with torch.device("meta"):
         ours = PSPEncoder(**config).state_dict()

@@ -122,8 +122,8 @@ PUBLIC_COMPONENTS: dict[str, dict] = {
                     "env": "MM2LATENT_FACE_PARSER_REPO"},
     "identity": {"repo": STYLE_FEATURE_EDITOR_REPO, "path": "pretrained_models/model_ir_se50.pth",
                  "format": "ir_se50", "revision": "main", "env": "MM2LATENT_ARCFACE_REPO"},
-    **{name: DEFAULT_COMPONENTS[name] for name in ("clip", "unet", "text_encoder", "tokenizer", "vae", "scheduler",
-                                                   "controlnet_scribble")},
+    **{name: dict(DEFAULT_COMPONENTS[name]) for name in ("clip", "unet", "text_encoder", "tokenizer", "vae",
+                                                         "scheduler", "controlnet_scribble")},
 }
 
 # The format an override ``org/name:path`` (or a local file) of a component is read in. The inverter's
