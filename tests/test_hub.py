@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from huggingface_hub import constants
 
 from mm2latent import FacePipeline
 from mm2latent.errors import WeightsNotFoundError
-from mm2latent.pipelines.hub import DEFAULT_COMPONENTS, apply_env_overrides, parse_repo_reference
+from mm2latent.pipelines import hub
+from mm2latent.pipelines.hub import (
+    DEFAULT_COMPONENTS,
+    apply_env_overrides,
+    parse_repo_reference,
+    resolve_component,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -72,10 +79,55 @@ def test_components_in_other_repos_and_env_overrides(tiny_pipe, saved_tiny, hub_
     assert FacePipeline.from_pretrained("someone/split-model", device="cpu").generator.num_ws == tiny_pipe.generator.num_ws
 
 
+def test_manifest_component_in_its_native_format(tiny_pipe, saved_tiny, hub_cache, tmp_path):
+    """A manifest may name the generator as a public rosinality .pt; the pipeline loads it unchanged."""
+    model = tmp_path / "model"
+    shutil.copytree(saved_tiny, model)
+    shutil.rmtree(model / "generator")
+    manifest = json.loads((model / "mm2latent.json").read_text())
+    manifest["components"]["generator"] = {"repo": "gan-lab/stylegan2", "path": "weights/ffhq.pt", "format": "rosinality"}
+    (model / "mm2latent.json").write_text(json.dumps(manifest))
+    upload = tmp_path / "upload"
+    (upload / "weights").mkdir(parents=True)
+    generator = tiny_pipe.generator
+    torch.save({"g_ema": generator.rosinality_state_dict(), "latent_avg": generator.latent_avg}, upload / "weights" / "ffhq.pt")
+    put_in_cache(hub_cache, "gan-lab/stylegan2", upload)
+    loaded = FacePipeline.from_pretrained(model, device="cpu").generator.state_dict()
+    expected = generator.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # the conversion copies the tensors
+
+
 def test_missing_repo_names_the_repo_and_the_fix(hub_cache):
     with pytest.raises(WeightsNotFoundError, match="nobody/nothing") as info:
         FacePipeline.from_pretrained("nobody/nothing", device="cpu")
     assert "mm2latent.json" in str(info.value) and "tiny" in str(info.value)
+    assert "`hf download nobody/nothing mm2latent.json`" in str(info.value) and "huggingface-cli" not in str(info.value)
+
+
+def test_unreachable_hub_is_detected_at_once_and_the_cache_still_serves(hub_cache, tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE and without network: one short probe, then only the local cache (no retries)."""
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.setattr(hub, "_hub_status_cache", {})
+    probes = []
+    real_session = hub.get_session
+    monkeypatch.setattr(hub, "get_session", lambda: probes.append(1) or real_session())
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as info:
+        hub.load_manifest("nobody/nothing")
+    message = str(info.value)
+    assert time.monotonic() - start < 5  # huggingface_hub alone retries for ~23 s
+    assert "cannot be reached" in message and "`hf download nobody/nothing mm2latent.json`" in message
+    assert "huggingface-cli" not in message
+
+    folder = tmp_path / "scheduler-repo"
+    folder.mkdir()
+    (folder / "scheduler_config.json").write_text("{}")
+    put_in_cache(hub_cache, "someone/scheduler", folder)
+    spec = {"repo_id": "someone/scheduler", "revision": "main", "allow_patterns": ["*.json"]}
+    assert (resolve_component("scheduler", spec, None, None) / "scheduler_config.json").is_file()
+    assert len(probes) == 1  # the probe's answer is reused
 
 
 def test_local_folder_without_manifest(tmp_path):

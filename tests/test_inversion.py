@@ -111,6 +111,22 @@ def test_invert_a_real_photo(encoder, generator, lpips, testdata):
     assert len(result.refine_losses) == 3
 
 
+def test_invert_adds_the_encoders_own_mean_latent(generator, photo):
+    """pSp / e4e checkpoints carry the mean latent they were trained with; invert() must use it, not G's."""
+    torch.manual_seed(2)
+    encoder = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim), architecture="e4e",
+                         stores_latent_avg=True).eval()
+    encoder.latent_avg.normal_()
+    result = invert(generator, encoder, photo, align=False, progress=False)
+    with torch.no_grad():
+        faces = image_to_tensor(photo, encoder.input_size)
+        own, with_g_mean = encoder(faces), encoder(faces, generator.latent_avg)
+    assert torch.equal(result.latent, own)  # same weights, input and code path
+    assert not torch.allclose(result.latent, with_g_mean)
+    with pytest.raises(ValueError, match="latent_avg"):
+        PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))(faces)
+
+
 def test_training_step_updates_only_the_encoder(generator, lpips, photo):
     torch.manual_seed(1)
     encoder = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mm2latent.errors import WeightsNotFoundError
+from mm2latent.errors import CheckpointFormatError, WeightsNotFoundError
 from mm2latent.models.networks import IRSE50, LPIPS, BiSeNet, build_tiny_network, load_network
 from mm2latent.models.networks.checkpoints import convert, lpips_state
 
@@ -56,5 +56,5 @@ def test_convert_public_checkpoints(tmp_path):
     x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
     assert torch.allclose(LPIPS.from_pretrained(out)(x, y), lpips.eval()(x, y))
     torch.save({"module.wrong.key": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointFormatError):
         convert("arcface", str(tmp_path / "bad.pth"), str(tmp_path / "bad"))
