@@ -23,6 +23,7 @@ __all__ = ["GENERATOR_CLASSES", "Generator", "generator_class", "generator_class
 #: Manifest class name -> "module:Class" of every generator the library knows (imported on demand).
 GENERATOR_CLASSES: dict[str, str] = {
     "stylegan2": "mm2latent.models.stylegan2:StyleGAN2Generator",
+    "eg3d": "mm2latent.models.eg3d.generator:TriPlaneGenerator",
 }
 
 

@@ -1,7 +1,7 @@
-"""Offline converters from public StyleGAN2 checkpoints into our safetensors layout.
+"""Offline converters from public StyleGAN2 and EG3D checkpoints into our safetensors layout.
 
-The output directory is what :meth:`StyleGAN2Generator.save_pretrained` writes
-(``config.json`` + ``model.safetensors``); load it with ``StyleGAN2Generator.from_pretrained``.
+The output directory is what ``save_pretrained`` writes (``config.json`` + ``model.safetensors``);
+load it with ``StyleGAN2Generator.from_pretrained`` or, for EG3D, ``TriPlaneGenerator.from_pretrained``.
 
 Sources:
 
@@ -9,9 +9,12 @@ Sources:
   checkpoints or ``convert_weight.py`` output). Read with ``torch.load(weights_only=True)``
   only: no arbitrary unpickling.
 * ``nvidia``: ``.pkl`` network snapshots of NVIDIA's stylegan2-ada-pytorch (StyleGAN2
-  architecture only). These are Python pickles; they are read only with
-  ``allow_pickle=True`` (CLI ``--allow-pickle``), through a restricted unpickler that never
-  imports NVIDIA's code.
+  architecture) or of NVlabs/eg3d (``TriPlaneGenerator``: ``ffhq512-128.pkl``,
+  ``ffhqrebalanced512-128.pkl``, ``ffhqrebalanced512-64.pkl``, ...). These are Python pickles;
+  they are read only with ``allow_pickle=True`` (CLI ``--allow-pickle``), through a restricted
+  unpickler that never imports NVIDIA's code. EG3D's constructor arguments and its live
+  ``rendering_kwargs`` / ``neural_rendering_resolution`` attributes are read from the pickled
+  object state.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointFormatError, MM2LatentError
+from .eg3d.checkpoints import triplane_generator_from_nvidia
+from .generator import Generator
 from .stylegan2 import StyleGAN2Generator, make_kernel
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "load_nvidia_pickle",
     "load_rosinality_checkpoint",
     "nvidia_to_rosinality_state_dict",
+    "read_nvidia_network",
     "run_convert",
 ]
 
@@ -201,16 +207,26 @@ def _flatten_module(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def _plain(value: object, where: str) -> object:
+    """JSON-like copy (dict / list / str / number / bool / None) of pickled constructor arguments."""
+    if isinstance(value, Mapping):  # dicts and stubs of dict subclasses (dnnlib.EasyDict)
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise CheckpointFormatError(f"{where} is a pickled {getattr(value, 'pickle_name', type(value).__name__)}, "
+                                f"not a plain value")
+
+
 def _init_kwargs(obj: object) -> dict:
     state = getattr(obj, "state", None)
     kwargs = state.get("_init_kwargs") if isinstance(state, Mapping) else None
     return dict(kwargs) if isinstance(kwargs, Mapping) else {}
 
 
-def load_nvidia_pickle(
-    path: str | Path, allow_pickle: bool = False, use_ema: bool = True
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read an NVIDIA network pickle; return (flat generator state dict, generator init kwargs).
+def read_nvidia_network(path: str | Path, allow_pickle: bool = False, use_ema: bool = True) -> object:
+    """Unpickle an NVIDIA snapshot with the restricted unpickler; return the inert stand-in of G_ema (or G).
 
     NVIDIA's ``dnnlib`` / ``torch_utils`` need not be installed: persistent classes and any
     other non-torch class become inert stand-ins that only record their pickled state.
@@ -241,7 +257,36 @@ def load_nvidia_pickle(
     if not isinstance(data, Mapping) or key not in data:
         found = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointFormatError(f"{path} has no {key!r} network (found: {found})")
-    return _flatten_module(data[key]), _init_kwargs(data[key])
+    return data[key]
+
+
+def load_nvidia_pickle(
+    path: str | Path, allow_pickle: bool = False, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an NVIDIA network pickle; return (flat generator state dict, generator init kwargs)."""
+    network = read_nvidia_network(path, allow_pickle=allow_pickle, use_ema=use_ema)
+    return _flatten_module(network), _init_kwargs(network)
+
+
+def _is_eg3d(network: object, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return getattr(network, "class_name", None) == "TriPlaneGenerator" or any(
+        k.startswith("backbone.synthesis.") for k in state_dict
+    )
+
+
+def _convert_eg3d(network: object, state_dict: dict[str, torch.Tensor], output_dir: str | Path) -> Generator:
+    state = network.state if isinstance(getattr(network, "state", None), Mapping) else {}
+    rendering_kwargs = state.get("rendering_kwargs")
+    resolution = state.get("neural_rendering_resolution")
+    generator = triplane_generator_from_nvidia(
+        state_dict,
+        _plain(_init_kwargs(network), "init_kwargs"),
+        rendering_kwargs=None if rendering_kwargs is None else _plain(rendering_kwargs, "rendering_kwargs"),
+        neural_rendering_resolution=None if resolution is None else int(_plain(resolution, "resolution")),
+        init_args=tuple(_plain(list(state.get("_init_args") or ()), "init_args")),
+    )
+    generator.save_pretrained(output_dir)
+    return generator
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,12 +409,17 @@ def nvidia_to_rosinality_state_dict(nvidia_sd: Mapping[str, torch.Tensor]) -> di
 
 def convert_nvidia_pickle(
     path: str | Path, output_dir: str | Path, allow_pickle: bool = False, use_ema: bool = True
-) -> StyleGAN2Generator:
-    """Convert an NVIDIA stylegan2-ada-pytorch ``.pkl`` into ``output_dir``; return the generator.
+) -> Generator:
+    """Convert an NVIDIA stylegan2-ada-pytorch or EG3D ``.pkl`` into ``output_dir``; return the generator.
 
-    Refuses (CheckpointFormatError) unless ``allow_pickle`` is True; warns when unpickling.
+    EG3D ``TriPlaneGenerator`` snapshots become a :class:`~.eg3d.TriPlaneGenerator`, others a
+    :class:`StyleGAN2Generator`. Refuses (CheckpointFormatError) unless ``allow_pickle`` is True;
+    warns when unpickling.
     """
-    nvidia_sd, init_kwargs = load_nvidia_pickle(path, allow_pickle=allow_pickle, use_ema=use_ema)
+    network = read_nvidia_network(path, allow_pickle=allow_pickle, use_ema=use_ema)
+    nvidia_sd, init_kwargs = _flatten_module(network), _init_kwargs(network)
+    if _is_eg3d(network, nvidia_sd):
+        return _convert_eg3d(network, nvidia_sd, output_dir)
     mapping_kwargs = init_kwargs.get("mapping_kwargs") or {}
     synthesis_kwargs = init_kwargs.get("synthesis_kwargs") or {}
     if init_kwargs.get("img_channels", 3) != 3:
@@ -418,7 +468,7 @@ def convert_checkpoint(
     source: str = "auto",
     allow_pickle: bool = False,
     use_ema: bool = True,
-) -> StyleGAN2Generator:
+) -> Generator:
     """Convert ``input_path`` into ``output_dir``, picking the reader by ``source`` or by suffix."""
     input_path = Path(input_path)
     if source not in SOURCES:
