@@ -288,6 +288,53 @@ def test_engine_stage_runs_through_the_cli_and_exports(tmp_path):
     assert len(grid) == 1
 
 
+def test_autoencoders_train_on_prepared_celebamask_data(generator, testdata, tmp_path):
+    """``data.kind: celebamask``: the autoencoders read the prepared masks and scribbles, and G renders nothing."""
+    import shutil
+
+    from PIL import Image
+
+    from mm2latent.training.data import FaceDataset, collate, prepare
+    from mm2latent.training.engine_stage import colors_to_ids
+    from mm2latent.training.stages import step_generator
+
+    root, masks = tmp_path / "raw", tmp_path / "masks"
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    masks.mkdir()
+    names = sorted(p.name for p in (testdata / "masks").glob("*.png"))
+    for i, name in enumerate(names):
+        shutil.copy(testdata / "masks" / name, masks / f"{i}.png")
+        with Image.open(testdata / "photos" / f"ffhq_{i}.jpg") as photo:  # small copies: decoding stays cheap
+            photo.resize((128, 128), Image.Resampling.BILINEAR).save(root / "CelebA-HQ-img" / f"{i}.jpg")
+    prepared = prepare(root, tmp_path / "prepared", mask_dir=masks, mask_size=64, scribble_size=64, test_fraction=0)
+    item = FaceDataset(prepared, "train", 16, 16, 32, modalities=("mask",))[(0, 0)]
+    with Image.open(prepared / "masks" / "0.png") as ids:  # the dataset's colour rendering maps back to these ids
+        expected = np.asarray(ids.resize((32, 32), Image.Resampling.NEAREST))
+    assert len(np.unique(expected)) > 5
+    assert np.array_equal(colors_to_ids(item["controls"]["mask"][None])[0].numpy(), expected)
+
+    config = engine_config(tmp_path, train=["mask_autoencoder", "sketch_autoencoder"])
+    config["data"].update(kind="celebamask", root=str(prepared), modalities=["mask", "scribble"])
+    config["train"].update(max_steps=25, batch_size=4)
+    trainer = build_engine_trainer(config, generator=generator)
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("the autoencoders must not need G's samples when the data has masks and scribbles")
+
+    trainer.stage.draw = no_rendering
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    print(f"prepared data: mask accuracy {before['metric/mask_accuracy']:.3f} -> {after['metric/mask_accuracy']:.3f}, "
+          f"sketch loss {before['loss/sketch_bce_dice']:.3f} -> {after['loss/sketch_bce_dice']:.3f}")
+    assert after["metric/mask_accuracy"] > before["metric/mask_accuracy"] + 0.2
+    assert after["loss/sketch_bce_dice"] < before["loss/sketch_bce_dice"]
+    batch = collate([trainer.dataset[(i, 0)] for i in range(4)])
+    _, _, shown = trainer.stage.loss(batch, trainer.model, step_generator(0, 0, 0))
+    assert sorted(shown) == ["mask", "mask_reconstruction", "sketch", "sketch_reconstruction"]
+    assert trainer.stage.sample_grid(batch, shown).size == (4 * 32, 4 * 32)  # 4 rows of 4 tiles, 32² each
+
+
 def test_engine_stage_rejects_unknown_networks(generator, tmp_path):
     with pytest.raises(InvalidSettingError):
         build_engine_trainer(engine_config(tmp_path, train=["unet"]), generator=generator)

@@ -50,7 +50,7 @@ from ..models.latent_mapper import (
 )
 from ..models.networks import load_network
 from .data import FaceDataset
-from .losses import LatentLoss
+from .losses import LatentLoss, w_norm
 from .stages import image_grid
 
 __all__ = ["TRAINABLE", "GeneratorSamples", "EngineTrainingModule", "MM2LatentStage", "build_engine_trainer",
@@ -126,9 +126,11 @@ class EngineTrainingModule(nn.Module):
         for name in TRAINABLE:
             getattr(self, name).requires_grad_(name in self.trained).train(name in self.trained)
 
-    def forward(self, latent_avg: torch.Tensor, text: torch.Tensor, mask_ids: torch.Tensor, sketch: torch.Tensor,
-                present: dict[str, torch.Tensor], recon_masks: torch.Tensor, recon_sketches: torch.Tensor) -> dict:
-        """Reconstruction losses of the trained autoencoders and, when the mapper learns, its latents ``w``."""
+    def forward(self, latent_avg: torch.Tensor, text: torch.Tensor | None, mask_ids: torch.Tensor | None,
+                sketch: torch.Tensor | None, present: dict[str, torch.Tensor] | None, recon_masks: torch.Tensor | None,
+                recon_sketches: torch.Tensor | None) -> dict:
+        """Reconstruction losses of the trained autoencoders (on ``recon_*``) and, when the mapper learns, its
+        latents ``w`` from G's sample inputs (``text``, ``mask_ids``, ``sketch``, ``present``)."""
         out: dict[str, torch.Tensor] = {}
         for name, inputs, key in (("mask_autoencoder", recon_masks, "mask"), ("sketch_autoencoder", recon_sketches, "sketch")):
             if name in self.trained:
@@ -206,28 +208,39 @@ class MM2LatentStage:
                 "sketch": sketches.to(device), "present": {m: p.to(device) for m, p in present.items()}}
 
     def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
-        """(loss, logged terms, tensors for the sample grid) of one micro-batch."""
+        """(loss, logged terms, images for the sample grid) of one micro-batch."""
         settings, g = self.settings, self.generator
         device = g.latent_avg.device
-        sample = self.draw(batch["image_id"].tolist(), generator)
+        trained = model_part(model, "trained")
         controls = batch.get("controls", {})
-        # Real CelebAMask-HQ masks / scribbles, when the dataset has them, train the autoencoders.
-        recon_masks = colors_to_ids(controls["mask"].to(device)) if "mask" in controls else sample["mask_ids"]
-        recon_sketches = (controls["scribble"][:, 0] > 0.5).to(device) if "scribble" in controls else sample["sketch"]
-        out = model(g.latent_avg, sample["text"], sample["mask_ids"], sample["sketch"], sample["present"],
-                     recon_masks, recon_sketches)
+        # Real CelebAMask-HQ masks / scribbles, when the dataset has them, train the autoencoders; G's samples
+        # are rendered only when something needs them.
+        real = {"mask_autoencoder": "mask" in controls, "sketch_autoencoder": "scribble" in controls}
+        needs_samples = "mapper" in trained or any(not real[n] for n in real if n in trained)
+        sample = self.draw(batch["image_id"].tolist(), generator) if needs_samples else {}
+        recon_masks = colors_to_ids(controls["mask"].to(device)) if real["mask_autoencoder"] else sample.get("mask_ids")
+        recon_sketches = ((controls["scribble"][:, 0] > 0.5).to(device) if real["sketch_autoencoder"]
+                          else sample.get("sketch"))
+        out = model(g.latent_avg, sample.get("text"), sample.get("mask_ids"), sample.get("sketch"),
+                    sample.get("present"), recon_masks, recon_sketches)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
-        shown = {"target": sample["images"], "mask": mask_colors(sample["mask_ids"]),
-                 "sketch": sample["sketch"][:, None].float().expand(-1, 3, -1, -1) * 2 - 1}
+        shown: dict[str, torch.Tensor] = {}
+        if sample:
+            shown["target"] = sample["images"]
         if "mask_loss" in out:
             terms["mask"] = settings["mask_weight"] * out["mask_loss"]
             logs["loss/mask_ce"] = float(out["mask_loss"].detach())
-            logs["metric/mask_accuracy"] = float((out["mask_logits"].argmax(1) == model_part(model, "mask_autoencoder")
-                                                  .resize_ids(recon_masks)).float().mean())
+            predicted = out["mask_logits"].argmax(1)
+            target = model_part(model, "mask_autoencoder").resize_ids(recon_masks)
+            logs["metric/mask_accuracy"] = float((predicted == target).float().mean())
+            shown.update(mask=mask_colors(target), mask_reconstruction=mask_colors(predicted))
         if "sketch_loss" in out:
             terms["sketch"] = settings["sketch_weight"] * out["sketch_loss"]
             logs["loss/sketch_bce_dice"] = float(out["sketch_loss"].detach())
+            target = model_part(model, "sketch_autoencoder").resize_strokes(recon_sketches)
+            shown.update(sketch=target.expand(-1, 3, -1, -1) * 2 - 1,
+                         sketch_reconstruction=(out["sketch_logits"] > 0).float().expand(-1, 3, -1, -1) * 2 - 1)
         if "w" in out:
             w = out["w"]
             latent = F.mse_loss(w.float(), sample["w"])
@@ -238,17 +251,17 @@ class MM2LatentStage:
                 image_total, image_logs = self.loss_fn(images, sample["images"], sample["images"], w, g.latent_avg)
                 terms["image"] = image_total
                 logs.update({k: v for k, v in image_logs.items() if k != "loss/total"})
-                shown["output"] = images.detach()
+                shown["output"] = images
             elif self.loss_fn.weights["w_reg"]:
-                terms["w_reg"] = self.loss_fn.weights["w_reg"] * (w.float() - g.latent_avg).flatten(1).norm(dim=1).mean()
+                terms["w_reg"] = self.loss_fn.weights["w_reg"] * w_norm(w.float(), g.latent_avg.float())
         total = sum(terms.values())
         logs["loss/total"] = float(total.detach())
         return total, logs, {k: v.detach() for k, v in shown.items()}
 
     def sample_grid(self, batch: dict, images: dict) -> Image.Image:
-        """Rows: G(w) | G(ŵ) (when rendered) | parsed mask | edge sketch."""
-        rows = [images["target"]] + ([images["output"]] if "output" in images else []) + [images["mask"], images["sketch"]]
-        return image_grid(rows)
+        """Rows, those this run has: G(w) | G(ŵ) | mask | its reconstruction | sketch | its reconstruction."""
+        order = ("target", "output", "mask", "mask_reconstruction", "sketch", "sketch_reconstruction")
+        return image_grid([images[k] for k in order if k in images])
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         """``folder/engine`` (:meth:`MM2LatentEngine.save_pretrained`, with the trained networks) and
