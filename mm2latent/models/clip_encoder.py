@@ -246,7 +246,8 @@ class CLIPEncoder(nn.Module):
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                               antialias=True)
-        return ((x + 1) / 2 - self.image_mean) / self.image_std
+        x = ((x + 1) / 2 - self.image_mean.float()) / self.image_std.float()
+        return x.to(self.model.visual.conv1.weight.dtype)  # the tower's dtype (half-precision runs)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings ``[B, embed_dim]`` of images in [-1, 1]."""
