@@ -82,6 +82,10 @@ def build(config: dict, pipe: FacePipeline | None = None, accelerator: Accelerat
         pipe: an already loaded pipeline to train on (its networks are modified: pass a copy).
         accelerator: an existing accelerator (default: one built from the config).
     """
+    if config["stage"] == "mm2latent":
+        from .engine_stage import build_engine_trainer
+
+        return build_engine_trainer(config, accelerator)
     accelerator = accelerator or make_accelerator(config)
     set_seed(config["seed"])
     stage = config["stage"]

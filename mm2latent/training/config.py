@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 DEFAULTS: dict = {
-    "stage": 1,  # 0: face-mask (or scribble) ControlNet, 1: M with T frozen at identity, 2: T with M frozen
+    "stage": 1,  # 0: face-mask (or scribble) ControlNet, 1: M with T frozen at identity, 2: T with M frozen,
+    # "mm2latent": the diffusion-free engine (mapper and/or autoencoders on G's samples, training/engine_stage.py)
     "seed": 0,  # seeds initial weights, shuffling, timesteps, noise, captions
     "output_dir": "runs/stage1",
     # Where E and G come from: "tiny", "sd15" (SD-1.5 + StyleGAN2 from the Hub, fresh M and T), a folder
@@ -64,6 +65,22 @@ DEFAULTS: dict = {
         "proportion_empty_prompts": 0.05,
         "conditioning_embedding_out_channels": None,  # None: diffusers' default (16, 32, 96, 256)
     },
+    "mm2latent": {  # stage "mm2latent" only
+        "train": ["mask_autoencoder", "sketch_autoencoder", "mapper"],  # what learns in this run
+        "generator": None,  # None: the released StyleGAN2; "tiny"; a folder; "org/name[@revision]"
+        "init": None,  # None: fresh networks around mm2latent.clip; "tiny"; an engine folder (a run's final/engine)
+        "clip": {"model": "ViT-B-16", "weights": None, "quick_gelu": True},  # FaRL / OpenAI CLIP file or folder
+        "face_parser": None,  # labels G's renders: None (default repository), "tiny", a folder, "org/name"
+        "autoencoder": {"code_dim": 512, "image_size": 256},  # fresh mask and sketch autoencoders
+        "mapper": {"hidden_dim": 1024, "num_layers": 4},  # fresh mapper (num_ws, style_dim from G)
+        "truncation": [0.5, 1.0],  # ψ of G's training samples, uniform in this range
+        "embedding_noise": 0.2,  # length of the random step added to the unit CLIP image embedding
+        "modality_dropout": 0.3,  # per sample and input, the chance it is replaced by the null token
+        "condition_size": None,  # side of the parsed masks / edge maps (None: the autoencoders' image_size)
+        "latent_weight": 1.0,  # MSE(ŵ, w); the image terms use "loss" (l2, lpips, id, w_reg)
+        "mask_weight": 1.0,  # cross-entropy of the mask autoencoder
+        "sketch_weight": 1.0,  # BCE + Dice of the sketch autoencoder
+    },
     "hub": {"push_to_hub": False, "repo_id": None, "private": False},
     "model_card": {
         "data": "CelebAMask-HQ (masks, photos) and Multi-Modal CelebA-HQ (captions)",
@@ -93,8 +110,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}")
-    if config["stage"] not in (0, 1, 2):
-        raise ValueError(f"stage must be 0, 1 or 2, got {config['stage']!r}")
+    if config["stage"] not in (0, 1, 2, "mm2latent"):
+        raise ValueError(f"stage must be 0, 1, 2 or \"mm2latent\", got {config['stage']!r}")
     return config
 
 

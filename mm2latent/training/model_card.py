@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-STAGE_NAMES = {0: "ControlNet (stage 0)", 1: "mapping network M (stage 1)", 2: "style modulation network T (stage 2)"}
+STAGE_NAMES = {0: "ControlNet (stage 0)", 1: "mapping network M (stage 1)", 2: "style modulation network T (stage 2)",
+               "mm2latent": "MM2Latent engine (latent mapper and mask/sketch autoencoders)"}
 
 
 def model_card(config: dict, final_logs: dict | None = None, metrics: dict | None = None) -> str:
