@@ -244,7 +244,7 @@ def test_engine_save_load_round_trip(engine, generator, test_masks, test_sketche
 
 
 # ------------------------------------------------------------------------------------------ training stage
-def engine_config(tmp_path: Path, **mm2latent) -> dict:
+def engine_config(tmp_path: Path, **mm2latent):
     return load_config(None, {
         "stage": "mm2latent", "seed": 0, "output_dir": str(tmp_path / "run"),
         "data": {"kind": "synthetic", "num_samples": 8, "num_workers": 0},
@@ -272,8 +272,8 @@ def test_engine_stage_runs_through_the_cli_and_exports(tmp_path):
     from mm2latent.training.cli import run
 
     config = engine_config(tmp_path)
-    config["train"].update(max_steps=2, batch_size=2, sample_every=2)
-    config["loss"].update(l2=1.0, lpips=0.5, id=0.1, w_reg=0.005, resolution=64)
+    config.train.max_steps, config.train.batch_size, config.train.sample_every = 2, 2, 2
+    config.loss.l2, config.loss.lpips, config.loss.id, config.loss.w_reg, config.loss.resolution = 1.0, 0.5, 0.1, 0.005, 64
     trainer = run(config)
     logs = trainer.history[-1]
     for key in ("loss/latent", "loss/l2", "loss/lpips", "loss/id", "loss/mask_ce", "loss/sketch_bce_dice"):
@@ -314,8 +314,8 @@ def test_autoencoders_train_on_prepared_celebamask_data(generator, testdata, tmp
     assert np.array_equal(colors_to_ids(item["controls"]["mask"][None])[0].numpy(), expected)
 
     config = engine_config(tmp_path, train=["mask_autoencoder", "sketch_autoencoder"])
-    config["data"].update(kind="celebamask", root=str(prepared), modalities=["mask", "scribble"])
-    config["train"].update(max_steps=25, batch_size=4)
+    config.data.kind, config.data.root, config.data.modalities = "celebamask", str(prepared), ["mask", "scribble"]
+    config.train.max_steps, config.train.batch_size = 25, 4
     trainer = build_engine_trainer(config, generator=generator)
 
     def no_rendering(*args, **kwargs):

@@ -8,8 +8,8 @@ W+ (``architecture``): pSp uses head l as layer l; e4e predicts one w0 from the 
 every layer and adds the other heads as per-layer offsets. Either way the encoder's mean latent is added.
 :func:`encoder_from_checkpoint` builds it from a pSp / e4e training checkpoint (``psp_ffhq_encode.pt``,
 ``e4e_ffhq_encode.pt``). :func:`refine_latent` then optimises W+ against the photo (L2 + LPIPS) for
-visitors who want a closer reconstruction. :func:`train_encoder_step` is the training step (L2, LPIPS,
-identity, latent regularisation) that the training module calls.
+visitors who want a closer reconstruction. The encoder is trained by the ``"inverter"``
+training stage (``mm2latent.training.stages.InverterStage``) with the same pSp objective as M and T.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from .align import AlignedFace, align_face
 __all__ = [
     "ARCHITECTURES",
     "MAX_REFINE_STEPS",
-    "EncoderLossWeights",
     "InversionResult",
     "PSPEncoder",
     "RefineResult",
@@ -52,7 +51,6 @@ __all__ = [
     "psp_level_sizes",
     "refine_latent",
     "tiny_psp_config",
-    "train_encoder_step",
 ]
 
 MAX_REFINE_STEPS = 1000
@@ -496,55 +494,3 @@ def invert(
         messages=messages,
         refine_losses=losses,
     )
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class EncoderLossWeights:
-    """pSp's loss weights for FFHQ inversion (``--l2_lambda 1 --lpips_lambda 0.8 --id_lambda 0.1``) plus
-    a latent regulariser (pSp's ``w_norm``: mean squared distance of W+ from the mean latent)."""
-
-    l2: float = 1.0
-    lpips: float = 0.8
-    identity: float = 0.1
-    latent_reg: float = 0.005
-
-
-def train_encoder_step(
-    encoder: PSPEncoder,
-    generator: nn.Module,
-    images: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    lpips: nn.Module | None = None,
-    identity: nn.Module | None = None,
-    weights: EncoderLossWeights | None = None,
-    loss_size: int = 256,
-) -> dict[str, float]:
-    """One optimisation step of the encoder on aligned faces ``images`` ([B, 3, H, W] in [-1, 1]).
-
-    Loss = l2·MSE + lpips·LPIPS + identity·(1 − cos(ArcFace(x), ArcFace(G(E(x))))) + latent_reg·‖w − w̄‖².
-    G is frozen; only ``optimizer``'s parameters (the encoder's) change. Returns each term and the total.
-    """
-    weights = weights or EncoderLossWeights()
-    encoder.train()
-    latent_avg = generator.latent_avg
-    w = encoder(images, latent_avg)
-    generated = generator.synthesis(w)
-    target = _resize(images, min(loss_size, images.shape[-1]))
-    generated = _resize(generated, target.shape[-1])
-    terms = {"l2": (generated - target).pow(2).mean()}
-    if lpips is not None and weights.lpips:
-        terms["lpips"] = lpips(generated, target).mean()
-    if identity is not None and weights.identity:
-        with torch.no_grad():
-            real_id = identity.embed(target)
-        terms["identity"] = (1 - (identity.embed(generated) * real_id).sum(dim=1)).mean()
-    if weights.latent_reg:
-        terms["latent_reg"] = (w - latent_avg).pow(2).sum(dim=2).mean()
-    total = sum(getattr(weights, name) * value for name, value in terms.items())
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
-    return {**{name: float(value.detach()) for name, value in terms.items()}, "total": float(total.detach())}

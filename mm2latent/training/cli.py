@@ -3,6 +3,7 @@ photo ``inverter`` (pSp-style encoder for real-photo editing).
 
     python -m mm2latent.training prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
     python -m mm2latent.training inverter --images ffhq/images1024x1024 --model mm2latent/mm2latent-celebahq --output runs/inverter
+    python -m mm2latent.training --config configs/inverter.yaml --set data.root=ffhq/images1024x1024
     python -m mm2latent.training --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
     accelerate launch --multi_gpu --num_processes 8 -m mm2latent.training --config configs/stage1_mapper.yaml
 """
@@ -10,7 +11,6 @@ photo ``inverter`` (pSp-style encoder for real-photo editing).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from pathlib import Path
 
@@ -22,12 +22,13 @@ from ..models.networks import load_network
 from ..pipelines.generation import FacePipeline
 from ..pipelines.hub import DEFAULT_COMPONENTS, resolve_component
 from .components import load_training_pipeline
-from .config import load_config, parse_overrides
+from .config import TrainingConfig, load_config, parse_overrides
 from .data import prepare
 from .model_card import push_folder, write_model_card
 from .stages import (
     CachedDiffusionImages,
     ControlNetStage,
+    InverterStage,
     LatentStage,
     build_dataset,
     build_idd_cache,
@@ -37,11 +38,11 @@ from .trainer import Trainer, make_accelerator
 logger = logging.getLogger("mm2latent.training")
 
 
-def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
+def load_sd_encoder(config: TrainingConfig, pipe: FacePipeline | None = None):
     """The diffusion encoder for stage 0 (no M, T or G needed), and the generator when there is one."""
     if pipe is not None:
         return pipe.encoder, pipe.generator
-    if config["pipeline"] == "tiny":
+    if config.pipeline == "tiny":
         tiny = FacePipeline.from_pretrained("tiny", device="cpu")
         return tiny.encoder, tiny.generator
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -49,7 +50,7 @@ def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
 
     from ..models.diffusion_encoder import DiffusionEncoder
 
-    specs = {**DEFAULT_COMPONENTS, **{k: v for k, v in config["components"].items() if v is not None}}
+    specs = {**DEFAULT_COMPONENTS, **{k: v for k, v in config.components.items() if v is not None}}
     folder = {n: resolve_component(n, specs[n], None, None) for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     encoder = DiffusionEncoder(
         unet=UNet2DConditionModel.from_pretrained(folder["unet"], use_safetensors=True),
@@ -61,20 +62,20 @@ def load_sd_encoder(config: dict, pipe: FacePipeline | None = None):
     return encoder, None
 
 
-def make_controlnet(config: dict, encoder):
+def make_controlnet(config: TrainingConfig, encoder):
     from diffusers import ControlNetModel
 
-    init = config["controlnet"]["init"]
+    init = config.controlnet.init
     if init == "unet":
         kwargs = {}
-        channels = config["controlnet"].get("conditioning_embedding_out_channels")
+        channels = config.controlnet.conditioning_embedding_out_channels
         if channels:
             kwargs["conditioning_embedding_out_channels"] = tuple(channels)
         return ControlNetModel.from_unet(encoder.unet, **kwargs)
     return ControlNetModel.from_pretrained(init, use_safetensors=True)
 
 
-def build(config: dict, pipe: FacePipeline | None = None, accelerator: Accelerator | None = None) -> Trainer:
+def build(config: TrainingConfig, pipe: FacePipeline | None = None, accelerator: Accelerator | None = None) -> Trainer:
     """Everything a run needs, ready to ``train()``: the stage, its dataset and the trainer.
 
     Args:
@@ -82,27 +83,29 @@ def build(config: dict, pipe: FacePipeline | None = None, accelerator: Accelerat
         pipe: an already loaded pipeline to train on (its networks are modified: pass a copy).
         accelerator: an existing accelerator (default: one built from the config).
     """
-    if config["stage"] == "mm2latent":
+    if config.stage == "mm2latent":
         from .engine_stage import build_engine_trainer
 
         return build_engine_trainer(config, accelerator)
     accelerator = accelerator or make_accelerator(config)
-    set_seed(config["seed"])
-    stage = config["stage"]
+    set_seed(config.seed)
+    stage = config.stage
+    if stage == "inverter":
+        return build_inverter(config, pipe, accelerator)
     if stage == 0:
         encoder, generator = load_sd_encoder(config, pipe)
         dataset = build_dataset(config, encoder, generator)
         task = ControlNetStage(config, encoder, make_controlnet(config, encoder))
         return Trainer(config, task, dataset, accelerator)
     if pipe is None:
-        pipe = load_training_pipeline(config["pipeline"], config["components"],
-                                      fresh=("mapper",) if stage == 1 and config["pipeline"] != "tiny" else ())
-    weights = config["loss"]
-    lpips = load_network("lpips", config["networks"]["lpips"]) if weights["lpips"] else None
-    arcface = load_network("arcface", config["networks"]["arcface"]) if weights["id"] else None
+        pipe = load_training_pipeline(config.pipeline, config.components,
+                                      fresh=("mapper",) if stage == 1 and config.pipeline != "tiny" else ())
+    weights = config.loss
+    lpips = load_network("lpips", config.networks.lpips) if weights.lpips else None
+    arcface = load_network("arcface", config.networks.arcface) if weights.id else None
     dataset = build_dataset(config, pipe)
     if stage == 2:
-        cache = Path(config["output_dir"]) / "idd_cache"
+        cache = Path(config.output_dir) / "idd_cache"
         pipe.encoder.to(accelerator.device)
         build_idd_cache(config, pipe, dataset, cache, accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
@@ -111,74 +114,80 @@ def build(config: dict, pipe: FacePipeline | None = None, accelerator: Accelerat
     return Trainer(config, task, dataset, accelerator)
 
 
-def run(config: dict, pipe: FacePipeline | None = None) -> Trainer:
+def build_inverter(config: TrainingConfig, pipe: FacePipeline | None, accelerator: Accelerator) -> Trainer:
+    """The photo inverter's run: ``config.pipeline``'s generator, a fresh (or ``inverter.init``) encoder."""
+    from ..editing.inversion import PSPEncoder, tiny_psp_config
+
+    if pipe is None:
+        pipe = FacePipeline.from_pretrained(config.pipeline, device="cpu", dtype=torch.float32, load_vae=False)
+    generator, settings = pipe.generator, config.inverter
+    if settings.init is not None:
+        encoder = PSPEncoder.from_pretrained(settings.init)
+    elif config.pipeline == "tiny":
+        encoder = PSPEncoder(**{**tiny_psp_config(generator.num_ws, generator.style_dim),
+                                "architecture": settings.architecture})
+    else:
+        encoder = PSPEncoder(num_ws=generator.num_ws, style_dim=generator.style_dim, input_size=settings.input_size,
+                             architecture=settings.architecture)
+    lpips = load_network("lpips", config.networks.lpips) if config.loss.lpips else None
+    arcface = load_network("arcface", config.networks.arcface) if config.loss.id else None
+    task = InverterStage(config, generator, encoder, lpips, arcface)
+    return Trainer(config, task, build_dataset(config, pipe), accelerator)
+
+
+def inverter_overrides(argv: list[str]) -> dict:
+    """``inverter --images DIR --output DIR ...`` as config overrides of stage "inverter"."""
+    parser = argparse.ArgumentParser(prog="python -m mm2latent.training inverter",
+                                     description="Train the photo -> W+ encoder used to edit real photos "
+                                                 "(the same trainer and pSp objective as stages 1 and 2).")
+    parser.add_argument("--images", required=True, help="folder of FFHQ-aligned face photos")
+    parser.add_argument("--output", required=True, help="run folder (checkpoints, samples, final/inverter)")
+    parser.add_argument("--model", default="tiny", help="pipeline whose generator is inverted (folder or repo)")
+    parser.add_argument("--architecture", choices=("psp", "e4e"), default="psp")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--lpips", default=None, help="LPIPS network: default repository, a folder, org/name or tiny")
+    parser.add_argument("--arcface", default=None, help="ArcFace network: same forms")
+    parser.add_argument("--init", default=None, help="encoder folder to continue from")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any other config entry")
+    args = parser.parse_args(argv)
+    overrides = {
+        "stage": "inverter", "seed": args.seed, "output_dir": args.output, "pipeline": args.model,
+        "data": {"kind": "photos", "root": args.images, "num_workers": 0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                  "checkpoint_every": args.save_every, "sample_every": args.save_every},
+        "networks": {"lpips": args.lpips, "arcface": args.arcface},
+        "inverter": {"architecture": args.architecture, "init": args.init},
+    }
+    for key, value in parse_overrides(args.set).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+    return overrides
+
+
+def run(config: TrainingConfig, pipe: FacePipeline | None = None) -> Trainer:
     """Train (resuming if a checkpoint exists), export to ``output_dir/final`` with a model card, push if asked."""
     trainer = build(config, pipe)
-    trainer.resume(config["train"]["resume"])
+    trainer.resume(config.train.resume)
     trainer.train()
-    if config["train"]["save_rank_weights"]:
+    if config.train.save_rank_weights:
         trainer.save_rank_weights()
     acc = trainer.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = Path(config["output_dir"]) / "final"
+        final = Path(config.output_dir) / "final"
         trainer.stage.export(trainer.unwrapped_model(), final)
         last = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k != "step"}
         write_model_card(final, config, last)
-        hub = config["hub"]
-        if hub["push_to_hub"]:
-            if not hub["repo_id"]:
+        hub = config.hub
+        if hub.push_to_hub:
+            if not hub.repo_id:
                 raise ValueError("hub.push_to_hub needs hub.repo_id")
-            logger.info("pushed %s", push_folder(final, hub["repo_id"], hub["private"]))
+            logger.info("pushed %s", push_folder(final, hub.repo_id, hub.private))
     trainer.finish()
     return trainer
-
-
-def train_inverter(images_dir: str | Path, output: str | Path, model: str = "tiny", steps: int = 1000,
-                   batch_size: int = 8, learning_rate: float = 1e-4, lpips: str | None = None,
-                   arcface: str | None = None, init: str | None = None, save_every: int = 500,
-                   seed: int = 0, device: str | None = None) -> Path:
-    """Train the pSp-style inverter (photo -> W+) on FFHQ-aligned faces with L2, LPIPS, ID and w-regularisation.
-
-    Args:
-        images_dir: a folder of aligned face photos (``*.png``/``*.jpg``, e.g. FFHQ's images1024x1024).
-        output: where the encoder is saved (``config.json`` + ``model.safetensors``), also every ``save_every`` steps.
-        model: the pipeline whose StyleGAN2 the encoder inverts into ("tiny", a folder or a Hub repo).
-        steps, batch_size, learning_rate, seed: the optimisation (Adam, as pSp).
-        lpips, arcface: loss networks (default repositories, a folder, "org/name" or "tiny").
-        init: an encoder folder to start from (default: a fresh encoder at the generator's sizes).
-        save_every: checkpoint period in steps.
-        device: default CUDA when available.
-    """
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from ..editing.inversion import PSPEncoder, image_to_tensor, tiny_psp_config, train_encoder_step
-
-    files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    if not files:
-        raise ValueError(f"no .png/.jpg images in {images_dir}")
-    pipe = FacePipeline.from_pretrained(model, device=device, dtype=torch.float32, load_vae=False)
-    generator = pipe.generator.requires_grad_(False)
-    if init is not None:
-        encoder = PSPEncoder.from_pretrained(init)
-    elif model == "tiny":
-        encoder = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))
-    else:
-        encoder = PSPEncoder(num_ws=generator.num_ws, style_dim=generator.style_dim)
-    encoder.to(pipe.device)
-    losses = {"lpips": load_network("lpips", lpips, pipe.device), "identity": load_network("arcface", arcface, pipe.device)}
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=learning_rate)
-    order = torch.Generator().manual_seed(seed)
-    output = Path(output)
-    for step in (bar := tqdm(range(1, steps + 1), desc="inverter")):
-        picks = torch.randint(len(files), (batch_size,), generator=order).tolist()
-        batch = torch.cat([image_to_tensor(Image.open(files[i]).convert("RGB"), encoder.input_size) for i in picks])
-        terms = train_encoder_step(encoder, generator, batch.to(pipe.device), optimizer, **losses)
-        bar.set_postfix(loss=f"{terms['total']:.4f}")
-        if step % save_every == 0 or step == steps:
-            encoder.save_pretrained(output)
-    return output
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,23 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         print(out)
         return
     if argv and argv[0] == "inverter":
-        parser = argparse.ArgumentParser(prog="python -m mm2latent.training inverter",
-                                         description="Train the photo -> W+ encoder used to edit real photos.")
-        parser.add_argument("--images", required=True, help="folder of FFHQ-aligned face photos")
-        parser.add_argument("--output", required=True)
-        parser.add_argument("--model", default="tiny", help="pipeline whose generator is inverted (folder or repo)")
-        parser.add_argument("--steps", type=int, default=1000)
-        parser.add_argument("--batch-size", type=int, default=8)
-        parser.add_argument("--learning-rate", type=float, default=1e-4)
-        parser.add_argument("--lpips", default=None)
-        parser.add_argument("--arcface", default=None)
-        parser.add_argument("--init", default=None, help="encoder folder to continue from")
-        parser.add_argument("--save-every", type=int, default=500)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--device", default=None)
-        args = parser.parse_args(argv[1:])
-        print(train_inverter(args.images, args.output, args.model, args.steps, args.batch_size, args.learning_rate,
-                             args.lpips, args.arcface, args.init, args.save_every, args.seed, args.device))
+        run(load_config(None, inverter_overrides(argv[1:])))
         return
     parser = argparse.ArgumentParser(prog="python -m mm2latent.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.config, parse_overrides(args.set))
     torch.backends.cuda.matmul.allow_tf32 = True
-    run(copy.deepcopy(config))
+    run(config)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,39 @@ class SyntheticFaceDataset(Dataset):
                 "image_id": position}
 
 
+class PhotoFolderDataset(Dataset):
+    """FFHQ-aligned face photos of a folder (``*.png``, ``*.jpg``), for training the photo inverter.
+
+    Each item's ``pixel_values`` and ``target`` are the photo at ``size``² in [-1, 1]; there is no caption
+    and no visual condition.
+
+    Args:
+        root: the folder.
+        size: side the photos are resized to.
+    """
+
+    def __init__(self, root: str | Path, size: int = 256):
+        self.root, self.size = Path(root), size
+        self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"}) \
+            if self.root.is_dir() else []
+        if not self.files:
+            raise ValueError(f"no .png/.jpg photos in {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(len(self.files)))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        position = key[0] if isinstance(key, tuple) else key
+        with Image.open(self.files[position]) as photo:
+            pixels = image_to_tensor(photo.convert("RGB"), self.size)[0]
+        return {"pixel_values": pixels, "target": pixels, "controls": {}, "caption": "", "index": position,
+                "image_id": position}
+
+
 class StepBatchSampler(Sampler):
     """Batches as a pure function of the micro-step: resuming at step s yields exactly what step s would have.
 

@@ -7,7 +7,7 @@ Every micro-step draws its own data from the frozen generator G:
    image–text gap, LAFITE-style); the face parser's mask and ``edges_from_photo``'s sketch of G(w) are the
    spatial inputs;
 3. each input is dropped per sample with probability ``modality_dropout`` (the mapper's null token replaces it);
-4. the mapper regresses w: ``latent_weight``·MSE(ŵ, w) plus the pSp image terms of ``config["loss"]`` between
+4. the mapper regresses w: ``latent_weight``·MSE(ŵ, w) plus the pSp image terms of ``config.loss`` between
    G(ŵ) and G(w) (L2, LPIPS, ArcFace identity, w-regulariser).
 
 The mask and sketch autoencoders learn by reconstruction (cross-entropy; BCE + Dice) in the same run
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from ..models.latent_mapper import (
     perturb_embeddings,
 )
 from ..models.networks import load_network
+from .config import TrainingConfig
 from .data import FaceDataset
 from .losses import LatentLoss, w_norm
 from .stages import image_grid
@@ -148,7 +150,7 @@ class MM2LatentStage:
     """Train the engine's mapper and/or autoencoders on samples of a frozen generator.
 
     Args:
-        config: the full training config (``config["mm2latent"]`` holds this stage's settings).
+        config: the full training config (``config.mm2latent`` holds this stage's settings).
         generator: the frozen GAN (float32; gradients flow through it to ŵ).
         engine: the engine; its text encoder stays frozen, ``mm2latent.train`` says what else learns.
         face_parser: BiSeNet (``load_network("face_parser", ...)``) that labels G's renders.
@@ -158,14 +160,14 @@ class MM2LatentStage:
 
     name = "mm2latent"
 
-    def __init__(self, config: dict, generator: Generator, engine: MM2LatentEngine, face_parser: nn.Module,
+    def __init__(self, config: TrainingConfig, generator: Generator, engine: MM2LatentEngine, face_parser: nn.Module,
                  lpips: nn.Module | None = None, arcface: nn.Module | None = None):
-        self.config, self.settings = config, config["mm2latent"]
-        trained = tuple(self.settings["train"])
+        self.config, self.settings = config, config.mm2latent
+        trained = tuple(self.settings.train)
         unknown = set(trained) - set(TRAINABLE)
         if not trained or unknown:
             raise InvalidSettingError(f"mm2latent.train must list some of {TRAINABLE}, got {list(trained)}")
-        low, high = self.settings["truncation"]
+        low, high = self.settings.truncation
         if not 0 < low <= high:
             raise InvalidSettingError(f"mm2latent.truncation must be [low, high] with 0 < low <= high, got {[low, high]}")
         self.generator = generator.requires_grad_(False).eval()
@@ -173,9 +175,9 @@ class MM2LatentStage:
         engine.text_encoder.requires_grad_(False).eval()
         self.face_parser = face_parser.requires_grad_(False).eval()
         self.model = EngineTrainingModule(engine.mapper, engine.mask_autoencoder, engine.sketch_autoencoder, trained)
-        self.loss_fn = LatentLoss(config["loss"], lpips, arcface, config["loss"]["resolution"])
+        self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
         self.render_loss = "mapper" in trained and any(self.loss_fn.weights[k] for k in ("l2", "lpips", "id"))
-        self.condition_size = self.settings["condition_size"] or engine.mask_autoencoder.image_size
+        self.condition_size = self.settings.condition_size or engine.mask_autoencoder.image_size
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Frozen networks to ``device`` (the text encoder in ``weight_dtype``); trained ones stay float32."""
@@ -193,17 +195,17 @@ class MM2LatentStage:
         come from ``generator``."""
         g, settings = self.generator, self.settings
         device = g.latent_avg.device
-        low, high = settings["truncation"]
+        low, high = settings.truncation
         batch_size = len(sample_ids)
-        seeds = [torch.Generator().manual_seed(sample_latent_seed(self.config["seed"], int(i))) for i in sample_ids]
+        seeds = [torch.Generator().manual_seed(sample_latent_seed(self.config.seed, int(i))) for i in sample_ids]
         z = torch.stack([torch.randn(g.style_dim, generator=s) for s in seeds]).to(device)
         psi = low + (high - low) * torch.cat([torch.rand(1, generator=s) for s in seeds])
         w_plus = g.truncate(g.mapping(z)[:, None].expand(-1, g.num_ws, -1), psi).float().contiguous()
         images = g.synthesis(w_plus).float().clamp(-1, 1)
         embeddings = self.engine.text_encoder.encode_images(images).float()
-        embeddings = perturb_embeddings(embeddings, settings["embedding_noise"], generator)
+        embeddings = perturb_embeddings(embeddings, settings.embedding_noise, generator)
         mask_ids, sketches = renders_to_conditions(images, self.face_parser, self.condition_size)
-        present = {m: torch.rand(batch_size, generator=generator) >= settings["modality_dropout"] for m in MODALITIES}
+        present = {m: torch.rand(batch_size, generator=generator) >= settings.modality_dropout for m in MODALITIES}
         return {"w": w_plus, "images": images, "text": embeddings, "mask_ids": mask_ids.to(device),
                 "sketch": sketches.to(device), "present": {m: p.to(device) for m, p in present.items()}}
 
@@ -229,14 +231,14 @@ class MM2LatentStage:
         if sample:
             shown["target"] = sample["images"]
         if "mask_loss" in out:
-            terms["mask"] = settings["mask_weight"] * out["mask_loss"]
+            terms["mask"] = settings.mask_weight * out["mask_loss"]
             logs["loss/mask_ce"] = float(out["mask_loss"].detach())
             predicted = out["mask_logits"].argmax(1)
             target = model_part(model, "mask_autoencoder").resize_ids(recon_masks)
             logs["metric/mask_accuracy"] = float((predicted == target).float().mean())
             shown.update(mask=mask_colors(target), mask_reconstruction=mask_colors(predicted))
         if "sketch_loss" in out:
-            terms["sketch"] = settings["sketch_weight"] * out["sketch_loss"]
+            terms["sketch"] = settings.sketch_weight * out["sketch_loss"]
             logs["loss/sketch_bce_dice"] = float(out["sketch_loss"].detach())
             target = model_part(model, "sketch_autoencoder").resize_strokes(recon_sketches)
             shown.update(sketch=target.expand(-1, 3, -1, -1) * 2 - 1,
@@ -244,7 +246,7 @@ class MM2LatentStage:
         if "w" in out:
             w = out["w"]
             latent = F.mse_loss(w.float(), sample["w"])
-            terms["latent"] = settings["latent_weight"] * latent
+            terms["latent"] = settings.latent_weight * latent
             logs["loss/latent"] = float(latent.detach())
             if self.render_loss:
                 images = g.synthesis(w)
@@ -310,42 +312,42 @@ def load_generator(source: str | None) -> Generator:
 def load_engine(settings: dict, generator: Generator, seed: int) -> MM2LatentEngine:
     """``mm2latent.init``: "tiny", an engine folder (e.g. a previous run's ``final/engine``), or None for fresh
     networks at the configured sizes around the CLIP weights of ``mm2latent.clip``."""
-    init = settings["init"]
+    init = settings.init
     if init == "tiny":
         return MM2LatentEngine(**build_tiny_mm2latent_components(generator, seed))
     if init is not None:
         return MM2LatentEngine.from_pretrained(init)
-    clip = settings["clip"]
-    if not clip.get("weights"):
+    clip = settings.clip
+    if not clip.weights:
         raise InvalidSettingError("a fresh engine needs CLIP weights: set mm2latent.clip.weights to a FaRL / OpenAI "
                                   "CLIP file or a converted folder (python -m mm2latent.models.clip_encoder)")
-    weights = Path(os.path.expanduser(str(clip["weights"])))
+    weights = Path(os.path.expanduser(str(clip.weights)))
     if weights.is_file():
-        text_encoder = CLIPEncoder.from_checkpoint(clip["model"], weights, quick_gelu=clip["quick_gelu"])
+        text_encoder = CLIPEncoder.from_checkpoint(clip.model, weights, quick_gelu=clip.quick_gelu)
     else:
-        text_encoder = CLIPEncoder.from_pretrained(clip["weights"])
+        text_encoder = CLIPEncoder.from_pretrained(clip.weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mask_autoencoder = MaskAutoencoder(**settings["autoencoder"])
-        sketch_autoencoder = SketchAutoencoder(**settings["autoencoder"])
+        mask_autoencoder = MaskAutoencoder(**asdict(settings.autoencoder))
+        sketch_autoencoder = SketchAutoencoder(**asdict(settings.autoencoder))
         mapper = LatentMapper(**mapper_config(generator, text_encoder, mask_autoencoder, sketch_autoencoder,
-                                              **settings["mapper"]))
+                                              **asdict(settings.mapper)))
     return MM2LatentEngine(text_encoder, mask_autoencoder, sketch_autoencoder, mapper)
 
 
-def build_dataset(config: dict, condition_size: int) -> Dataset:
+def build_dataset(config: TrainingConfig, condition_size: int) -> Dataset:
     """``data.kind``: "synthetic" (G's samples only) or "celebamask" (real masks/scribbles for the autoencoders)."""
-    data = config["data"]
-    if data["kind"] == "synthetic":
-        return GeneratorSamples(data["num_samples"])
-    if data["kind"] != "celebamask" or not data.get("root"):
+    data = config.data
+    if data.kind == "synthetic":
+        return GeneratorSamples(data.num_samples)
+    if data.kind != "celebamask" or not data.root:
         raise InvalidSettingError("data.kind must be 'synthetic', or 'celebamask' with data.root (the `prepare` folder)")
     # The photos are not used: read them at a token size.
-    return FaceDataset(data["root"], data["split"], image_size=16, target_size=16, condition_size=condition_size,
-                       modalities=tuple(data["modalities"]), seed=config["seed"])
+    return FaceDataset(data.root, data.split, image_size=16, target_size=16, condition_size=condition_size,
+                       modalities=tuple(data.modalities), seed=config.seed)
 
 
-def build_engine_trainer(config: dict, accelerator=None, generator: Generator | None = None,
+def build_engine_trainer(config: TrainingConfig, accelerator=None, generator: Generator | None = None,
                          engine: MM2LatentEngine | None = None, face_parser: nn.Module | None = None):
     """A :class:`~mm2latent.training.trainer.Trainer` for ``stage: "mm2latent"``, ready to ``train()``.
 
@@ -359,15 +361,15 @@ def build_engine_trainer(config: dict, accelerator=None, generator: Generator | 
     from .trainer import Trainer, make_accelerator
 
     accelerator = accelerator or make_accelerator(config)
-    set_seed(config["seed"])
-    settings = config["mm2latent"]
-    generator = generator if generator is not None else load_generator(settings["generator"])
-    engine = engine if engine is not None else load_engine(settings, generator, config["seed"])
+    set_seed(config.seed)
+    settings = config.mm2latent
+    generator = generator if generator is not None else load_generator(settings.generator)
+    engine = engine if engine is not None else load_engine(settings, generator, config.seed)
     if face_parser is None:
-        face_parser = load_network("face_parser", settings["face_parser"])
-    weights = config["loss"]
-    lpips = load_network("lpips", config["networks"]["lpips"]) if weights["lpips"] else None
-    arcface = load_network("arcface", config["networks"]["arcface"]) if weights["id"] else None
+        face_parser = load_network("face_parser", settings.face_parser)
+    weights = config.loss
+    lpips = load_network("lpips", config.networks.lpips) if weights.lpips else None
+    arcface = load_network("arcface", config.networks.arcface) if weights.id else None
     stage = MM2LatentStage(config, generator, engine, face_parser, lpips, arcface)
     dataset = build_dataset(config, stage.condition_size)
     return Trainer(config, stage, dataset, accelerator)

@@ -31,7 +31,8 @@ class LatentLoss(nn.Module):
 
     def __init__(self, weights: dict, lpips: nn.Module | None, arcface: nn.Module | None, resolution: int = 256):
         super().__init__()
-        self.weights = {k: float(weights.get(k, 0.0)) for k in ("l2", "lpips", "id", "w_reg")}
+        self.weights = {k: float(weights[k] if isinstance(weights, dict) else getattr(weights, k))
+                        for k in ("l2", "lpips", "id", "w_reg")}
         self.lpips, self.arcface, self.resolution = lpips, arcface, resolution
         for name, net in (("lpips", lpips), ("id", arcface)):
             if self.weights[name] and net is None:

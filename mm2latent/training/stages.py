@@ -4,6 +4,8 @@
   targets I^d_0 for L2/LPIPS and I^gt for identity). t is drawn from the DDIM schedule inside
   ``diffusion.timestep_range``; z_t is the VAE latent of I^gt noised to t.
 * :class:`ControlNetStage` — stage 0, the ControlNet's denoising loss (diffusers' recipe).
+* :class:`InverterStage` — the photo encoder (pSp / e4e) for real-photo editing, with the same pSp objective
+  (:class:`~.losses.LatentLoss`) as stages 1 and 2.
 
 Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank), so a
 resumed run repeats exactly what the uninterrupted run would have done.
@@ -24,7 +26,8 @@ from torch.utils.data import Dataset
 from ..inputs.images import image_to_tensor, tensor_to_pil
 from ..models.diffusion_encoder import DiffusionEncoder, PromptBatch
 from ..pipelines.generation import FacePipeline
-from .data import FaceDataset, SyntheticFaceDataset
+from .config import TrainingConfig
+from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset
 from .losses import LatentLoss
 
 
@@ -47,23 +50,27 @@ def choose_controls(controls: dict[str, torch.Tensor], available: list[str], sam
     return {pick: controls[pick]}
 
 
-def build_dataset(config: dict, pipe_or_encoder, generator=None) -> Dataset:
-    """The training dataset named by ``config["data"]`` at the model's sizes."""
-    data = config["data"]
+def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Dataset:
+    """The training dataset named by ``config.data`` at the model's sizes."""
+    data = config.data
+    if data.kind == "photos":
+        if not data.root:
+            raise ValueError("data.root must point at a folder of FFHQ-aligned photos")
+        return PhotoFolderDataset(data.root, config.inverter.input_size)
     encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
-    if data["kind"] == "synthetic":
-        return SyntheticFaceDataset(generator, data["num_samples"], size, size, tuple(data["modalities"]),
-                                    seed=config["seed"], truncation=data["truncation"])
-    if data["kind"] != "celebamask":
+    if data.kind == "synthetic":
+        return SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
+                                    seed=config.seed, truncation=data.truncation)
+    if data.kind != "celebamask":
         raise ValueError(f"data.kind must be 'celebamask' or 'synthetic', got {data['kind']!r}")
-    if not data.get("root"):
+    if not data.root:
         raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
     target = generator.resolution if generator is not None else size
-    return FaceDataset(data["root"], data["split"], image_size=size, target_size=target, condition_size=size,
-                       modalities=tuple(data["modalities"]), seed=config["seed"],
-                       caption_index=0 if config["stage"] == 2 else None)
+    return FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
+                       modalities=tuple(data.modalities), seed=config.seed,
+                       caption_index=0 if config.stage == 2 else None)
 
 
 class CachedDiffusionImages(Dataset):
@@ -92,18 +99,18 @@ class LatentStage:
         arcface: IR-SE50 network (or None when its weight is 0).
     """
 
-    def __init__(self, config: dict, pipe: FacePipeline, lpips: nn.Module | None, arcface: nn.Module | None):
-        self.config, self.pipe, self.stage = config, pipe, config["stage"]
+    def __init__(self, config: TrainingConfig, pipe: FacePipeline, lpips: nn.Module | None, arcface: nn.Module | None):
+        self.config, self.pipe, self.stage = config, pipe, config.stage
         assert self.stage in (1, 2)
-        self.loss_fn = LatentLoss(config["loss"], lpips, arcface, config["loss"]["resolution"])
+        self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
         self.model = pipe.mapper if self.stage == 1 else pipe.modulator
         self.model.requires_grad_(True).train()
         if self.stage == 1:
             pipe.modulator.reset_to_identity()
-        diffusion = config["diffusion"]
+        diffusion = config.diffusion
         scheduler = pipe.encoder.make_scheduler()
-        scheduler.set_timesteps(diffusion["num_inference_steps"])
-        low, high = diffusion["timestep_range"]
+        scheduler.set_timesteps(diffusion.num_inference_steps)
+        low, high = diffusion.timestep_range
         self.timesteps = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
         if not self.timesteps:
             raise ValueError(f"no DDIM timestep of a {diffusion['num_inference_steps']}-step schedule in {low}..{high}")
@@ -126,10 +133,10 @@ class LatentStage:
 
     def features(self, batch: dict, generator: torch.Generator):
         """One frozen U-Net pass on z_t: (features, word masks)."""
-        encoder, diffusion = self.pipe.encoder, self.config["diffusion"]
+        encoder, diffusion = self.pipe.encoder, self.config.diffusion
         device, dtype = encoder.device, encoder.dtype
         controls = choose_controls(batch["controls"], list(encoder.controlnets),
-                                   self.config["data"]["modality_sampling"], generator)
+                                   self.config.data.modality_sampling, generator)
         controls = {k: v.to(device, dtype) for k, v in controls.items()}
         prompts = self.pipe.encode_prompts(batch["caption"])
         with torch.no_grad():
@@ -137,7 +144,7 @@ class LatentStage:
             t = self.timesteps[int(torch.randint(len(self.timesteps), (1,), generator=generator))]
             noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
             z_t = self.scheduler.add_noise(z0, noise, torch.tensor([t], device=device))
-            features, _ = encoder.extract(z_t, t, prompts.embeds, controls, diffusion["conditioning_scale"])
+            features, _ = encoder.extract(z_t, t, prompts.embeds, controls, diffusion.conditioning_scale)
         return features, prompts.word_mask
 
     def latents(self, features, word_mask, model: nn.Module) -> torch.Tensor:
@@ -181,7 +188,7 @@ class LatentStage:
 
 
 @torch.no_grad()
-def build_idd_cache(config: dict, pipe: FacePipeline, dataset: Dataset, cache_dir: Path, rank: int = 0,
+def build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Dataset, cache_dir: Path, rank: int = 0,
                     world_size: int = 1) -> None:
     """Precompute I^d_0 for this rank's share of the dataset (skips files already there).
 
@@ -189,28 +196,28 @@ def build_idd_cache(config: dict, pipe: FacePipeline, dataset: Dataset, cache_di
     t ≈ ``idd_strength``·T (seeded by the image id), under its fixed caption and all its visual inputs,
     then VAE-decoded and resized to G's resolution.
     """
-    encoder, diffusion = pipe.encoder, config["diffusion"]
+    encoder, diffusion = pipe.encoder, config.diffusion
     cache_dir.mkdir(parents=True, exist_ok=True)
     scheduler = encoder.make_scheduler()
-    scheduler.set_timesteps(diffusion["idd_steps"], device=encoder.device)
-    start = min(len(scheduler.timesteps) - 1, int(round(len(scheduler.timesteps) * (1 - diffusion["idd_strength"]))))
+    scheduler.set_timesteps(diffusion.idd_steps, device=encoder.device)
+    start = min(len(scheduler.timesteps) - 1, int(round(len(scheduler.timesteps) * (1 - diffusion.idd_strength))))
     timesteps = scheduler.timesteps[start:]
     # Ids come from the dataset's id list: loading every item just to read its id would decode all photos.
     todo = [i for i in range(rank, len(dataset), world_size)
             if not (cache_dir / f"{int(dataset.ids[i])}.png").is_file()]
     size = pipe.generator.resolution
-    for chunk in range(0, len(todo), diffusion["idd_batch_size"]):
-        items = [dataset[i] for i in todo[chunk:chunk + diffusion["idd_batch_size"]]]
+    for chunk in range(0, len(todo), diffusion.idd_batch_size):
+        items = [dataset[i] for i in todo[chunk:chunk + diffusion.idd_batch_size]]
         pixels = torch.stack([it["pixel_values"] for it in items]).to(encoder.device, encoder.dtype)
         controls = {m: torch.stack([it["controls"][m] for it in items]).to(encoder.device, encoder.dtype)
                     for m in items[0]["controls"] if m in encoder.controlnets}
         embeds = encode_captions(encoder, [it["caption"] for it in items]).embeds
-        seeds = [torch.Generator().manual_seed(config["seed"] * 1_000_003 + int(it["image_id"])) for it in items]
+        seeds = [torch.Generator().manual_seed(config.seed * 1_000_003 + int(it["image_id"])) for it in items]
         z0 = torch.cat([encoder.encode_images(p[None], generator=g) for p, g in zip(pixels, seeds)])
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in seeds]).to(z0.device, z0.dtype)
-        latents = scheduler.add_noise(z0, noise, timesteps[:1]) if diffusion["idd_strength"] < 1 else noise
+        latents = scheduler.add_noise(z0, noise, timesteps[:1]) if diffusion.idd_strength < 1 else noise
         for t in timesteps:
-            _, noise_pred = encoder.extract(latents, t, embeds, controls, diffusion["conditioning_scale"])
+            _, noise_pred = encoder.extract(latents, t, embeds, controls, diffusion.conditioning_scale)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
         images = F.interpolate(encoder.decode_latents(latents).float(), size=(size, size), mode="bilinear",
                                align_corners=False, antialias=True)
@@ -229,12 +236,12 @@ class ControlNetStage:
 
     name = "controlnet"
 
-    def __init__(self, config: dict, encoder: DiffusionEncoder, controlnet: nn.Module):
+    def __init__(self, config: TrainingConfig, encoder: DiffusionEncoder, controlnet: nn.Module):
         self.config, self.encoder = config, encoder
-        self.modality = config["controlnet"]["modality"]
+        self.modality = config.controlnet.modality
         self.model = controlnet.requires_grad_(True).train()
         self.noise_scheduler = encoder.make_scheduler()
-        if config["train"]["gradient_checkpointing"]:
+        if config.train.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             encoder.unet.enable_gradient_checkpointing()
 
@@ -250,7 +257,7 @@ class ControlNetStage:
             noise = torch.randn(z0.shape, generator=generator).to(device, dtype)
             t = torch.randint(scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator).to(device)
             noisy = scheduler.add_noise(z0, noise, t)
-            drop = torch.rand(len(batch["caption"]), generator=generator) < self.config["controlnet"]["proportion_empty_prompts"]
+            drop = torch.rand(len(batch["caption"]), generator=generator) < self.config.controlnet.proportion_empty_prompts
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             embeds = encode_captions(encoder, captions).embeds
         cond = batch["controls"][self.modality].to(device, torch.float32)
@@ -271,6 +278,64 @@ class ControlNetStage:
     def export(self, model: nn.Module, folder: Path) -> Path:
         out = folder / f"controlnet_{self.modality}"
         copy.deepcopy(model).float().cpu().save_pretrained(out, safe_serialization=True)
+        return out
+
+
+class InverterStage:
+    """The photo inverter: aligned photo -> W+ (pSp / e4e), trained against a frozen G.
+
+    pSp's recipe: the photo and G(E(photo)) pooled to ``inverter.input_size`` (pSp's ``face_pool``) are compared
+    with the one pSp objective of stages 1 and 2 (L2, LPIPS, ArcFace identity against the photo itself,
+    ‖w − w̄‖).
+
+    Args:
+        config: the full training config (stage "inverter").
+        generator: the frozen generator inverted into.
+        encoder: the encoder to train (a fresh ``PSPEncoder`` or one to continue from).
+        lpips: LPIPS network (or None when its weight is 0).
+        arcface: IR-SE50 network (or None when its weight is 0).
+    """
+
+    name = "inverter"
+
+    def __init__(self, config: TrainingConfig, generator: nn.Module, encoder: nn.Module, lpips: nn.Module | None,
+                 arcface: nn.Module | None):
+        self.config, self.generator = config, generator.requires_grad_(False).eval()
+        self.model = encoder.requires_grad_(True).train()
+        self.size = config.inverter.input_size
+        self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """G and the loss networks to ``device`` (float32: gradients flow through G); the encoder float32."""
+        self.generator.to(device, torch.float32)
+        self.model.to(device, torch.float32)
+        for net in (self.loss_fn.lpips, self.loss_fn.arcface):
+            if net is not None:
+                net.to(device)
+
+    def latent_avg(self, model: nn.Module) -> torch.Tensor | None:
+        """The mean latent the codes are offsets from: the encoder's own when it stores one, else G's."""
+        inner = getattr(model, "module", model)  # DDP
+        return None if getattr(inner, "stores_latent_avg", False) else self.generator.latent_avg
+
+    def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        device = next(self.generator.parameters()).device
+        photos = batch["target"].to(device)
+        w = model(photos, self.latent_avg(model))
+        generated = self.generator.synthesis(w)
+        if generated.shape[-1] != photos.shape[-1]:
+            generated = F.adaptive_avg_pool2d(generated, photos.shape[-1])
+        total, logs = self.loss_fn(generated, photos, photos, w, self.generator.latent_avg)
+        return total, logs, generated.detach()
+
+    def sample_grid(self, batch: dict, images: torch.Tensor) -> Image.Image:
+        """Rows: photo | reconstruction."""
+        return image_grid([batch["target"], images.cpu()])
+
+    def export(self, model: nn.Module, folder: Path) -> Path:
+        """The encoder as a manifest component folder (``inverter``)."""
+        out = folder / "inverter"
+        copy.deepcopy(model).float().cpu().eval().save_pretrained(out)
         return out
 
 
