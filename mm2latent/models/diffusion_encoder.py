@@ -488,12 +488,17 @@ class DiffusionEncoder(nn.Module):
         conditioning_scale: float = 1.0,
         decode: bool = False,
         show_progress: bool = False,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> EncoderOutput:
         """DDIM sampling from seeded noise with feature capture at chosen steps.
 
         Fast mode is ``num_steps=1`` (one pass at t = T). Quality mode runs ``num_steps`` DDIM steps and
-        captures features at ``feature_steps`` (indices into the schedule). Sampling stops after the last
-        captured step unless ``decode`` asks for the fully denoised image I^d_0.
+        captures features at ``feature_steps`` (indices into the steps that run). Sampling stops after the
+        last captured step unless ``decode`` asks for the fully denoised image I^d_0. With ``init_latents``
+        (a VAE latent z_0) and ``strength`` < 1, sampling starts from z_0 noised to t ≈ strength·T and runs
+        only the last ``round(strength·num_steps)`` steps of the schedule (img2img; METHOD.md's I^d_0 of a
+        training photo).
 
         Args:
             prompt_embeds: [B, 77, D] text embeddings.
@@ -507,16 +512,13 @@ class DiffusionEncoder(nn.Module):
             conditioning_scale: ControlNet residual multiplier.
             decode: denoise to the end and VAE-decode I^d_0.
             show_progress: tqdm bar over the steps.
+            init_latents: [B, 4, h, w] clean latents to start from (None: start from ``noise`` at t = T).
+            strength: how far ``init_latents`` are noised (1 = pure noise: the same as no init_latents).
         """
         controls = controls or {}
         self._check_controls(controls)
         if not 1 <= num_steps <= 1000:
             raise InvalidStepsError(f"num_steps must be between 1 and 1000, got {num_steps}")
-        feature_steps = sorted(set(range(num_steps) if feature_steps is None else feature_steps))
-        if not feature_steps or feature_steps[0] < 0 or feature_steps[-1] >= num_steps:
-            raise InvalidStepsError(
-                f"feature steps must be indices in [0, {num_steps - 1}] for {num_steps} steps, got {feature_steps}"
-            )
         if decode and not self.has_vae:
             raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
         batch = noise.shape[0]
@@ -532,10 +534,21 @@ class DiffusionEncoder(nn.Module):
 
         scheduler = self.make_scheduler()
         scheduler.set_timesteps(num_steps, device=self.device)
-        last_needed = num_steps - 1 if decode else feature_steps[-1]
-        latents = noise * scheduler.init_noise_sigma
+        schedule = scheduler.timesteps
+        if init_latents is not None and strength < 1.0:
+            if not 0.0 < strength <= 1.0:
+                raise InvalidStepsError(f"strength must be in (0, 1], got {strength}")
+            schedule = schedule[min(num_steps - 1, int(round(num_steps * (1.0 - strength)))):]
+            latents = scheduler.add_noise(init_latents.to(noise.dtype), noise, schedule[:1].repeat(batch))
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        feature_steps = sorted(set(range(len(schedule)) if feature_steps is None else feature_steps))
+        if not feature_steps or feature_steps[0] < 0 or feature_steps[-1] >= len(schedule):
+            raise InvalidStepsError(f"feature steps must be indices in [0, {len(schedule) - 1}] of the "
+                                    f"{len(schedule)} steps that run, got {feature_steps}")
+        last_needed = len(schedule) - 1 if decode else feature_steps[-1]
         features, timesteps = [], []
-        steps = scheduler.timesteps[: last_needed + 1]
+        steps = schedule[: last_needed + 1]
         for i, t in enumerate(tqdm(steps, desc="diffusion encoder", disable=not show_progress, leave=False)):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             if i in feature_steps:
