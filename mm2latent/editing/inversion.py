@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointFormatError, InvalidSettingError, InvalidStepsError
 from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..models.generator import w_norm
 from ..models.mapping import Map2StyleHeads
 from ..models.networks.arcface import IR50_STAGES, BottleneckIRSE
 from ..models.networks.checkpoints import infer_ir_se_stages, infer_se_reduction, plain_state_dict
@@ -41,6 +42,7 @@ __all__ = [
     "PSPEncoder",
     "RefineResult",
     "convert_psp_state_dict",
+    "encode_images",
     "detect_encoder_architecture",
     "encoder_from_checkpoint",
     "image_to_tensor",
@@ -374,13 +376,21 @@ def refine_latent(
     min_delta: float = 1e-4,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    face_parser: nn.Module | None = None,
+    mask_ids: torch.Tensor | None = None,
+    mask_weight: float = 0.1,
+    w_reg_weight: float = 0.0,
+    latent_avg: torch.Tensor | None = None,
 ) -> RefineResult:
     """Optimise W+ so that G(w) matches ``target`` (L2 + LPIPS), with early stopping.
 
+    METHOD.md's Eq. 1 at inference time: loss = MSE(G(w), target) + lpips_weight·LPIPS(G(w), target)
+    [+ mask_weight·CE(parser(G(w)), mask)] [+ w_reg_weight·‖w − w̄‖₂], each term averaged over the batch.
+
     Args:
-        generator: the StyleGAN2 G (frozen; only the latent is optimised).
-        latent: the starting W+, [1, num_ws, style_dim].
-        target: the aligned photo, [1, 3, H, W] in [-1, 1].
+        generator: the GAN G (frozen; only the latent is optimised).
+        latent: the starting W+, [B, num_ws, style_dim].
+        target: what G(w) should look like, [B, 3, H, W] in [-1, 1] (an aligned photo, or I^d_0).
         steps: at most this many Adam steps (0..1000).
         lr: Adam learning rate.
         lpips: an LPIPS network (None: L2 only).
@@ -390,6 +400,11 @@ def refine_latent(
         min_delta: the improvement that counts (relative to the best loss).
         progress: show a tqdm bar.
         callback: called with (step, loss) after every step (the UI's progress bar).
+        face_parser: a BiSeNet; with ``mask_ids``, G(w)'s parse is pulled toward the mask (cross-entropy).
+        mask_ids: [B, h, w] CelebAMask-HQ class ids the face should follow, or None.
+        mask_weight: weight of the mask term.
+        w_reg_weight: weight of the latent regulariser ‖w − w̄‖₂ (pSp's WNorm), needs ``latent_avg``.
+        latent_avg: w̄, [style_dim].
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_REFINE_STEPS:
         raise InvalidStepsError(f"refinement steps must be an integer from 0 to {MAX_REFINE_STEPS}, got {steps!r}")
@@ -397,12 +412,22 @@ def refine_latent(
         raise InvalidSettingError(f"the learning rate must be a positive number, got {lr!r}")
     param = next(generator.parameters())
     target = _resize(target.to(param.device, torch.float32), min(loss_size, target.shape[-1]))
+    use_mask = face_parser is not None and mask_ids is not None and mask_weight > 0
+    if use_mask:
+        mask_ids = mask_ids.to(param.device, torch.long)
+    avg = latent_avg.to(param.device, torch.float32) if latent_avg is not None else None
     w = latent.detach().to(param.device, torch.float32).clone().requires_grad_(True)
     best_w, best, since_best, losses, stopped = w.detach().clone(), math.inf, 0, [], False
     optimizer = torch.optim.Adam([w], lr=lr)
     with torch.enable_grad():
         for step in tqdm(range(steps + 1), desc="refining W+", disable=not progress, leave=False):
-            loss = reconstruction_loss(generator.synthesis(w.to(param.dtype)).float(), target, lpips, lpips_weight).mean()
+            image = generator.synthesis(w.to(param.dtype)).float()
+            loss = reconstruction_loss(image, target, lpips, lpips_weight).mean()
+            if use_mask:
+                logits = face_parser.celebamask_logits(image, size=mask_ids.shape[-1])
+                loss = loss + mask_weight * F.cross_entropy(logits.float(), mask_ids)
+            if w_reg_weight and avg is not None:
+                loss = loss + w_reg_weight * w_norm(w, avg)
             value = float(loss.detach())
             losses.append(value)
             if value < best * (1 - min_delta):
@@ -432,6 +457,18 @@ def photo_mask(face_parser: nn.Module, photo: Image.Image | torch.Tensor, size: 
     with torch.no_grad():
         ids = face_parser.parse(images.to(param.device, param.dtype), size=size)
     return ids[0].to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_images(encoder: PSPEncoder, images: torch.Tensor, generator: nn.Module) -> torch.Tensor:
+    """W+ latents [B, L, D] (float32) of aligned faces [B, 3, H, W] in [-1, 1] (resized to the encoder's input).
+
+    pSp / e4e checkpoints carry the mean latent they were trained with; our own encoders use G's.
+    """
+    param = next(encoder.parameters())
+    latent_avg = None if getattr(encoder, "stores_latent_avg", False) else generator.latent_avg.to(param.device)
+    images = _resize(images.to(param.device, torch.float32), encoder.input_size)
+    return encoder(images.to(param.dtype), latent_avg).float()
 
 
 @torch.no_grad()
@@ -470,10 +507,7 @@ def invert(
         from .align import _to_rgb
 
         image, faces, messages = _to_rgb(photo), 1, []
-    param = next(encoder.parameters())
-    # pSp / e4e checkpoints carry the mean latent they were trained with; our own encoders use G's.
-    latent_avg = None if getattr(encoder, "stores_latent_avg", False) else generator.latent_avg.to(param.device)
-    latent = encoder(image_to_tensor(image, encoder.input_size).to(param.device, param.dtype), latent_avg).float()
+    latent = encode_images(encoder, image_to_tensor(image, encoder.input_size), generator)
     losses: list[float] = []
     if refine_steps:
         target = image_to_tensor(image, generator.resolution)

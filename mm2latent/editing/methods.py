@@ -33,6 +33,7 @@ from ..models.mapping import Modulation
 from .clip import ClipGuide
 
 __all__ = [
+    "LATENT_METHODS",
     "LAYER_RANGE_NAMES",
     "MAX_CLIP_STEPS",
     "METHODS",
@@ -49,7 +50,12 @@ __all__ = [
 ]
 
 LAYER_RANGE_NAMES = ("coarse", "middle", "fine", "all")
-METHODS = ("modulate", "mix")
+#: "modulate": T's γ, β on the photo's latent; "mix": M's w^m mixed in (both need trained M, T);
+#: "guided": training-free — CLIP-guided optimisation with an identity term, plus the face parser's
+#: cross-entropy against a repainted mask (TediGAN / StyleCLIP).
+METHODS = ("modulate", "mix", "guided")
+#: The methods that compute w_edit in closed form from E's features (:func:`apply_edit`).
+LATENT_METHODS = ("modulate", "mix")
 MAX_STRENGTH = 2.0
 MAX_CLIP_STEPS = 300
 
@@ -105,8 +111,8 @@ def apply_edit(
 ) -> torch.Tensor:
     """w_edit from w_real [1, L, D]: T's modulation ("modulate") or M's w^m ("mix") on ``layers`` only."""
     strength = check_strength(strength)
-    if method not in METHODS:
-        raise InvalidSettingError(f"the method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in LATENT_METHODS:
+        raise InvalidSettingError(f"the method must be one of {', '.join(LATENT_METHODS)}, got {method!r}")
     assert w_real.ndim == 3 and w_m.shape[1:] == w_real.shape[1:], (w_real.shape, w_m.shape)
     index = check_layers(layers, w_real.shape[1])
     w_edit = w_real.clone()
@@ -168,7 +174,7 @@ def clip_refine(
     generator: nn.Module,
     latent: torch.Tensor,
     prompt: str,
-    clip: ClipGuide,
+    clip: ClipGuide | None,
     steps: int = 50,
     identity_net: nn.Module | None = None,
     id_weight: float = 0.1,
@@ -178,17 +184,21 @@ def clip_refine(
     reference: torch.Tensor | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    face_parser: nn.Module | None = None,
+    mask_ids: torch.Tensor | None = None,
+    mask_weight: float = 0.5,
 ) -> ClipRefineResult:
-    """Text-only CLIP-guided optimisation of the chosen W+ layers (TediGAN / StyleCLIP).
+    """CLIP-guided optimisation of the chosen W+ layers (TediGAN / StyleCLIP), optionally toward a mask.
 
     loss = (1 − cos(CLIP(G(w)), CLIP(prompt))) + id_weight·(1 − cos(ArcFace(G(w)), ArcFace(reference)))
-    + l2_weight·‖w − w_start‖². Layers outside ``layers`` stay bit-identical.
+    + l2_weight·‖w − w_start‖² [+ mask_weight·CE(parser(G(w)), mask)]. Layers outside ``layers`` stay
+    bit-identical. The text term needs a prompt, the mask term a parser and a mask; at least one is needed.
 
     Args:
-        generator: the StyleGAN2 G (frozen).
+        generator: the GAN G (frozen).
         latent: the starting W+ (usually w_edit), [1, L, D].
-        prompt: the wanted description.
-        clip: a :class:`ClipGuide`.
+        prompt: the wanted description ("" for a mask-only edit).
+        clip: a :class:`ClipGuide` (needed with a prompt).
         steps: Adam steps (0..300).
         identity_net: an ArcFace IR-SE50 (no identity term without it).
         id_weight: weight of the identity term.
@@ -198,16 +208,25 @@ def clip_refine(
         reference: the face whose identity is kept, [1, 3, H, W] in [-1, 1]; default G(latent).
         progress: tqdm bar.
         callback: (step, loss) after every step.
+        face_parser: a BiSeNet, for the mask term.
+        mask_ids: [1, h, w] CelebAMask-HQ class ids G(w) should follow (a repainted mask), or None.
+        mask_weight: weight of the mask term.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_CLIP_STEPS:
         raise InvalidStepsError(f"CLIP steps must be an integer from 0 to {MAX_CLIP_STEPS}, got {steps!r}")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise EmptyPromptError("CLIP-guided refinement needs a text prompt")
+    prompt = prompt.strip() if isinstance(prompt, str) else ""
+    use_mask = face_parser is not None and mask_ids is not None
+    if not prompt and not use_mask:
+        raise EmptyPromptError("guided refinement needs a text prompt or a repainted mask")
+    if prompt and clip is None:
+        raise InvalidSettingError("this model has no CLIP network; text-guided refinement is unavailable")
     param = next(generator.parameters())
     start = latent.detach().to(param.device, torch.float32)
     index = torch.tensor(check_layers(layers, start.shape[1]), device=start.device)
     chosen = start[:, index].clone().requires_grad_(True)
-    text = clip.encode_text(prompt.strip()).to(param.device)
+    text = clip.encode_text(prompt).to(param.device) if prompt else None
+    if use_mask:
+        mask_ids = mask_ids.to(param.device, torch.long)
     reference_id = None
     if identity_net is not None:  # the identity term's target; without it no reference is needed
         with torch.no_grad():
@@ -219,9 +238,15 @@ def clip_refine(
         for step in tqdm(range(steps), desc="CLIP refinement", disable=not progress, leave=False):
             w = start.index_copy(1, index, chosen)
             image = generator.synthesis(w.to(param.dtype)).float()
-            terms = {"clip": 1 - (clip.encode_image(image) * text).sum(dim=1).mean(),
-                     "l2": (chosen - start[:, index]).pow(2).sum()}
-            total = terms["clip"] + l2_weight * terms["l2"]
+            terms = {"l2": (chosen - start[:, index]).pow(2).sum()}
+            total = l2_weight * terms["l2"]
+            if text is not None:
+                terms["clip"] = 1 - (clip.encode_image(image) * text).sum(dim=1).mean()
+                total = total + terms["clip"]
+            if use_mask:
+                logits = face_parser.celebamask_logits(image, size=mask_ids.shape[-1])
+                terms["mask"] = F.cross_entropy(logits.float(), mask_ids)
+                total = total + mask_weight * terms["mask"]
             if reference_id is not None:
                 terms["identity"] = 1 - (_identity(identity_net, image) * reference_id).sum(dim=1).mean()
                 total = total + id_weight * terms["identity"]
@@ -244,8 +269,10 @@ class EditResult:
         identity_similarity: ArcFace cosine between the aligned photo (or reconstruction) and the edit
             (None without an identity network).
         reconstruction: G(w_real), for the before/after comparison.
-        settings: what was used (for metadata and the latent download).
-        clip_losses: per-step terms of the CLIP refinement.
+        settings: what was used (for metadata and the latent download); ``settings["method"]`` is the method
+            that ran.
+        clip_losses: per-step terms of the CLIP refinement / guided edit.
+        message: which method ran and why, for the user.
     """
 
     image: Image.Image
@@ -254,6 +281,7 @@ class EditResult:
     reconstruction: Image.Image | None = None
     settings: dict = field(default_factory=dict)
     clip_losses: list[dict[str, float]] = field(default_factory=list)
+    message: str = ""
 
 
 def latent_file(latent: torch.Tensor, path: str | Path, settings: dict | None = None) -> Path:

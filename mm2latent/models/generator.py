@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InvalidSettingError
 
-__all__ = ["GENERATOR_CLASSES", "Generator", "generator_class", "generator_class_name", "truncate_latents"]
+__all__ = ["GENERATOR_CLASSES", "Generator", "generator_class", "generator_class_name", "truncate_latents", "w_norm"]
 
 #: Manifest class name -> "module:Class" of every generator the library knows (imported on demand).
 GENERATOR_CLASSES: dict[str, str] = {
@@ -82,6 +82,11 @@ def truncate_latents(ws: torch.Tensor, latent_avg: torch.Tensor, psi: float | to
             return ws
     avg = latent_avg.to(device=ws.device, dtype=ws.dtype)
     return avg + psi * (ws - avg)
+
+
+def w_norm(w: torch.Tensor, latent_avg: torch.Tensor) -> torch.Tensor:
+    """pSp's WNormLoss, the latent regulariser of training and refinement: mean over the batch of ‖w − w̄‖₂."""
+    return (w - latent_avg).flatten(1).norm(dim=1).mean()
 
 
 def generator_class(name: str) -> type:

@@ -144,7 +144,7 @@ def _finish(obj: Any, kind: ComponentType) -> Any:
 
 
 def load_components(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike | dict,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     pipeline: str = "generation",
@@ -153,7 +153,8 @@ def load_components(
     """Read a manifest and load its components of one pipeline.
 
     Args:
-        name_or_path: a local folder or a Hub repository holding ``mm2latent.json``.
+        name_or_path: a local folder or a Hub repository holding ``mm2latent.json``, or a manifest itself
+            (``{"components": {...}}``; entries name Hub repositories, native files or absolute folders).
         revision: Hub revision of that repository.
         dtype: the dtype the big networks are read in.
         pipeline: "generation" or "editing": which components to load.
@@ -162,7 +163,10 @@ def load_components(
     Returns:
         (the manifest, {name: object}); lazy components come as :class:`LazyComponent` loaders.
     """
-    manifest, base, base_repo = load_manifest(name_or_path, revision)
+    if isinstance(name_or_path, dict):
+        manifest, base, base_repo = name_or_path, None, None
+    else:
+        manifest, base, base_repo = load_manifest(name_or_path, revision)
     loaded: dict[str, Any] = {}
     for name, spec in manifest["components"].items():
         kind = COMPONENTS.get(name)

@@ -5,7 +5,9 @@ It holds the generation pipeline (E, M, T, G) and the networks only editing need
 imports editing code. Editing = align + invert the photo (:meth:`FaceEditPipeline.invert`), then apply T's
 modulation (or M's latent) from a text and an edited mask (:meth:`FaceEditPipeline.edit`, METHOD.md). Calling
 the edit pipeline like the generation pipeline (``editor(prompt, mask=...)``) generates, so one object serves
-a Space with both.
+a Space with both; it also runs the training-free mode (``mode="invert"``, METHOD.md's Eq. 1 at inference:
+the diffusion model draws I^d_0, the photo encoder inverts it, an optional optimisation refines it), which
+needs no trained M or T — the default when M and T are untrained (the public preset).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..editing.clip import ClipGuide
-from ..editing.inversion import InversionResult, invert
+from ..editing.inversion import InversionResult, encode_images, invert, refine_latent
 from ..editing.methods import (
+    LATENT_METHODS,
     METHODS,
     EditResult,
     LatentEdit,
@@ -31,10 +35,24 @@ from ..editing.methods import (
     identity_similarity,
 )
 from ..errors import EmptyPromptError, InvalidSettingError
+from ..inputs.conditions import mask_to_color, parse_mask, parse_scribble
 from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..inputs.templates import mask_edges
 from .components import COMPONENTS, load_components, save_components, write_manifest
-from .generation import PRESETS, FacePipeline, FacePipelineOutput
-from .request import check_seed
+from .generation import PRESETS, FacePipeline, FacePipelineOutput, word_maps
+from .request import GenerationRequest, check_seed
+
+#: Invert mode's optimisation: learning rate, the mask term's weight and the latent regulariser's (pSp's 0.005
+#: is for training; refinement keeps w near the encoder's answer through few steps instead).
+REFINE_LR = 0.01
+REFINE_MASK_WEIGHT = 0.1
+REFINE_W_REG = 0.0005
+#: Line width, at the ControlNet's 512², of the class boundaries that stand in for a mask on a scribble ControlNet.
+MASK_AS_SCRIBBLE_WIDTH = 3
+#: Steps of the training-free "guided" edit when none are asked for.
+DEFAULT_GUIDED_STEPS = 40
+#: Side of the masks the guided edit compares (the mask editor's canvas and the photo's parsed mask).
+PARSER_MASK_SIZE = 512
 
 __all__ = ["EDITING_COMPONENTS", "FaceEditPipeline"]
 
@@ -85,10 +103,16 @@ class FaceEditPipeline:
         :meth:`FacePipeline.from_pretrained`; ``"tiny"`` adds toy editing networks)."""
         generation = FacePipeline.from_pretrained(name_or_path, revision=revision, device=device, dtype=dtype,
                                                   load_vae=load_vae)
-        if str(name_or_path) in PRESETS:
+        if str(name_or_path) == "tiny":
             from .presets import build_tiny_editing_components
 
-            parts = build_tiny_editing_components(generation.generator) if str(name_or_path) == "tiny" else {}
+            parts = build_tiny_editing_components(generation.generator)
+        elif str(name_or_path) == "public":
+            from .presets import public_manifest
+
+            _, parts = load_components(public_manifest("editing"), pipeline="editing")
+        elif str(name_or_path) in PRESETS:
+            parts = {}
         else:
             _, parts = load_components(name_or_path, revision, pipeline="editing")
         return cls(generation, **parts).to(generation.device, generation.dtype)
@@ -131,9 +155,128 @@ class FaceEditPipeline:
     def generator(self):
         return self.generation.generator
 
-    def __call__(self, *args, **kwargs) -> FacePipelineOutput:
-        """Generate faces: the same call as :meth:`FacePipeline.__call__`."""
-        return self.generation(*args, **kwargs)
+    @property
+    def default_mode(self) -> str:
+        """"fast" with trained M and T; "invert" (training-free) when they are untrained and an inverter is loaded."""
+        return "fast" if self.trained or self.inverter is None else "invert"
+
+    def __call__(
+        self,
+        prompt: str | None = None,
+        mask=None,
+        scribble=None,
+        seed: int | None = None,
+        mode: str | None = None,
+        num_steps: int | None = None,
+        feature_steps: list[int] | None = None,
+        truncation: float = 1.0,
+        num_images: int = 1,
+        return_intermediates: bool = False,
+        return_diffusion_image: bool = False,
+        combine: str = "mean",
+        guidance_scale: float | None = None,
+        noise_mode: str = "const",
+        refine_steps: int = 0,
+        **render_kwargs,
+    ) -> FacePipelineOutput:
+        """Generate faces: :meth:`FacePipeline.__call__`'s arguments, plus the training-free mode.
+
+        Args:
+            mode: "fast", "quality" or "invert"; default :attr:`default_mode`.
+            refine_steps: invert mode: optimisation steps after the encoder (L2 + LPIPS to I^d_0, the mask's
+                cross-entropy through the face parser, a latent regulariser); 0 = the encoder's answer.
+            guidance_scale: default 7.5 in invert mode (I^d_0 drawn with classifier-free guidance), else 1.
+            (The other arguments as :meth:`FacePipeline.__call__`.)
+        """
+        request = GenerationRequest.create(
+            prompt, mask, scribble, seed, mode or self.default_mode, num_steps, feature_steps, truncation, num_images,
+            combine, guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs,
+            refine_steps)
+        return self.generate(request)
+
+    def generate(self, request: GenerationRequest) -> FacePipelineOutput:
+        """Run one validated request (invert mode here, the others on the generation pipeline)."""
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
+        """Several requests; fast / quality ones batched by :meth:`FacePipeline.generate_batch`."""
+        results: list[FacePipelineOutput | None] = [None] * len(requests)
+        others = [i for i, r in enumerate(requests) if r.mode != "invert"]
+        for index, output in zip(others, self.generation.generate_batch([requests[i] for i in others])):
+            results[index] = output
+        for index, request in enumerate(requests):
+            if request.mode == "invert":
+                results[index] = self.draw_and_invert(request)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ the training-free mode
+    def _diffusion_inputs(self, request: GenerationRequest) -> tuple[object, object, object]:
+        """(mask for a mask ControlNet, scribble for the scribble ControlNet, mask ids for the parser loss).
+
+        Without a face-mask ControlNet (the public weights have none) a mask reaches the scribble ControlNet
+        as the boundaries between its classes (``mask_edges``: what a person sketching that layout draws),
+        joined with the user's own strokes; the mask itself still steers the refinement through the parser.
+        """
+        pipe = self.generation
+        size = pipe.encoder.image_size
+        ids = parse_mask(request.mask, size=size) if request.mask is not None else None
+        if ids is None or "mask" in pipe.modalities:
+            return request.mask, request.scribble, ids
+        if "scribble" not in pipe.modalities:
+            return request.mask, request.scribble, ids  # prepare_conditions explains what is missing
+        strokes = mask_edges(ids, MASK_AS_SCRIBBLE_WIDTH)
+        if request.scribble is not None:
+            strokes = strokes | parse_scribble(request.scribble, size=size)
+        return None, strokes.astype("uint8") * 255, ids
+
+    @torch.no_grad()
+    def draw_and_invert(self, request: GenerationRequest) -> FacePipelineOutput:
+        """``mode="invert"``: I^d_0 from the diffusion model, the photo encoder's W+ of it, optional refinement.
+
+        1. the diffusion model draws I^d_0 from the text and the visual input (DDIM, classifier-free guidance);
+        2. the inverter maps I^d_0 to W+ (w0);
+        3. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
+           G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode);
+        4. truncation and G, as every mode.
+        """
+        if self.inverter is None:
+            raise InvalidSettingError("mode='invert' needs a photo encoder (inverter); this model has none")
+        pipe, generator = self.generation, self.generator
+        mask, scribble, ids = self._diffusion_inputs(request)
+        diffusion_request = GenerationRequest(prompt=request.prompt, mask=mask, scribble=scribble, mode="invert",
+                                              return_diffusion_image=True)
+        pipe.check_request(diffusion_request)
+        controls, previews = pipe.prepare_conditions(mask, scribble)
+        if ids is not None:
+            previews["mask"] = mask_to_color(ids)
+        n = request.num_images
+        prompts = pipe.encode_prompts([request.prompt] * n)
+        drawing = pipe.draw(prompts, controls, pipe.prepare_noise(request.seeds), num_steps=request.num_steps,
+                            guidance_scale=request.guidance_scale, return_attention=request.return_intermediates)
+        with pipe.lock:
+            latents = encode_images(self.inverter, drawing.images, generator)
+            losses: list[float] = []
+            if request.refine_steps:
+                mask_ids = torch.from_numpy(ids.astype("int64"))[None].expand(n, -1, -1) if ids is not None else None
+                refined = refine_latent(
+                    generator, latents, drawing.images, steps=request.refine_steps, lr=REFINE_LR, lpips=self.lpips,
+                    face_parser=self.face_parser, mask_ids=mask_ids, mask_weight=REFINE_MASK_WEIGHT,
+                    w_reg_weight=REFINE_W_REG, latent_avg=generator.latent_avg, progress=pipe.show_progress)
+                latents, losses = refined.latent, refined.losses
+        truncated = generator.truncate(latents.to(pipe.device), request.truncation)
+        images = tensor_to_pil(pipe.render(truncated, 1.0, request.noise_mode, **request.render_kwargs))
+        settings = {**request.settings(), "inputs": sorted(previews), "model": self.name, "trained": self.trained}
+        output = FacePipelineOutput(images=images, latents=truncated.float().cpu(), seeds=request.seeds,
+                                    settings=settings, condition_images=previews, timesteps=drawing.timesteps,
+                                    diffusion_images=tensor_to_pil(drawing.images))
+        if losses:
+            output.settings["refine_loss"] = [losses[0], min(losses)]
+        if prompts.truncated[0]:
+            output.warnings.append("The prompt is longer than the 77 tokens CLIP reads; only its first part was used.")
+        if request.return_intermediates:
+            output.attention_words = prompts.words[0]
+            output.attention_maps = word_maps(drawing.token_maps, prompts.word_tokens[0])
+        return output
 
     # ------------------------------------------------------------------ 1. invert
     def invert(self, photo: Any, refine_steps: int = 0, progress: bool | None = None,
@@ -188,8 +331,8 @@ class FaceEditPipeline:
         seed = check_seed(seed)
         check_strength(strength)  # every setting is checked before the diffusion pass
         index = check_layers(layers, w_real.shape[1])
-        if method not in METHODS:
-            raise InvalidSettingError(f"the method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method not in LATENT_METHODS:
+            raise InvalidSettingError(f"the method must be one of {', '.join(LATENT_METHODS)}, got {method!r}")
         pipe = self.generation
         controls, _ = pipe.prepare_conditions(mask, scribble)
         prediction = pipe.predict_latents(pipe.encode_prompts([prompt]), controls, pipe.prepare_noise([seed]))
@@ -199,6 +342,14 @@ class FaceEditPipeline:
         return LatentEdit(w_edit, prediction.latents.float(), w_m, modulation, index)
 
     # ------------------------------------------------------------------ 3. the whole edit
+    @property
+    def default_edit_method(self) -> str:
+        """"modulate" with a trained T; "guided" (CLIP + identity + mask, training-free) when T is untrained.
+
+        An untrained T is the identity modulation (w^γ = 1, w^β = 0), so "modulate" could not change anything.
+        """
+        return "modulate" if self.trained else "guided"
+
     def edit(
         self,
         latent_or_inversion: torch.Tensor | InversionResult,
@@ -207,9 +358,9 @@ class FaceEditPipeline:
         scribble=None,
         strength: float = 1.0,
         layers: str | list[int] = "all",
-        method: str = "modulate",
+        method: str | None = None,
         seed: int = 0,
-        clip_steps: int = 0,
+        clip_steps: int | None = None,
         id_weight: float = 0.1,
         progress: bool | None = None,
         callback: Callable[[int, float], None] | None = None,
@@ -218,11 +369,18 @@ class FaceEditPipeline:
 
         Args:
             latent_or_inversion: :meth:`invert`'s result, or a W+ latent [1, L, D].
-            prompt, mask, scribble, strength, layers, method, seed: as :meth:`edit_latent`.
-            clip_steps: > 0 adds a text-only CLIP-guided refinement with an identity term.
-            id_weight: weight of that identity term.
-            progress: tqdm bar for the CLIP refinement (default: the generation pipeline's setting).
-            callback: (step, loss) after each CLIP step.
+            prompt, mask, scribble, strength, layers, seed: as :meth:`edit_latent`.
+            method: "modulate" / "mix" (E's features through T or M, :meth:`edit_latent`), "guided" (CLIP-guided
+                optimisation with an identity term and, when the mask was repainted, the face parser's
+                cross-entropy against it; strength blends the result in), or None for
+                :attr:`default_edit_method`.
+            clip_steps: "modulate"/"mix": > 0 adds CLIP-guided steps after the edit; "guided": its steps
+                (default 40).
+            id_weight: weight of the identity term.
+            progress: tqdm bar for the optimisation (default: the generation pipeline's setting).
+            callback: (step, loss) after each optimisation step.
+
+        The result's ``settings["method"]`` says which method ran and ``message`` why.
         """
         inversion = latent_or_inversion if isinstance(latent_or_inversion, InversionResult) else None
         w_real = inversion.latent if inversion is not None else latent_or_inversion
@@ -231,17 +389,26 @@ class FaceEditPipeline:
                 generator.num_ws, generator.style_dim):
             shape = tuple(w_real.shape) if isinstance(w_real, torch.Tensor) else type(w_real).__name__
             raise InvalidSettingError(f"the latent must be [1, {generator.num_ws}, {generator.style_dim}], got {shape}")
-        edit = self.edit_latent(w_real, prompt, mask, scribble, seed, strength, layers, method)
-        latent, clip_losses = edit.latent, []
-        if clip_steps:
-            if self.clip is None:
-                raise InvalidSettingError("this model has no CLIP network; CLIP-guided refinement is unavailable")
-            reference = image_to_tensor(inversion.aligned) if inversion is not None else None
-            with self.generation.lock:
-                refined = clip_refine(generator, latent, prompt or "", self.clip, clip_steps, identity_net=self.identity,
-                                      id_weight=id_weight, layers=layers, reference=reference,
-                                      progress=self._progress(progress), callback=callback)
-            latent, clip_losses = refined.latent, refined.losses
+        chosen = method or self.default_edit_method
+        if chosen not in METHODS:
+            raise InvalidSettingError(f"the method must be one of {', '.join(METHODS)}, got {chosen!r}")
+        message = ("T's modulation of the photo's latent" if chosen == "modulate" else
+                   "M's latent mixed into the photo's" if chosen == "mix" else
+                   "CLIP-guided optimisation with an identity term (training-free)")
+        if method is None and chosen == "guided":
+            message += ": T is untrained here, so its modulation would not change the photo"
+        reference = image_to_tensor(inversion.aligned) if inversion is not None else None
+        clip_losses: list[dict[str, float]] = []
+        if chosen == "guided":
+            steps = DEFAULT_GUIDED_STEPS if clip_steps is None else clip_steps
+            latent, clip_losses, layer_index = self._guided_edit(
+                w_real, inversion, prompt, mask, strength, layers, steps, id_weight, reference, progress, callback)
+        else:
+            edit = self.edit_latent(w_real, prompt, mask, scribble, seed, strength, layers, chosen)
+            latent, layer_index = edit.latent, edit.layers
+            if clip_steps:
+                refined = self._refine(latent, prompt, layers, clip_steps, id_weight, reference, progress, callback)
+                latent, clip_losses = refined.latent, refined.losses
         images = self.generation.render(latent)
         # The inversion already drew the reconstruction; only a bare latent needs rendering.
         reconstruction = (inversion.reconstruction if inversion is not None
@@ -251,11 +418,39 @@ class FaceEditPipeline:
             before = inversion.aligned if inversion is not None else reconstruction
             similarity = identity_similarity(self.identity, before, images.float())
         settings = {"prompt": (prompt or "").strip(), "seed": int(seed), "strength": float(strength),
-                    "layers": layers if isinstance(layers, str) else list(edit.layers), "method": method,
-                    "clip_steps": int(clip_steps), "inputs": [n for n, v in (("mask", mask), ("scribble", scribble))
-                                                              if v is not None], "model": self.name}
+                    "layers": layers if isinstance(layers, str) else list(layer_index), "method": chosen,
+                    "clip_steps": int(clip_steps or 0) if chosen != "guided" else len(clip_losses),
+                    "inputs": [n for n, v in (("mask", mask), ("scribble", scribble)) if v is not None],
+                    "model": self.name}
         return EditResult(tensor_to_pil(images[:1])[0], latent.float().cpu(), similarity, reconstruction, settings,
-                          clip_losses)
+                          clip_losses, message=message)
+
+    def _refine(self, latent, prompt, layers, steps, id_weight, reference, progress, callback, mask_ids=None):
+        if self.clip is None and (prompt or "").strip():
+            raise InvalidSettingError("this model has no CLIP network; CLIP-guided refinement is unavailable")
+        with self.generation.lock:
+            return clip_refine(self.generator, latent, prompt or "", self.clip, steps, identity_net=self.identity,
+                               id_weight=id_weight, layers=layers, reference=reference,
+                               progress=self._progress(progress), callback=callback,
+                               face_parser=self.face_parser if mask_ids is not None else None, mask_ids=mask_ids)
+
+    def _guided_edit(self, w_real, inversion, prompt, mask, strength, layers, steps, id_weight, reference, progress,
+                     callback):
+        """The training-free edit: optimise toward the text and a repainted mask, then blend by ``strength``."""
+        strength = check_strength(strength)
+        index = check_layers(layers, w_real.shape[1])
+        mask_ids = None
+        if mask is not None and self.face_parser is not None:
+            ids = parse_mask(mask, size=PARSER_MASK_SIZE)
+            unchanged = inversion is not None and inversion.mask is not None and np.array_equal(
+                ids, parse_mask(inversion.mask, size=PARSER_MASK_SIZE))
+            if not unchanged:  # the photo's own mask adds nothing to aim for
+                mask_ids = torch.from_numpy(ids.astype(np.int64))[None]
+        if not (prompt or "").strip() and mask_ids is None:
+            raise EmptyPromptError("describe the change, or repaint the mask")
+        refined = self._refine(w_real, prompt, layers, steps, id_weight, reference, progress, callback, mask_ids)
+        start = w_real.float().cpu()
+        return start + strength * (refined.latent - start), refined.losses, index
 
     def _progress(self, progress: bool | None) -> bool:
         return self.generation.show_progress if progress is None else progress

@@ -43,8 +43,10 @@ __all__ = [
     "GenerationRequest", "LatentPrediction", "resolve_dtype",
 ]
 
-# Built-in presets with deterministic random (untrained) weights: name -> builder in presets.py.
-PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components"}
+# Built-in presets: name -> builder in presets.py. "tiny" and "full-random" have deterministic random
+# (untrained) weights; "public" gathers the public networks (untrained M and T: use the training-free mode).
+PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components",
+           "public": "build_public_components"}
 
 
 @dataclass
@@ -110,6 +112,21 @@ class LatentPrediction:
     def modulation(self, step: int = 0) -> Modulation:
         """T's modulation at one feature step."""
         return Modulation(gamma=self.gamma[step], beta=self.beta[step], attention=self.attention[step])
+
+
+@dataclass
+class DiffusionDrawing:
+    """What the diffusion model itself draws (:meth:`FacePipeline.draw`).
+
+    Attributes:
+        images: I^d_0, [B, 3, H, W] in [-1, 1] at the diffusion model's resolution.
+        token_maps: per-token cross-attention maps of the first step, [B, 77, h, w] (when asked).
+        timesteps: the timesteps that ran.
+    """
+
+    images: torch.Tensor
+    token_maps: torch.Tensor | None
+    timesteps: list[int]
 
 
 def _default_device() -> torch.device:
@@ -221,8 +238,9 @@ class FacePipeline:
 
         Args:
             name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"full-random"`` (real sizes, random
-                weights, for benchmarks), a local folder written by ``save_pretrained``, or a Hub repository
-                holding an ``mm2latent.json`` manifest.
+                weights, for benchmarks), ``"public"`` (the public networks, untrained M and T: see
+                ``FaceEditPipeline`` and ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub
+                repository holding an ``mm2latent.json`` manifest.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
             dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a
@@ -234,7 +252,8 @@ class FacePipeline:
         if str(name_or_path) in PRESETS:
             from . import presets
 
-            pipe = cls(**getattr(presets, PRESETS[str(name_or_path)])(), trained=False, name=str(name_or_path))
+            parts = getattr(presets, PRESETS[str(name_or_path)])(dtype=dtype)
+            pipe = cls(**parts, trained=False, name=str(name_or_path))
         else:
             manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",))
             pipe = cls.from_components(parts, trained=bool(manifest.get("pipeline", {}).get("trained", False)),
@@ -305,8 +324,9 @@ class FacePipeline:
             if name not in self.modalities:
                 available = ", ".join(self.modalities) or "none"
                 raise UnsupportedConditionError(f"this model has no ControlNet for a {name} (available: {available})")
-        if request.return_diffusion_image and not self.encoder.has_vae:
+        if (request.return_diffusion_image or request.mode == "invert") and not self.encoder.has_vae:
             raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
+
 
     def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
         """Stage 1: user inputs -> ControlNet images ([1, 3, H, W] in [0, 1]) and their previews.
@@ -430,6 +450,45 @@ class FacePipeline:
             diffusion_images=encoded.image,
         )
 
+    @torch.no_grad()
+    def draw(
+        self,
+        prompts: PromptBatch,
+        controls: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 7.5,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        return_attention: bool = False,
+    ) -> DiffusionDrawing:
+        """Stage 4 of the training-free mode (and stage 2's training target): I^d_0, what the diffusion model draws.
+
+        DDIM sampling with classifier-free guidance (the unconditional pass batched with the conditional one)
+        from seeded noise, or from ``init_latents`` noised to t ≈ ``strength``·T, to the end; VAE-decoded.
+
+        Args:
+            prompts, controls, noise: stages 2, 1 and 3.
+            num_steps: DDIM steps of the schedule.
+            guidance_scale: classifier-free guidance (1 = off).
+            init_latents: [B, 4, h, w] clean VAE latents to start from (a training photo's), or None.
+            strength: how far ``init_latents`` are noised (1 = pure noise).
+            return_attention: also return the per-token attention maps of the first step.
+        """
+        batch = noise.shape[0]
+        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
+        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        with self.lock:
+            encoded = self.encoder(prompts.embeds, controls, noise, num_steps=num_steps,
+                                   feature_steps=[0], guidance_scale=guidance_scale,
+                                   negative_embeds=negative, decode=True, init_latents=init_latents, strength=strength,
+                                   show_progress=self.show_progress)
+        token_maps = None
+        if return_attention:
+            token_maps = word_attention_maps(encoded.features[0].attn_probs, self.modulator.feature_size).float().cpu()
+        return DiffusionDrawing(images=encoded.image, token_maps=token_maps, timesteps=encoded.timesteps)
+
     # ------------------------------------------------------------------ 5. rendering
     @torch.no_grad()
     def render(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0, noise_mode: str = "const",
@@ -457,7 +516,7 @@ class FacePipeline:
         return_intermediates: bool = False,
         return_diffusion_image: bool = False,
         combine: str = "mean",
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         noise_mode: str = "const",
         **render_kwargs,
     ) -> FacePipelineOutput:
@@ -477,7 +536,7 @@ class FacePipeline:
             return_intermediates: also return per-step w_t and per-word attention maps.
             return_diffusion_image: also denoise to the end and decode I^d_0 (costs a full sampling).
             combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
-            guidance_scale: classifier-free guidance of the diffusion sampling (1 = off).
+            guidance_scale: classifier-free guidance of the diffusion sampling (default 1 = off).
             noise_mode: the generator's noise: "const", "random" or "none".
             render_kwargs: options of the generator's ``synthesis`` (a 3D generator's camera).
         """
@@ -500,6 +559,10 @@ class FacePipeline:
         up to batched-kernel rounding.
         """
         for request in requests:
+            if request.mode == "invert":
+                raise UnsupportedConditionError(
+                    "mode='invert' (training-free) needs the photo inverter: load FaceEditPipeline.from_pretrained("
+                    "...), which runs it, or use mode='fast' / 'quality' with trained M and T")
             self.check_request(request)
         results: list[FacePipelineOutput | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

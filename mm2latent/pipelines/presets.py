@@ -1,6 +1,12 @@
-"""The built-in ``tiny`` preset: every component at toy size, with deterministic random weights.
+"""Built-in presets. ``tiny``: every component at toy size, with deterministic random weights.
 
-It has the same classes and the same SD-1.5 *structure* as the real model (4 down blocks, 3 cross-attention
+``full-random``: every component at its real size with random weights (benchmarks). ``public``: every network
+the method needs from public files (SD-1.5, the scribble ControlNet, FFHQ StyleGAN2, e4e, BiSeNet, IR-SE50,
+CLIP; :data:`~mm2latent.pipelines.hub.PUBLIC_COMPONENTS`), with M at the mean latent and T at identity until
+trained weights are published: its faces come from the training-free mode (``mode="invert"``).
+
+
+The tiny preset has the same classes and the same SD-1.5 *structure* as the real model (4 down blocks, 3 cross-attention
 layers in each of up blocks 1..3, two ControlNets, a CLIP text encoder, a VAE, a StyleGAN2), only narrow.
 It needs no download, runs the whole pipeline in seconds on a CPU, and is never trained: outputs are
 noise-like faces at best. Tests and the offline demo use it.
@@ -58,7 +64,7 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_components(seed: int = TINY_SEED) -> dict:
+def build_tiny_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """All components of the tiny preset, initialised from ``seed`` (same weights on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -114,7 +120,7 @@ def modulator_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, *
     return config
 
 
-def build_full_size_components(seed: int = TINY_SEED) -> dict:
+def build_full_size_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """Every component at its real size (SD-1.5, two ControlNets, 1024² StyleGAN2) with random weights.
 
     For speed and memory measurements without downloads: timings do not depend on weight values.
@@ -143,6 +149,39 @@ def build_full_size_components(seed: int = TINY_SEED) -> dict:
         encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
         mapper = MappingNetwork(**mapper_config(encoder, generator))
         modulator = StyleModulationNetwork(**modulator_config(encoder, generator))
+    return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
+
+
+def public_manifest(pipeline: str = "generation") -> dict:
+    """The public preset's manifest entries of one pipeline ("generation" or "editing")."""
+    from .components import COMPONENTS
+    from .hub import PUBLIC_COMPONENTS
+
+    return {"components": {name: dict(spec) for name, spec in PUBLIC_COMPONENTS.items()
+                           if COMPONENTS[name].pipeline == pipeline}}
+
+
+def build_public_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The public preset's generation parts: public files for E and G; M at the mean latent, T at identity.
+
+    M's heads are zeroed so that w^m = w̄ (the average face) rather than random offsets: fast mode then
+    shows plainly what untrained M and T give. Downloads (or reads from the Hub cache) every public file.
+    """
+    from .components import load_components
+
+    _, parts = load_components(public_manifest("generation"), dtype=dtype or torch.float32)
+    encoder = DiffusionEncoder(
+        unet=parts["unet"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"], vae=parts.get("vae"),
+        controlnets={m: parts[f"controlnet_{m}"] for m in ("mask", "scribble") if f"controlnet_{m}" in parts})
+    generator = parts["generator"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mapper = MappingNetwork(**mapper_config(encoder, generator))
+        modulator = StyleModulationNetwork(**modulator_config(encoder, generator))
+    with torch.no_grad():
+        mapper.heads.weight.zero_()
+        mapper.heads.bias.zero_()
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
 
 

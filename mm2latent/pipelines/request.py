@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EmptyPromptError, InvalidSeedError, InvalidSettingError, InvalidStepsError
@@ -22,6 +22,7 @@ __all__ = [
     "MAX_IMAGES",
     "MAX_SEED",
     "MAX_STEPS",
+    "MAX_REFINE_STEPS",
     "MAX_TRUNCATION",
     "MODES",
     "NOISE_MODES",
@@ -37,8 +38,13 @@ MAX_STEPS = 100
 MAX_IMAGES = 16
 MAX_TRUNCATION = 2.0
 MAX_GUIDANCE = 30.0
+MAX_REFINE_STEPS = 1000
 DEFAULT_QUALITY_STEPS = 20
-MODES = ("fast", "quality")
+#: Classifier-free guidance of the training-free mode's I^d_0, as the public ControlNet recipes use.
+DEFAULT_INVERT_GUIDANCE = 7.5
+#: "fast": one U-Net pass at t = T -> M, T; "quality": DDIM steps, per-step latents combined; "invert": the
+#: training-free mode (public weights only): I^d_0 from the diffusion model, inverted to W+ by the photo encoder.
+MODES = ("fast", "quality", "invert")
 COMBINE = ("mean", "coarse-to-fine")
 NOISE_MODES = ("const", "random", "none")
 
@@ -106,14 +112,16 @@ class GenerationRequest:
         mask: the 19-class mask as the user gave it (path, PIL image or array), or None.
         scribble: the sketch as the user gave it, or None.
         seed: 0..MAX_SEED; image i of the request uses ``seed + i`` (mod 2**32).
-        mode: "fast" (one U-Net pass at t = T) or "quality" (DDIM steps, latents combined).
-        num_steps: DDIM steps of the schedule (quality mode and the diffusion preview).
+        mode: "fast" (one U-Net pass at t = T), "quality" (DDIM steps, latents combined) or "invert" (the
+            training-free mode: the diffusion model draws I^d_0, the photo encoder inverts it to W+).
+        num_steps: DDIM steps of the schedule (quality and invert modes, and the diffusion preview).
         feature_steps: the steps whose features feed the latent.
         truncation: ψ toward the mean latent (1 = none).
         num_images: images in one batch.
         combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
-        guidance_scale: classifier-free guidance of the diffusion sampling (1 = off).
+        guidance_scale: classifier-free guidance of the diffusion sampling (1 = off; invert mode default 7.5).
         noise_mode: the generator's noise ("const", "random" or "none").
+        refine_steps: invert mode: optimisation steps that pull G(w) toward I^d_0 (and the mask) after the encoder.
         return_intermediates: also return per-step latents and per-word attention maps.
         return_diffusion_image: also denoise to the end and decode I^d_0.
         render_kwargs: extra arguments of the generator's ``synthesis`` (a 3D generator's camera).
@@ -134,6 +142,7 @@ class GenerationRequest:
     return_intermediates: bool = False
     return_diffusion_image: bool = False
     render_kwargs: dict = field(default_factory=dict)
+    refine_steps: int = 0
 
     @classmethod
     def create(
@@ -148,11 +157,12 @@ class GenerationRequest:
         truncation: Any = 1.0,
         num_images: Any = 1,
         combine: str = "mean",
-        guidance_scale: Any = 1.0,
+        guidance_scale: Any = None,
         noise_mode: str = "const",
         return_intermediates: bool = False,
         return_diffusion_image: bool = False,
         render_kwargs: dict | None = None,
+        refine_steps: Any = 0,
         *,
         max_images: int = MAX_IMAGES,
         max_prompt_chars: int | None = None,
@@ -162,7 +172,8 @@ class GenerationRequest:
         Args:
             seed: None draws a random seed.
             num_steps: None means 20 (the preview's denoising also uses it in fast mode).
-            feature_steps: None means [0] in fast mode and every step in quality mode.
+            feature_steps: None means [0] in fast and invert modes and every step in quality mode.
+            guidance_scale: None means 7.5 in invert mode, else 1 (off).
             max_images: the most images one request may ask for (a Space may allow fewer than 16).
             max_prompt_chars: refuse longer prompts (None: no limit; CLIP reads 77 tokens anyway).
 
@@ -188,10 +199,11 @@ class GenerationRequest:
             raise InvalidSettingError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {_shown(noise_mode)}")
         num_steps = DEFAULT_QUALITY_STEPS if num_steps is None else check_integer(
             num_steps, "the number of steps", 1, MAX_STEPS, InvalidStepsError)
-        if mode == "fast":
-            # Fast mode reads the first (t = T) step only; num_steps still sets the preview's denoising.
+        if mode in ("fast", "invert"):
+            # Fast mode reads the first (t = T) step only; num_steps still sets the preview's denoising. Invert
+            # mode reads features only for its attention maps.
             if feature_steps is not None and sorted(set(feature_steps)) != [0]:
-                raise InvalidStepsError("fast mode reads features at the first step only; use mode='quality' "
+                raise InvalidStepsError(f"{mode} mode reads features at the first step only; use mode='quality' "
                                         "for other steps")
             feature_steps = [0]
         elif feature_steps is None:
@@ -202,12 +214,18 @@ class GenerationRequest:
             raise InvalidStepsError(f"feature steps must be step indices from 0 to {num_steps - 1}, got none")
         truncation = check_number(truncation, "truncation ψ", 0.0, MAX_TRUNCATION)
         num_images = check_integer(num_images, "the number of images", 1, max_images)
+        if guidance_scale is None:
+            guidance_scale = DEFAULT_INVERT_GUIDANCE if mode == "invert" else 1.0
         guidance_scale = check_number(guidance_scale, "the guidance scale", 1.0, MAX_GUIDANCE)
+        refine_steps = check_integer(refine_steps, "the refinement steps", 0, MAX_REFINE_STEPS, InvalidStepsError)
+        if refine_steps and mode != "invert":
+            raise InvalidSettingError("refine_steps applies to mode='invert' only")
         return cls(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=num_steps,
                    feature_steps=tuple(feature_steps), truncation=truncation, num_images=num_images,
                    combine=combine, guidance_scale=guidance_scale, noise_mode=noise_mode,
                    return_intermediates=bool(return_intermediates),
-                   return_diffusion_image=bool(return_diffusion_image), render_kwargs=dict(render_kwargs or {}))
+                   return_diffusion_image=bool(return_diffusion_image), render_kwargs=dict(render_kwargs or {}),
+                   refine_steps=refine_steps)
 
     @property
     def seeds(self) -> list[int]:
@@ -216,8 +234,8 @@ class GenerationRequest:
 
     @property
     def sampling_steps(self) -> int:
-        """DDIM steps actually run: the whole schedule in quality mode or for the preview, else one pass."""
-        return self.num_steps if (self.mode == "quality" or self.return_diffusion_image) else 1
+        """DDIM steps actually run: the whole schedule in quality and invert modes or for the preview, else one."""
+        return self.num_steps if (self.mode != "fast" or self.return_diffusion_image) else 1
 
     @property
     def inputs(self) -> list[str]:
@@ -229,14 +247,9 @@ class GenerationRequest:
         return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "num_steps": self.sampling_steps,
                 "feature_steps": list(self.feature_steps), "truncation": self.truncation,
                 "num_images": self.num_images, "combine": self.combine, "guidance_scale": self.guidance_scale,
-                "noise_mode": self.noise_mode, **{k: _plain(v) for k, v in self.render_kwargs.items()}}
+                "noise_mode": self.noise_mode, **({"refine_steps": self.refine_steps} if self.mode == "invert" else {}),
+                **{k: _plain(v) for k, v in self.render_kwargs.items()}}
 
-    def with_images(self, num_images: int, seed: int) -> GenerationRequest:
-        """The same request for another seed and image count (used to split a batch)."""
-        return replace(self, num_images=num_images, seed=seed)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _plain(value: Any) -> Any:

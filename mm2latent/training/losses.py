@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.generator import w_norm
 
-def w_norm(w: torch.Tensor, latent_avg: torch.Tensor) -> torch.Tensor:
-    """pSp's WNormLoss: mean over the batch of ‖w − w̄‖₂ over all layers."""
-    return (w - latent_avg).flatten(1).norm(dim=1).mean()
+__all__ = ["LatentLoss", "w_norm"]
 
 
 def _pool(images: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ returns CelebAMask-HQ ids through :data:`mm2latent.inputs.conditions.FACE_PARSER
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -156,15 +157,24 @@ class BiSeNet(nn.Module, PyTorchModelHubMixin):
         logits = self.conv_out(self.ffm(feat8, feat_cp8))
         return F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=True)
 
-    @torch.no_grad()
-    def parse(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> CelebAMask-HQ class ids [B, size, size] (long), default at the input size."""
+    def celebamask_logits(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> class logits in CelebAMask-HQ order, [B, 19, size, size] (differentiable).
+
+        The parser's own label order is permuted with ``FACE_PARSER_TO_CELEBAMASK`` (channel c of the result is
+        the parser's class that maps to CelebAMask-HQ class c), so a cross-entropy against a CelebAMask-HQ mask
+        needs no remapping.
+        """
         size = size or images.shape[-1]
         x = F.interpolate(images.float(), size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
         logits = F.interpolate(self(x), size=(size, size), mode="bilinear", align_corners=False)
-        remap = torch.tensor(FACE_PARSER_TO_CELEBAMASK.tolist(), dtype=torch.long, device=logits.device)
-        return remap[logits.argmax(dim=1)]
+        order = torch.from_numpy(np.argsort(FACE_PARSER_TO_CELEBAMASK)).to(logits.device)
+        return logits.index_select(1, order)
+
+    @torch.no_grad()
+    def parse(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> CelebAMask-HQ class ids [B, size, size] (long), default at the input size."""
+        return self.celebamask_logits(images, size).argmax(dim=1)
 
 
 def tiny_face_parser_config() -> dict:
