@@ -34,6 +34,10 @@ def test_several_images_and_user_errors(tmp_path, capsys):
     assert "prompt is empty" in capsys.readouterr().err
 
 
-def test_module_entry_point_reports_usage():
-    result = subprocess.run([sys.executable, "-m", "mm2latent", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "generate" in result.stdout and "convert" in result.stdout
+def test_module_entry_point_reports_a_bad_seed_plainly(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mm2latent", "generate", "--preset", "tiny", "--prompt", "a man",
+                             "--seed", str(2**40), "--out", str(tmp_path / "x.png"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and not (tmp_path / "x.png").exists()
+    assert "error: the seed must be a whole number from 0 to 4294967295" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -21,7 +21,6 @@ from mm2latent.inputs.conditions import (
     CELEBAMASK_CLASSES,
     CELEBAMASK_PALETTE,
     FACE_CLASS_IDS,
-    FACE_PARSER_TO_CELEBAMASK,
     MAX_IMAGE_PIXELS,
     edges_from_photo,
     load_image,
@@ -102,20 +101,19 @@ def _png_with_header_size(width: int, height: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def test_class_tables_are_consistent():
-    assert len(CELEBAMASK_CLASSES) == 19 == len(set(CELEBAMASK_CLASSES))
-    assert CELEBAMASK_PALETTE.shape == (19, 3) and CELEBAMASK_PALETTE.dtype == np.uint8
-    assert len({tuple(c) for c in CELEBAMASK_PALETTE.tolist()}) == 19
-    assert CELEBAMASK_CLASSES.index("eye_g") not in FACE_CLASS_IDS
+def test_class_table_matches_the_datasets_documented_colours(testdata):
+    """Ids, names and colours equal the CelebAMask-HQ table in the test data's README (the source of truth)."""
+    import re
+
+    rows = re.findall(r"\|\s*(\d+)\s*\|\s*(\w+)[^|]*\|\s*(\d+),(\d+),(\d+)\s*", (testdata / "README.md").read_text())
+    documented = {int(i): (name, (int(r), int(g), int(b))) for i, name, r, g, b in rows}
+    assert sorted(documented) == list(range(19))
+    for class_id, (name, rgb) in documented.items():
+        assert CELEBAMASK_CLASSES[class_id] == name
+        assert tuple(CELEBAMASK_PALETTE[class_id].tolist()) == rgb
+    # Face classes: what `has_face` requires (glasses, hair, hat, neck, cloth alone are no face).
     assert {CELEBAMASK_CLASSES[i] for i in FACE_CLASS_IDS} >= {"skin", "nose", "l_eye", "mouth", "u_lip"}
-    assert not {CELEBAMASK_CLASSES[i] for i in FACE_CLASS_IDS} & {
-        "background",
-        "hair",
-        "hat",
-        "neck",
-        "cloth",
-    }
-    assert sorted(FACE_PARSER_TO_CELEBAMASK.tolist()) == list(range(19))
+    assert not {CELEBAMASK_CLASSES[i] for i in FACE_CLASS_IDS} & {"eye_g", "background", "hair", "hat", "neck", "cloth"}
     assert MAX_IMAGE_PIXELS == 40_000_000
 
 
@@ -127,7 +125,7 @@ def test_class_tables_are_consistent():
 @pytest.mark.parametrize("path", _mask_params(MASK_FILES), ids=lambda p: getattr(p, "name", "none"))
 def test_index_mask_files_parse_to_their_raw_ids(path):
     ids = parse_mask(path)
-    assert ids.dtype == np.uint8 and ids.max() <= 18
+    assert ids.dtype == np.uint8
     np.testing.assert_array_equal(ids, _raw_ids(path))
 
 
@@ -170,17 +168,19 @@ def test_antialiased_colour_renderings_round_trip(path):
 def test_quantised_palette_rendering_is_read_by_colour(path):
     ids = parse_mask(path)
     quantised = mask_to_color(ids).quantize(colors=32)  # palette order unrelated to class ids
-    assert quantised.mode == "P" and np.asarray(quantised).max() <= 18
+    assert quantised.mode == "P"
     assert not np.array_equal(np.asarray(quantised), ids)
     np.testing.assert_array_equal(parse_mask(quantised), ids)
 
 
-def test_off_palette_colours_all_get_valid_ids():
+def test_off_palette_colours_get_the_nearest_palette_class():
     noise = np.random.default_rng(0).integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
     ids = parse_mask(noise, require_face=False)
     assert ids.shape == (96, 80) and ids.dtype == np.uint8
-    assert ids.min() >= 0 and ids.max() <= 18
-    assert len(np.unique(ids)) > 5
+    # Pixels whose neighbourhood does not change the answer take the nearest canonical colour.
+    distances = ((noise[:, :, None, :].astype(int) - CELEBAMASK_PALETTE[None, None].astype(int)) ** 2).sum(-1)
+    nearest = distances.argmin(-1)
+    assert (ids == nearest).mean() > 0.5 and len(np.unique(ids)) > 5
 
 
 def test_rgba_fully_transparent_pixels_are_background():

@@ -33,12 +33,6 @@ def test_grouped_heads_equal_separate_gradual_style_blocks():
         torch.testing.assert_close(grouped[:, layer], separate, atol=1e-5, rtol=1e-5)
 
 
-def test_heads_reject_the_wrong_spatial_size():
-    heads = Map2StyleHeads(4, 4, 2, 4, spatial=8)
-    with pytest.raises(AssertionError, match="8"):
-        heads(torch.randn(1, 4, 4, 4))
-
-
 def test_mapping_adds_the_mean_latent(features, tiny_pipe):
     feats, _ = features
     mapper = copy.deepcopy(tiny_pipe.mapper)
@@ -98,13 +92,21 @@ def test_prompt_without_words_leaves_the_global_branch_ungated(features, tiny_pi
     assert torch.equal(modulation.attention, torch.ones_like(modulation.attention))
 
 
-def test_sizes_follow_the_configs(tiny_pipe):
-    encoder, generator = tiny_pipe.encoder, tiny_pipe.generator
-    assert tiny_pipe.mapper.num_ws == generator.num_ws
-    assert tiny_pipe.modulator.block_channels == list(reversed(encoder.unet.config.block_out_channels))
-    sd_mapper = MappingNetwork()  # SD-1.5 + 1024² StyleGAN2 defaults
-    assert sd_mapper.heads.spatial == 8 and sd_mapper.num_ws == 18
-    assert StyleModulationNetwork(num_ws=4, hidden_channels=8, head_channels=4).block_channels == [1280, 1280, 640, 320]
+def test_m_and_t_size_themselves_from_the_encoder_and_any_generator(features, tiny_pipe):
+    """Built from the encoder's and a generator's configs, M and T read the real features and emit that
+    generator's W+ (here a 3D-sized one with 8 layers and 48-d styles, not the tiny StyleGAN2's 10 x 64)."""
+    from types import SimpleNamespace
+
+    from mm2latent.pipelines.presets import mapper_config, modulator_config
+
+    feats, word_mask = features
+    other = SimpleNamespace(num_ws=8, style_dim=48)
+    mapper = MappingNetwork(**mapper_config(tiny_pipe.encoder, other, reduce_channels=8, head_channels=4))
+    modulator = StyleModulationNetwork(**modulator_config(tiny_pipe.encoder, other, hidden_channels=8, head_channels=4))
+    with torch.no_grad():
+        w_m = mapper(feats.h, torch.zeros(48))
+        modulation = modulator(feats, word_mask)
+    assert w_m.shape == modulation.gamma.shape == modulation.beta.shape == (2, 8, 48)
 
 
 def test_combine_steps():

@@ -51,8 +51,10 @@ def test_text_only_and_scribble_inputs(tiny_pipe, sketch_path, mask_path):
     assert set(sketch.condition_images) == {"scribble"} and set(both.condition_images) == {"mask", "scribble"}
     assert not torch.equal(text_only.latents, sketch.latents)
     assert not torch.equal(sketch.latents, both.latents)
-    # A visual input alone is enough.
-    assert tiny_pipe("", mask=mask_path, seed=5).images
+    # A visual input alone is enough: no words, so T's global branch is ungated and no attention maps exist.
+    mask_only = tiny_pipe("", mask=mask_path, seed=5, return_intermediates=True)
+    assert mask_only.attention_words == [] and mask_only.attention_maps.shape[1] == 0
+    assert not torch.equal(mask_only.latents, both.latents)
 
 
 def test_batch_matches_single_calls(tiny_pipe, mask_path):

@@ -123,10 +123,22 @@ def test_batched_requests_match_single_calls(pipe, mask):
         assert set(output.condition_images) == set(single.condition_images)
 
 
-def test_warmup_runs_each_batch_size(pipe):
-    times = speed.warmup(pipe, batch_sizes=(1, 2), runs=1)
-    assert len(times) == 2 and all(t > 0 for t in times)
-    assert pipe.show_progress is False
+def test_warmup_runs_each_batch_size_quietly_and_restores_the_progress_setting(pipe, monkeypatch):
+    calls = []
+    original = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["num_images"], self.show_progress))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    pipe.show_progress = True
+    try:
+        times = speed.warmup(pipe, batch_sizes=(1, 2), runs=2)
+        assert pipe.show_progress is True  # restored
+    finally:
+        pipe.show_progress = False
+    assert len(times) == 4 and calls == [(1, False), (1, False), (2, False), (2, False)]
 
 
 def test_compile_regions_avoid_capture(pipe):
@@ -190,37 +202,39 @@ def test_bfloat16_close_to_float32(pipe, mask):
     assert (low(PROMPT, mask=mask, seed=1).latents - half).abs().mean() < 0.05 * spread
 
 
-def test_benchmark_runs_on_tiny(tmp_path):
+def test_benchmark_report_is_consistent(tmp_path):
+    """The tiny benchmark's JSON is internally consistent and its table shows the JSON's numbers."""
     out = tmp_path / "cpu-tiny.json"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "speed.py"), "--preset", "tiny", "--device", "cpu",
                "--repeats", "1", "--warmup", "0", "--quality-steps", "2", "--batch-sizes", "1", "2",
                "--baseline-steps", "2", "--threads", "1", "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
-    elapsed = time.perf_counter() - start
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
-
     results = json.loads(out.read_text())
-    assert results["schema"] == "mm2latent-speed/1"
-    for key in ("meta", "stages", "end_to_end", "throughput", "space_overhead", "cold_start", "baseline", "ratios",
-                "ablations", "targets"):
-        assert key in results, key
     meta = results["meta"]
-    assert meta["preset"] == "tiny" and meta["weights"]["random"] is True and meta["dtype"] == "float32"
-    assert meta["torch_threads"] == 1 and meta["versions"]["torch"] == torch.__version__
-    for stage in ("text_encoding", "unet_controlnet_capture", "mapper_M", "modulator_T", "stylegan2_synthesis",
-                  "postprocess_to_pil"):
-        item = results["stages"][stage]
-        assert 0 < item["min_ms"] <= item["median_ms"] <= item["max_ms"] and item["peak_bytes"] > 0
-    assert {"fast", "fast_uncached_prompt", "fast_model_only", "quality_2_steps"} <= set(results["end_to_end"])
-    assert set(results["throughput"]) == {"batch_1", "batch_2"}
-    assert all(t["faces_per_s"] > 0 for t in results["throughput"].values())
-    assert results["baseline"]["steps"] == 2 and results["baseline"]["shares_modules_with_ours"] is True
-    assert results["ratios"]["baseline_over_fast"] > 0
-    assert results["cold_start"]["seconds_to_first_image"] > 0 and results["cold_start"]["peak_rss_bytes"] > 0
-    assert 0 < results["space_overhead"]["overhead_share"]
-    assert all(t["met"] is None for t in results["targets"])  # targets are for the full-size models
+    assert meta["preset"] == "tiny" and meta["weights"]["random"] is True and meta["torch_threads"] == 1
+    assert meta["options"]["sections"][0] == "build" and "invert_mode" in meta["options"]["sections"]
+    stages, e2e = results["stages"], results["end_to_end"]
+    for item in [*stages.values(), *e2e.values()]:
+        assert item["min_ms"] <= item["median_ms"] <= item["max_ms"] and len(item["runs_ms"]) == item["repeats"]
+    # Derived figures follow from the measured ones.
+    assert results["stage_sum_ms"] == pytest.approx(sum(stages[k]["median_ms"] for k in (
+        "text_encoding_cached", "unet_controlnet_capture", "mapper_M", "modulator_T", "stylegan2_synthesis")))
+    for name, item in results["throughput"].items():
+        assert item["faces_per_s"] == pytest.approx(item["batch"] / (item["median_ms"] / 1e3))
+        assert name == f"batch_{item['batch']}"
+    ratios, baseline = results["ratios"], results["baseline"]
+    assert ratios["baseline_over_fast"] == pytest.approx(baseline["median_ms"] / e2e["fast_uncached_prompt"]["median_ms"])
+    assert ratios["invert_refine_0_over_baseline"] == pytest.approx(
+        results["invert_mode"]["refine_0"]["median_ms"] / baseline["median_ms"])
+    assert baseline["steps"] == 2 and baseline["shares_modules_with_ours"] is True
+    overhead = results["space_overhead"]
+    assert overhead["overhead_ms"] == pytest.approx(sum(v["median_ms"] for v in overhead["parts"].values()))
+    assert overhead["overhead_share"] == pytest.approx(overhead["overhead_ms"] / overhead["model_ms"])
+    assert all(t["met"] is None for t in results["targets"])  # targets apply to the full-size models only
+    # The table prints what the JSON holds.
     table = out.with_suffix(".md").read_text()
-    assert "Speed-up baseline / fast" in table and "| target |" in table
+    assert f"**Speed-up baseline / fast: {ratios['baseline_over_fast']:.1f}×**" in table
+    assert f"| **fast** | {e2e['fast']['median_ms']:.1f} |" in table
+    assert f"{ratios['invert_refine_0_over_baseline']:.2f}× the baseline" in table

@@ -110,7 +110,10 @@ def test_run_exports_pipeline_and_model_card(tiny_pipe, tmp_path):
     assert (Path(config.output_dir) / "samples" / "step_0000002.png").is_file()
     card = (final / "README.md").read_text()
     assert "non-commercial" in card and "loss/l2" in card and "stage: 1" in card
-    assert model_card(config).startswith("---\n")
+    _, front, body = model_card(config).split("---\n", 2)
+    assert yaml.safe_load(front)["license_name"] == "celebamask-hq-non-commercial"
+    dumped = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(dumped) == config.to_dict()  # the card's config reproduces the run
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))

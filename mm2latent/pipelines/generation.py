@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.profiler import record_function
 
 from ..errors import InvalidSettingError, UnsupportedConditionError
 from ..inputs.conditions import (
@@ -339,32 +341,33 @@ class FacePipeline:
         self.check_request(GenerationRequest(mask=mask, scribble=scribble))
         size = self.encoder.image_size
         previews: dict[str, Image.Image] = {}
-        if mask is not None:
-            previews["mask"] = mask_to_color(parse_mask(mask, size=size))
-        if scribble is not None:
-            binary = parse_scribble(scribble, size=size)
-            if scribble_is_empty(binary):
-                import warnings
-
-                warnings.warn("the sketch has no strokes; it is ignored", stacklevel=3)
-            else:
-                previews["scribble"] = scribble_to_image(binary).convert("RGB")
-        controls = {
-            name: torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-            .to(self.device, self.dtype)
-            for name, image in previews.items()
-        }
+        with record_function("mm2latent.prepare_conditions"):
+            if mask is not None:
+                previews["mask"] = mask_to_color(parse_mask(mask, size=size))
+            if scribble is not None:
+                binary = parse_scribble(scribble, size=size)
+                if scribble_is_empty(binary):
+                    warnings.warn("the sketch has no strokes; it is ignored", stacklevel=3)
+                else:
+                    previews["scribble"] = scribble_to_image(binary).convert("RGB")
+            controls = {
+                name: torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                .to(self.device, self.dtype)
+                for name, image in previews.items()
+            }
         return controls, previews
 
     # ------------------------------------------------------------------ 2. text
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
         """Stage 2: CLIP embeddings and word masks of one prompt per sample (cached, new ones batched)."""
-        return PromptBatch.stack(self.encoder.encode_prompts(list(prompts)))
+        with record_function("mm2latent.encode_prompts"):
+            return PromptBatch.stack(self.encoder.encode_prompts(list(prompts)))
 
     # ------------------------------------------------------------------ 3. noise
     def prepare_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Stage 3: seeded initial latents z_T, one seed per sample, drawn on the CPU so every device agrees."""
-        return self.encoder.initial_noise(list(seeds))
+        with record_function("mm2latent.prepare_noise"):
+            return self.encoder.initial_noise(list(seeds))
 
     # ------------------------------------------------------------------ 4. latents
     def latents_from_features(
@@ -424,7 +427,7 @@ class FacePipeline:
         assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
         controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
         negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
-        with self.lock:
+        with self.lock, record_function("mm2latent.predict_latents"):
             encoded = self.encoder(
                 prompts.embeds, controls, noise, num_steps=num_steps, feature_steps=list(feature_steps),
                 guidance_scale=guidance_scale, negative_embeds=negative, decode=decode,
@@ -479,7 +482,7 @@ class FacePipeline:
         batch = noise.shape[0]
         controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
         negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
-        with self.lock:
+        with self.lock, record_function("mm2latent.draw"):
             encoded = self.encoder(prompts.embeds, controls, noise, num_steps=num_steps,
                                    feature_steps=[0], guidance_scale=guidance_scale,
                                    negative_embeds=negative, decode=True, init_latents=init_latents, strength=strength,
@@ -497,7 +500,7 @@ class FacePipeline:
 
         ``render_kwargs`` go to the generator's ``synthesis`` (a 3D generator's camera).
         """
-        with self.lock:
+        with self.lock, record_function("mm2latent.render"):
             return self.generator.synthesis(self.generator.truncate(latents, truncation), noise_mode=noise_mode,
                                             **render_kwargs)
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..models.diffusion_encoder import DiffusionEncoder
+from ..models.diffusion_encoder import DiffusionEncoder, LazyComponent
 from ..models.mapping import MappingNetwork, StyleModulationNetwork
 from ..models.stylegan2 import StyleGAN2Generator
 
@@ -124,8 +124,12 @@ def build_full_size_components(seed: int = TINY_SEED, dtype: torch.dtype | None 
     """Every component at its real size (SD-1.5, two ControlNets, 1024² StyleGAN2) with random weights.
 
     For speed and memory measurements without downloads: timings do not depend on weight values.
-    The tokenizer is the tiny one (token ids are all the text encoder sees).
+    The tokenizer is the tiny one (token ids are all the text encoder sees). The ControlNets and the VAE are
+    built on first use (seeded, so always the same weights), as loaded models read them from disk on first
+    use: a request that needs neither never holds them in memory.
     """
+    vae_config = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer()
@@ -135,18 +139,26 @@ def build_full_size_components(seed: int = TINY_SEED, dtype: torch.dtype | None 
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD-1.5's
-        controlnets = {name: ControlNetModel.from_unet(unet) for name in ("mask", "scribble")}
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-        )
         scheduler = DDIMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
             set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
         )
         generator = StyleGAN2Generator()
         generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
-        encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
+
+    def seeded(build, offset: int):
+        def load(target_dtype: torch.dtype):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + offset)
+                return build().to(dtype=target_dtype)
+        return load
+
+    controlnets = {name: LazyComponent(load=seeded(lambda: ControlNetModel.from_unet(unet), offset))
+                   for offset, name in enumerate(("mask", "scribble"), start=1)}
+    vae = LazyComponent(load=seeded(lambda: AutoencoderKL(**vae_config), 3), config=vae_config)
+    encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
         mapper = MappingNetwork(**mapper_config(encoder, generator))
         modulator = StyleModulationNetwork(**modulator_config(encoder, generator))
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
