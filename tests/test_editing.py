@@ -20,6 +20,7 @@ from mm2latent.editing.methods import (
     layer_ranges,
 )
 from mm2latent.errors import EmptyPromptError, InvalidSettingError
+from mm2latent.inputs.metadata import read_png_settings
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +130,17 @@ def handlers(edit_pipe):
 
 def test_ui_invert_then_edit(handlers, testdata):
     photo = Image.open(testdata / "photos" / "ffhq_2.jpg")
-    aligned, reconstruction, canvas, path, info, state = handlers.invert(photo, 0, progress=None)
+    aligned, reconstruction, canvas, files, info, state = handlers.invert(photo, 0, progress=None)
     assert aligned.size == (256, 256) and reconstruction.size == (64, 64) and "Inverted" in info
     assert canvas["background"].size == (512, 512)
-    assert torch.load(path)["latent"].shape == (1, 10, 64)
-    pair, edited, identity, path, info, state = handlers.edit(
+    png, npy = files
+    assert np.load(npy).shape == (1, 10, 64) and read_png_settings(png) == {"source": "inversion"}
+    pair, edited, identity, files, info, state = handlers.edit(
         state, photo, 0, "she is smiling", canvas, True, 1.0, "middle", "modulate", 0, 0, progress=None)
     assert pair[0].size == pair[1].size == edited.size == (64, 64)
     assert -1.0 <= float(identity) <= 1.0
-    assert torch.load(path)["settings"]["layers"] == "middle"
+    png, npy = files
+    assert read_png_settings(png)["layers"] == "middle" and np.load(npy).shape == (1, 10, 64)
 
 
 def test_ui_edit_without_inverting_first_and_errors(handlers, testdata):
@@ -177,4 +180,5 @@ def test_edit_endpoint_through_gradio_client(edit_app, testdata):
                             api_name="/edit_photo")
     pair, edited, identity, latent, info = result
     assert len(pair) == 2 and -1.0 <= float(identity) <= 1.0
-    assert torch.load(latent if isinstance(latent, str) else latent["path"])["latent"].shape == (1, 10, 64)
+    npy = next(path for path in latent if path.endswith(".npy"))
+    assert np.load(npy).shape == (1, 10, 64)
