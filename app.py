@@ -13,12 +13,22 @@ import re
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from mm2latent.ui import canvases, text
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_pipeline
+from mm2latent.ui.outputs import GradioCacheLimit, OutputStore
 from mm2latent.ui.photo_tab import build_edit_tab
+from mm2latent.ui.security import (
+    DrawingCanvas,
+    NoSniffMiddleware,
+    SpaceBlocks,
+    UploadedFile,
+    WholeNumber,
+    limit_image_decoding,
+)
 from mm2latent.ui.settings import Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -26,7 +36,12 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 SETTINGS = Settings.from_env()
+limit_image_decoding()  # before anything can decode an upload
 MODEL = load_pipeline(SETTINGS)
+# Output files live only until Gradio has copied them (room for every run in flight); Gradio's cache is
+# trimmed after every event (SpaceBlocks) and by age (delete_cache).
+STORE = OutputStore(max_runs=max(16, 4 * SETTINGS.concurrency), max_age_s=SETTINGS.cache_max_age_s)
+CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files)
 
 
 @gpu_task(duration=SETTINGS.gpu_duration)
@@ -35,7 +50,7 @@ def run_pipeline(**request):
     return MODEL.pipe(**request)
 
 
-HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS)
+HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE)
 RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
 
@@ -50,7 +65,7 @@ def build_mask_tab() -> dict:
             template = gr.Radio(list(canvases.TEMPLATE_CHOICES), value=canvases.DEFAULT_TEMPLATE,
                                 label="Start from a template", scale=5, elem_id="template")
             reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
-        canvas = gr.ImageEditor(
+        canvas = DrawingCanvas(
             value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
             sources=(), transforms=(), layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE),
             fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
@@ -65,8 +80,8 @@ def build_mask_tab() -> dict:
                             "**black** (background) to remove parts of the template; the eraser removes your own "
                             "strokes. *Left* and *right* are the person's own, so they are mirrored on screen.")
                 status = gr.Markdown(elem_id="mask-status")
-            upload = gr.File(label="Or upload a mask (class ids, palette PNG or colour map)", file_types=["image"],
-                             elem_id="mask-upload", scale=2, min_width=200)
+            upload = UploadedFile(label="Or upload a mask (class ids, palette PNG or colour map)",
+                                  file_types=["image"], elem_id="mask-upload", scale=2, min_width=200)
         button = gr.Button("Generate", variant="primary", elem_id="generate-mask")
     return {"tab": tab, "template": template, "reload": reload_template, "canvas": canvas, "upload": upload,
             "status": status, "button": button}
@@ -76,16 +91,15 @@ def build_sketch_tab() -> dict:
     with gr.Tab("Text + sketch", id="sketch") as tab:
         stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
                           elem_id="stroke-width")
-        canvas = gr.ImageEditor(
+        canvas = DrawingCanvas(
             value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
             layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
             label="Sketch", elem_id="sketchpad", height=600,
             brush=sketch_brush(canvases.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),
         )
         with gr.Row():
-            upload = gr.File(label="Upload a sketch", file_types=["image"], elem_id="sketch-upload")
-            photo = gr.File(label="Sketch from a photo (edges)", file_types=["image"],
-                            elem_id="photo-upload")
+            upload = UploadedFile(label="Upload a sketch", file_types=["image"], elem_id="sketch-upload")
+            photo = UploadedFile(label="Sketch from a photo (edges)", file_types=["image"], elem_id="photo-upload")
         button = gr.Button("Generate", variant="primary", elem_id="generate-sketch")
     return {"tab": tab, "stroke": stroke, "canvas": canvas, "upload": upload, "photo": photo, "button": button}
 
@@ -109,7 +123,7 @@ def build_settings() -> list:
             combine = gr.Radio(list(COMBINE_CHOICES), value="mean", label="Combine steps",
                                info="coarse-to-fine: early steps feed coarse layers, late steps fine ones")
         with gr.Row():
-            seed = gr.Number(0, precision=0, label="Seed", info="0 to 4294967295", elem_id="seed")
+            seed = WholeNumber(0, precision=0, label="Seed", info="0 to 4294967295", elem_id="seed")
             randomize = gr.Checkbox(True, label="Random seed", info="untick to reuse the seed above",
                                     elem_id="randomize")
         with gr.Row():
@@ -136,7 +150,9 @@ def build_outputs() -> dict:
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="MM2Latent faces") as demo:
+    cache_age = SETTINGS.cache_max_age_s
+    with SpaceBlocks(title="MM2Latent faces", cache_limit=CACHE_LIMIT,
+                     delete_cache=(min(300, cache_age), cache_age)) as demo:
         gr.Markdown(MODEL.banner or "", visible=MODEL.banner is not None, elem_id="mm2l-banner")
         gr.Markdown(f"# {text.TITLE}\n{text.INTRO}")
         active_tab = gr.State("mask")
@@ -150,7 +166,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Tabs(selected="mask"):
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
-                    build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency)
+                    build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
+                                   session_ttl_s=SETTINGS.session_ttl_s)
                 settings = build_settings()
             with gr.Column(scale=5):
                 out = build_outputs()
@@ -217,9 +234,13 @@ demo = build_demo()
 
 def launch(**overrides):
     """Start the server with the Space's options (``overrides`` win, e.g. ``prevent_thread_lock=True``)."""
+    # show_error: Gradio's own failures (a payload it cannot parse, too few arguments) reach the caller in
+    # words; the handlers' errors are gr.Error already. No allowed_paths: examples reach the page through
+    # Gradio's cache, so no folder of the server needs serving.
     options = {"server_name": SETTINGS.server_name, "server_port": SETTINGS.server_port,
-               "max_file_size": SETTINGS.max_file_size, "allowed_paths": [str(EXAMPLES_DIR)], "css": text.CSS,
-               "head": canvases.swatch_names_script()}
+               "max_file_size": SETTINGS.max_file_size, "show_error": True,
+               "state_session_capacity": SETTINGS.max_sessions, "css": text.CSS,
+               "head": canvases.swatch_names_script(), "app_kwargs": {"middleware": [Middleware(NoSniffMiddleware)]}}
     return demo.launch(**{**options, **overrides})
 
 

@@ -217,4 +217,5 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     assert sources[0] != sources[1]  # the photo and its edit, not one picture twice
     assert -1.0 <= float(identity.input_value()) <= 1.0
     assert prompt.input_value() == "with glasses"
-    assert labelled_block(page, "Latent (W+, .pt)").locator("a[href*='mm2latent-edited-']").count() >= 1
+    downloads = labelled_block(page, "Downloads: PNG with settings, W+ latent (.npy)")
+    assert downloads.locator("a[href*='mm2latent-edited-']").count() >= 2

@@ -12,7 +12,8 @@ from PIL import Image
 from mm2latent.editing.methods import LAYER_RANGES, apply_edit, clip_refine, identity_similarity, layer_ranges
 from mm2latent.errors import EmptyPromptError, InvalidSettingError
 from mm2latent.inputs.conditions import FACE_PARSER_TO_CELEBAMASK
-from mm2latent.inputs.images import image_to_tensor
+from mm2latent.inputs.images import image_to_tensor, tensor_to_pil
+from mm2latent.inputs.metadata import read_png_settings
 from mm2latent.pipelines.editing import FaceEditPipeline
 from mm2latent.pipelines.presets import build_tiny_editing_components
 
@@ -141,22 +142,24 @@ def handlers(edit_pipe):
 
 def test_ui_invert_then_edit(handlers, edit_pipe, testdata):
     photo = Image.open(testdata / "photos" / "ffhq_2.jpg")
-    aligned, reconstruction, canvas, path, info, state = handlers.invert(photo, 0, progress=None)
+    aligned, reconstruction, canvas, files, info, state = handlers.invert(photo, 0, progress=None)
     assert aligned.size == (256, 256) and reconstruction.size == (64, 64) and "Inverted" in info
     assert canvas["background"].size == (512, 512)
-    assert torch.equal(torch.load(path)["latent"], state.inversion.latent)
-    pair, edited, identity, path, info, state = handlers.edit(
+    png, npy = files
+    np.testing.assert_array_equal(np.load(npy), state.inversion.latent.numpy())
+    assert read_png_settings(png) == {"source": "inversion"}
+    pair, edited, identity, files, info, state = handlers.edit(
         state, photo, 0, "she is smiling", canvas, True, 1.0, "middle", "modulate", 0, 0, progress=None)
     assert pair[0].size == pair[1].size == edited.size == (64, 64)
+    png, npy = files
     # The shown score is the ArcFace cosine of the aligned photo and the rendered edit, to the 3 decimals shown.
-    saved = torch.load(path)
-    rendered = F.interpolate(edit_pipe.generation.render(saved["latent"]).float(), size=(256, 256), mode="bilinear",
-                             align_corners=False, antialias=True)
+    rendered = F.interpolate(edit_pipe.generation.render(torch.from_numpy(np.load(npy))).float(), size=(256, 256),
+                             mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
         expected = float((edit_pipe.identity.embed(image_to_tensor(state.inversion.aligned, 256))
                           * edit_pipe.identity.embed(rendered)).sum())
     assert float(identity) == pytest.approx(expected, abs=1e-3)
-    assert saved["settings"]["layers"] == "middle"
+    assert read_png_settings(png)["layers"] == "middle"
 
 
 def test_ui_edit_without_inverting_first_and_errors(handlers, testdata):
@@ -186,7 +189,7 @@ def edit_app(edit_pipe):
     demo.close()
 
 
-def test_edit_endpoint_through_gradio_client(edit_app, testdata):
+def test_edit_endpoint_through_gradio_client(edit_app, edit_pipe, testdata):
     gradio_client = pytest.importorskip("gradio_client")
     client = gradio_client.Client(edit_app.local_url, verbose=False)
     photo = gradio_client.handle_file(str(testdata / "photos" / "ffhq_4.jpg"))
@@ -196,4 +199,9 @@ def test_edit_endpoint_through_gradio_client(edit_app, testdata):
                             api_name="/edit_photo")
     pair, edited, identity, latent, info = result
     assert len(pair) == 2 and identity.startswith(("0.", "-0.", "1.0"))
-    assert torch.load(latent if isinstance(latent, str) else latent["path"])["latent"].shape == (1, 10, 64)
+    npy = next(path for path in latent if path.endswith(".npy"))
+    png = next(path for path in latent if path.endswith(".png"))
+    # The downloaded latent renders to the downloaded (lossless) edit: the same latent through the same G.
+    with Image.open(png) as saved:
+        rendered = tensor_to_pil(edit_pipe.generation.render(torch.from_numpy(np.load(npy))))[0]
+        assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(rendered))

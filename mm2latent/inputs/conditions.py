@@ -8,6 +8,7 @@ Scribbles are white strokes on black inside the model; black-on-white input is i
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "FACE_PARSER_TO_CELEBAMASK",
     "MAX_IMAGE_PIXELS",
     "load_image",
+    "read_image_size",
     "parse_mask",
     "mask_to_color",
     "mask_to_palette_image",
@@ -128,31 +130,53 @@ def _open_image(image: Any, *, max_pixels: int) -> Image.Image:
     )
 
 
-def _open_path(path: str | os.PathLike, *, max_pixels: int) -> Image.Image:
-    name = os.fspath(path)
+def read_image_size(image: str | os.PathLike | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of an image file (or its encoded bytes), read from the header alone.
+
+    Nothing is decoded: this is the check to run on an upload before anything else opens it.
+    Raises the errors :func:`load_image` raises: :class:`ImageTooLargeError` above ``max_pixels``,
+    :class:`InvalidImageError` for a missing, empty, unknown or damaged file.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source, name, what = io.BytesIO(image), "the image data", "the image data"
+    else:
+        source = name = os.fspath(image)
+        what = f"image file {name!r}"
+    with _open_header(source, repr(name) if source is name else name, what, max_pixels) as opened:
+        _check_pixel_count(opened.width, opened.height, max_pixels, what)
+        return opened.size
+
+
+def _open_header(source: str | io.BytesIO, name: str, what: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` (which parses the header only) with its failures as this library's errors."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (and errors above 2x its own limit) when the header is huge; that is our
             # ImageTooLargeError too, raised before any pixel is decoded.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            source = Image.open(name)
+            return Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageTooLargeError(f"image file {name!r} is too large to open safely: {error}") from error
+        # Pillow complains above its own limit; whichever limit is lower was passed.
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageTooLargeError(f"{what} is too large: more than {limit:,} pixels") from error
     except FileNotFoundError as error:
-        raise InvalidImageError(f"image file {name!r} does not exist") from error
+        raise InvalidImageError(f"{what} does not exist") from error
     except IsADirectoryError as error:
-        raise InvalidImageError(f"{name!r} is a directory, not an image file") from error
+        raise InvalidImageError(f"{name} is a directory, not an image file") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidImageError(f"cannot read {name!r} as an image (unknown or damaged format)") from error
-    with source:
+        raise InvalidImageError(f"cannot read {name} as an image (unknown or damaged format)") from error
+
+
+def _open_path(path: str | os.PathLike, *, max_pixels: int) -> Image.Image:
+    name = os.fspath(path)
+    what = f"image file {name!r}"
+    with _open_header(name, repr(name), what, max_pixels) as source:
         # Image.open only parsed the header; check the size before decoding anything.
-        _check_pixel_count(source.width, source.height, max_pixels, f"image file {name!r}")
+        _check_pixel_count(source.width, source.height, max_pixels, what)
         try:
-            return _first_frame_oriented(source, f"image file {name!r}")
+            return _first_frame_oriented(source, what)
         except (OSError, SyntaxError, ValueError) as error:
-            raise InvalidImageError(
-                f"cannot decode image file {name!r}: it is truncated or damaged"
-            ) from error
+            raise InvalidImageError(f"cannot decode {what}: it is truncated or damaged") from error
 
 
 def _check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:

@@ -118,21 +118,45 @@ def call_reporting_warnings(function: Callable, *args, **kwargs) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number (``3``, ``3.0``, ``10**400``), else None.
+
+    None for anything else an API caller may send: ``1.5``, ``"3"``, ``True``, NaN, infinity.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
+
+
+def shown(value: Any, limit: int = 24) -> str:
+    """A caller's value for an error message, cut short (a 400-digit seed is not echoed whole)."""
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def resolve_seed(seed: Any, randomize: bool) -> int:
-    """The seed to use: a fresh random one, or the visitor's after checking it."""
+    """The seed to use: a fresh random one, or the visitor's after checking it (the raw value, unrounded)."""
     if randomize:
         return secrets.randbelow(MAX_SEED + 1)
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not math.isfinite(seed):
+    if seed is None:
         raise user_error(f"Enter a seed (a whole number from 0 to {MAX_SEED}), or tick “Random seed”")
-    if seed != int(seed) or not 0 <= int(seed) <= MAX_SEED:
-        shown = int(seed) if seed == int(seed) else f"{seed:g}"
-        raise user_error(f"The seed must be a whole number from 0 to {MAX_SEED:,}; {shown} is not. "
+    number = whole_number(seed)
+    if number is None or not 0 <= number <= MAX_SEED:
+        raise user_error(f"The seed must be a whole number from 0 to {MAX_SEED:,}; {shown(seed)} is not. "
                          "Change it, or tick “Random seed”")
-    return int(seed)
+    return number
 
 
 def parse_feature_steps(text: str | None, num_steps: int) -> list[int] | None:
     """'all' (or empty) -> None (every step); '0-4, 10' -> [0, 1, 2, 3, 4, 10]."""
+    if text is not None and not isinstance(text, str):
+        raise user_error("Feature steps must be text: `all`, a range such as `0-4`, or a list such as `0, 5, 10`")
     text = (text or "").strip().lower()
     if text in ("", "all"):
         return None
@@ -151,16 +175,27 @@ def parse_feature_steps(text: str | None, num_steps: int) -> list[int] | None:
 
 
 def checked_int(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value != int(value) or not low <= int(value) <= high:
-        raise user_error(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    return int(value)
+    number = whole_number(value)
+    if number is None or not low <= number <= high:
+        raise user_error(f"{name} must be a whole number from {low} to {high}, got {shown(value)}")
+    return number
+
+
+def checked_number(value: Any, name: str, low: float, high: float) -> float:
+    """A finite number in ``[low, high]`` (NaN, infinity, text and booleans are refused in plain words)."""
+    number = None
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    if number is None or not low <= number <= high:  # NaN fails the comparison too
+        raise user_error(f"{name} must be a number from {low:g} to {high:g}, got {shown(value)}")
+    return number
 
 
 def checked_truncation(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 2.0:
-        raise user_error(f"Truncation ψ must be a number from 0 to 2, got {value!r}")
-    return float(value)
+    return checked_number(value, "Truncation ψ", 0.0, 2.0)
 
 
 def stroke_radius(width: str) -> int:

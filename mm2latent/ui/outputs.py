@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,33 +76,117 @@ def attention_gallery(base: Image.Image, words: list[str], maps) -> list[tuple[I
 
 
 class OutputStore:
-    """Per-run folders under one temporary root; folders older than ``max_age_s`` are removed.
+    """Per-run folders under one temporary root, kept only while they can still be needed.
 
-    Gradio copies returned files into its own cache, so a folder is only needed until the response
-    is sent; an hour leaves plenty of margin.
+    Gradio copies every file a handler returns into its own cache before the response is sent, so a
+    run's folder is only needed for that moment: the newest ``max_runs`` folders are kept (room for
+    the runs in flight) and older ones are deleted when a new run starts, as is any folder older than
+    ``max_age_s``. A root this store created is removed when the store is garbage-collected or the
+    process exits.
+
+    Args:
+        root: the folder to write into (default: a new temporary folder).
+        max_runs: how many run folders to keep.
+        max_age_s: the oldest a run folder may get.
     """
 
-    def __init__(self, root: str | Path | None = None, max_age_s: float = 3600.0):
-        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="mm2latent-space-"))
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path | None = None, max_runs: int = 16, max_age_s: float = 3600.0):
+        if root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="mm2latent-space-"))
+            weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+        else:
+            self.root = Path(root)
+            self.root.mkdir(parents=True, exist_ok=True)
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be at least 1, got {max_runs}")
+        self.max_runs = max_runs
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
 
     def new_folder(self) -> Path:
-        self.prune()
-        folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir()
+        with self._lock:
+            self._prune(keep=self.max_runs - 1)
+            folder = self.root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir()
         return folder
 
     def prune(self) -> None:
-        limit = time.time() - self.max_age_s
+        """Delete folders beyond the newest ``max_runs`` and folders older than ``max_age_s``."""
         with self._lock:
-            for folder in self.root.iterdir():
+            self._prune(keep=self.max_runs)
+
+    def _prune(self, keep: int) -> None:
+        folders = []
+        for folder in self.root.iterdir():
+            try:
+                if folder.is_dir():
+                    folders.append((folder.stat().st_mtime, folder.name, folder))
+            except FileNotFoundError:
+                continue
+        folders.sort(reverse=True)  # newest first
+        oldest_kept = time.time() - self.max_age_s
+        for rank, (modified, _, folder) in enumerate(folders):
+            if rank >= keep or modified < oldest_kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class GradioCacheLimit:
+    """Keeps the files Gradio caches for one app to at most ``max_files``, deleting the oldest first.
+
+    Gradio keeps every file it caches (uploads, copies of returned files, images it encoded) until
+    its ``delete_cache`` schedule finds them old enough: at full speed, thousands of files an hour.
+    This bounds the count whatever the pace. It reads Gradio's own record of the files it made
+    (``Blocks.temp_file_sets``), so nothing else in the folder is touched, and files Gradio keeps
+    on purpose (components' initial values, example inputs: ``keep_in_cache``) are never deleted.
+
+    Args:
+        max_files: the most cached files to keep.
+        blocks: the app (can be given later with :meth:`attach`).
+    """
+
+    def __init__(self, max_files: int, blocks=None):
+        if max_files < 1:
+            raise ValueError(f"max_files must be at least 1, got {max_files}")
+        self.max_files = max_files
+        self.blocks = blocks
+        self._lock = threading.Lock()
+
+    def attach(self, blocks) -> GradioCacheLimit:
+        self.blocks = blocks
+        return self
+
+    def prune(self) -> int:
+        """Delete the oldest cached files beyond ``max_files``; returns how many were deleted."""
+        if self.blocks is None:
+            return 0
+        with self._lock:
+            kept_on_purpose = set()
+            for block in list(self.blocks.blocks.values()):
+                kept_on_purpose.update(getattr(block, "keep_in_cache", ()))
+            owners: dict[str, list[set]] = {}
+            for file_set in list(self.blocks.temp_file_sets):
+                for path in file_set.copy():  # set.copy is atomic; Gradio threads add to these sets
+                    if path not in kept_on_purpose:
+                        owners.setdefault(path, []).append(file_set)
+            if len(owners) <= self.max_files:
+                return 0
+            ages = []
+            for path, sets in owners.items():
                 try:
-                    if folder.is_dir() and folder.stat().st_mtime < limit:
-                        shutil.rmtree(folder, ignore_errors=True)
-                except FileNotFoundError:
-                    continue
+                    ages.append((os.lstat(path).st_ctime, path))
+                except FileNotFoundError:  # deleted by Gradio's own schedule: forget it
+                    for file_set in sets:
+                        file_set.discard(path)
+            ages.sort()
+            excess = ages[: max(0, len(ages) - self.max_files)]
+            for _, path in excess:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                for file_set in owners[path]:
+                    file_set.discard(path)
+                with contextlib.suppress(OSError):  # Gradio's per-file hash folder, when now empty
+                    os.rmdir(os.path.dirname(path))
+            return len(excess)
 
 
 @dataclass
@@ -121,9 +208,14 @@ def save_run(folder: Path, images: list[Image.Image], latents, seeds: list[int],
         path = folder / f"{stem}-seed{seeds[index]}.png"
         save_png(image, path, image_settings(settings, seeds, index))
         pngs.append(path)
-    latent_path = folder / f"{stem}-seed{seeds[0]}-wplus.npy"
-    np.save(latent_path, np.asarray(latents, dtype=np.float32))
+    latent_path = save_latents(folder / f"{stem}-seed{seeds[0]}-wplus.npy", latents)
     return SavedRun(pngs=pngs, latents=latent_path)
+
+
+def save_latents(path: Path, latents) -> Path:
+    """W+ latents ([N, L, D]) as a float32 ``.npy`` (plain data: ``np.load`` needs no pickle)."""
+    np.save(path, np.asarray(latents, dtype=np.float32))
+    return path
 
 
 def file_stem(prompt: str, what: str) -> str:

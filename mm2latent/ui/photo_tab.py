@@ -8,7 +8,6 @@ must carry an ``inverter`` (and optionally ``face_parser``, ``identity``, ``lpip
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +16,13 @@ import gradio as gr
 from PIL import Image
 
 from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
-from ..editing.methods import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, METHODS, latent_file
+from ..editing.methods import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, MAX_STRENGTH, METHODS
+from ..inputs.metadata import save_png
 from ..pipelines.generation import MAX_SEED
 from . import canvases
-from .handlers import call_reporting_warnings, checked_int, friendly_errors, user_error
+from .handlers import call_reporting_warnings, checked_int, checked_number, friendly_errors, user_error
+from .outputs import OutputStore, file_stem, save_latents
+from .security import DrawingCanvas, UploadedImage, WholeNumber
 
 DEFAULT_STRENGTH = 1.0
 DEFAULT_REFINE_STEPS = 0
@@ -60,10 +62,12 @@ class EditHandlers:
 
     Args:
         edit_pipeline: a FaceEditPipeline, or a function returning one (lazy loading).
+        store: where the downloads (PNG with settings, W+ latent ``.npy``) are written.
     """
 
-    def __init__(self, edit_pipeline: Any | Callable[[], Any]):
+    def __init__(self, edit_pipeline: Any | Callable[[], Any], store: OutputStore | None = None):
         self._edit_pipeline = edit_pipeline
+        self.store = store or OutputStore()
 
     @property
     def edit_pipeline(self):
@@ -92,8 +96,8 @@ class EditHandlers:
         state = self._invert(photo, refine_steps, progress)
         inversion = state.inversion
         canvas = canvases.mask_canvas(inversion.mask) if inversion.mask is not None else gr.skip()
-        path = latent_file(inversion.latent, _temp_path("inverted"), {"source": "inversion"})
-        return inversion.aligned, inversion.reconstruction, canvas, str(path), _info(inversion), state
+        files = self._save("mm2latent-inverted", inversion.reconstruction, inversion.latent, {"source": "inversion"})
+        return inversion.aligned, inversion.reconstruction, canvas, files, _info(inversion), state
 
     @friendly_errors("editing the photo")
     def edit(self, state, photo, refine_steps, prompt, mask_value, use_mask=True, strength=DEFAULT_STRENGTH,
@@ -102,50 +106,60 @@ class EditHandlers:
 
         Inverts the photo first when it has not been inverted yet (or a new one was uploaded).
         """
-        if state is None or (photo is not None and state.photo_key != _photo_key(photo)):
-            state = self._invert(photo, refine_steps, progress)
+        # The settings are checked before anything slow runs.
+        if prompt is not None and not isinstance(prompt, str):
+            raise user_error("The description of the change must be text")
+        strength = checked_number(strength, "Strength", 0.0, MAX_STRENGTH)
         if layers not in LAYER_RANGE_NAMES:
             raise user_error(f"Choose a layer range among {', '.join(LAYER_RANGE_NAMES)}")
         if method not in METHODS:
             raise user_error(f"Choose a method among {', '.join(METHODS)}")
-        mask = canvases.mask_from_canvas(mask_value) if use_mask else None
         clip_steps = checked_int(clip_steps, "CLIP steps", 0, UI_MAX_CLIP_STEPS)
-        seed = checked_int(seed, "seed", 0, MAX_SEED)
+        seed = checked_int(seed, "The seed", 0, MAX_SEED)
+        mask = canvases.mask_from_canvas(mask_value) if use_mask else None
+        if state is None or (photo is not None and state.photo_key != _photo_key(photo)):
+            state = self._invert(photo, refine_steps, progress)
         callback = None
         if progress is not None and clip_steps:
             def callback(step, loss):
                 progress((step, clip_steps), desc=f"CLIP refinement (loss {loss:.4f})")
-        result = self.edit_pipeline.edit(state.inversion, prompt, mask=mask, strength=float(strength), layers=layers,
-                            method=method, seed=seed, clip_steps=clip_steps, progress=False, callback=callback)
+        result = self.edit_pipeline.edit(state.inversion, prompt, mask=mask, strength=strength, layers=layers,
+                                         method=method, seed=seed, clip_steps=clip_steps, progress=False,
+                                         callback=callback)
         before = state.inversion.aligned.resize(result.image.size, Image.Resampling.LANCZOS)
         identity = ("no identity network loaded" if result.identity_similarity is None
                     else f"{result.identity_similarity:.3f}")
-        path = latent_file(result.latent, _temp_path("edited"), result.settings)
-        info = f"Edited layers: {layers}, strength {float(strength):g}, method {method}."
-        return (before, result.image), result.image, identity, str(path), info, state
+        files = self._save(file_stem(prompt or "", "edited"), result.image, result.latent, result.settings)
+        info = f"Edited layers: {layers}, strength {strength:g}, method {method}."
+        return (before, result.image), result.image, identity, files, info, state
+
+    def _save(self, stem: str, image: Image.Image, latent, settings: dict) -> list[str]:
+        """The downloads of one result, in a folder of the output store: PNG with settings, W+ ``.npy``."""
+        folder = self.store.new_folder()
+        save_png(image, folder / f"{stem}.png", settings)
+        latents = save_latents(folder / f"{stem}-wplus.npy", latent.detach().float().cpu().numpy())
+        return [str(folder / f"{stem}.png"), str(latents)]
 
 
-def _temp_path(stem: str) -> str:
-    handle = tempfile.NamedTemporaryFile(prefix=f"mm2latent-{stem}-", suffix=".pt", delete=False)
-    handle.close()
-    return handle.name
-
-
-def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: int | None = 1) -> dict[str, Any]:
+def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: int | None = 1,
+                   store: OutputStore | None = None, session_ttl_s: float | None = None) -> dict[str, Any]:
     """Create the "Edit a photo" tab inside the current ``gr.Blocks`` and wire its endpoints.
 
     Args:
         edit_pipeline: the FaceEditPipeline or a function returning it.
         concurrency_limit: how many edits run at once.
+        store: where downloads are written (default: a new temporary store).
+        session_ttl_s: how long a visitor's inverted photo is kept between Invert and Edit (default:
+            for the whole session); Edit inverts the photo again when it has been dropped.
     """
-    handlers = EditHandlers(edit_pipeline)
+    handlers = EditHandlers(edit_pipeline, store)
     with gr.Tab("Edit a photo", id="edit-photo") as tab:
         gr.Markdown("Upload a photo with one face. It is aligned like the training faces, inverted to the "
                     "generator's latent space, and its own mask is loaded into the editor: repaint it and/or "
                     "describe the change, then click **Edit**. The person's identity is kept as far as possible.")
         with gr.Row():
-            photo = gr.Image(label="Photo", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                             elem_id="edit-photo-upload", height=320)
+            photo = UploadedImage(label="Photo", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                  elem_id="edit-photo-upload", height=320)
             aligned = gr.Image(label="Aligned", type="pil", interactive=False, height=320)
             reconstruction = gr.Image(label="Reconstruction", type="pil", interactive=False, height=320)
         with gr.Row():
@@ -155,7 +169,7 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
         info = gr.Markdown()
         with gr.Row():
             with gr.Column():
-                canvas = gr.ImageEditor(
+                canvas = DrawingCanvas(
                     type="pil", image_mode="RGBA", format="png", sources=(), transforms=(), layers=False,
                     canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
                     label="The photo's mask (edit it)", elem_id="edit-mask-editor", height=520,
@@ -175,7 +189,7 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
                                   info="modulate: apply T's scale and shift to the photo's latent; "
                                        "mix: blend in the latent M draws from the text")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=MAX_SEED)
+                    seed = WholeNumber(value=0, precision=0, label="Seed", minimum=0, maximum=MAX_SEED)
                     clip_steps = gr.Slider(0, UI_MAX_CLIP_STEPS, value=DEFAULT_CLIP_STEPS, step=5,
                                            label="CLIP refinement steps (text only, slower)")
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit-photo-button")
@@ -184,8 +198,9 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
             edited = gr.Image(label="Edited", type="pil", interactive=False, height=420)
         with gr.Row():
             identity = gr.Textbox(label="Identity similarity (ArcFace cosine, photo vs edit)", interactive=False)
-            latent_download = gr.File(label="Latent (W+, .pt)", interactive=False)
-        state = gr.State(None)
+            latent_download = gr.File(label="Downloads: PNG with settings, W+ latent (.npy)", file_count="multiple",
+                                      interactive=False)
+        state = gr.State(None, time_to_live=session_ttl_s)
 
     invert_button.click(handlers.invert, inputs=[photo, refine_steps],
                         outputs=[aligned, reconstruction, canvas, latent_download, info, state],

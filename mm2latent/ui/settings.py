@@ -12,6 +12,10 @@
 | ``MM2LATENT_CACHE_EXAMPLES`` | ``lazy`` | ``lazy``, ``eager`` or ``off`` |
 | ``MM2LATENT_MAX_PROMPT_CHARS`` | 1000 | longer prompts are refused with an error |
 | ``MM2LATENT_MAX_FILE_SIZE`` | ``20mb`` | largest upload |
+| ``MM2LATENT_CACHE_MAX_FILES`` | 2000 | most files kept in Gradio's cache; the oldest are deleted first |
+| ``MM2LATENT_CACHE_MAX_AGE`` | 3600 | seconds before a cached file or output folder is deleted |
+| ``MM2LATENT_MAX_SESSIONS`` | 200 | visitor sessions kept in memory (least recently used dropped first) |
+| ``MM2LATENT_SESSION_TTL`` | 1800 | seconds a visitor's inverted photo is kept between Invert and Edit |
 | ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
 | ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
 | ``MM2LATENT_SERVER_NAME`` / ``MM2LATENT_SERVER_PORT`` | Gradio's defaults | where to listen |
@@ -49,6 +53,10 @@ class Settings:
     cache_examples: str = "lazy"
     max_prompt_chars: int = 1000
     max_file_size: str = "20mb"
+    cache_max_files: int = 2000
+    cache_max_age_s: int = 3600
+    max_sessions: int = 200
+    session_ttl_s: int = 1800
     gpu_duration: int = 60
     load_vae: bool = True
     server_name: str | None = None
@@ -70,6 +78,10 @@ class Settings:
             cache_examples=env.choice("CACHE_EXAMPLES", defaults.cache_examples, CACHE_MODES),
             max_prompt_chars=env.integer("MAX_PROMPT_CHARS", defaults.max_prompt_chars, 1, 100_000),
             max_file_size=env.text("MAX_FILE_SIZE") or defaults.max_file_size,
+            cache_max_files=env.integer("CACHE_MAX_FILES", defaults.cache_max_files, 10, 10_000_000),
+            cache_max_age_s=env.integer("CACHE_MAX_AGE", defaults.cache_max_age_s, 60, 30 * 86400),
+            max_sessions=env.integer("MAX_SESSIONS", defaults.max_sessions, 1, 100_000),
+            session_ttl_s=env.integer("SESSION_TTL", defaults.session_ttl_s, 60, 30 * 86400),
             gpu_duration=env.integer("GPU_DURATION", defaults.gpu_duration, 1, 3600),
             load_vae=env.flag("LOAD_VAE", defaults.load_vae),
             server_name=env.text("SERVER_NAME"),
