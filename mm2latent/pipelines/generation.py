@@ -575,16 +575,17 @@ class FacePipeline:
         """
         like = self.generator.latent_avg
         means = []
-        for label in cameras:
-            key = (tuple(label.tolist()), str(like.device), like.dtype)
-            if key in self._conditioned_means:
-                self._conditioned_means.move_to_end(key)
-            else:
-                rng = torch.Generator().manual_seed(CONDITIONED_MEAN_SEED)
-                self._conditioned_means[key] = self.generator.mean_latent(CONDITIONED_MEAN_SAMPLES, rng, label)
-                while len(self._conditioned_means) > CONDITIONED_MEAN_CACHE_SIZE:
-                    self._conditioned_means.popitem(last=False)
-            means.append(self._conditioned_means[key])
+        with self.lock:  # the cache is shared by the Space's worker threads
+            for label in cameras:
+                key = (tuple(label.tolist()), str(like.device), like.dtype)
+                if key in self._conditioned_means:
+                    self._conditioned_means.move_to_end(key)
+                else:
+                    rng = torch.Generator().manual_seed(CONDITIONED_MEAN_SEED)
+                    self._conditioned_means[key] = self.generator.mean_latent(CONDITIONED_MEAN_SAMPLES, rng, label)
+                    while len(self._conditioned_means) > CONDITIONED_MEAN_CACHE_SIZE:
+                        self._conditioned_means.popitem(last=False)
+                means.append(self._conditioned_means[key])
         return torch.stack(means)
 
     def truncate(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0,

@@ -100,7 +100,7 @@ def depth_to_image(depth: torch.Tensor) -> Image.Image:
     nearness = -depth
     span = (nearness.max() - nearness.min()).clamp(min=1e-8)
     grey = ((nearness - nearness.min()) / span * 255).round().to(torch.uint8)
-    return Image.fromarray(grey.numpy(), mode="L")
+    return Image.fromarray(grey.numpy())  # uint8 [n, n]: mode "L"
 
 
 def view_cameras(generator: CameraGenerator, yaws=None, pitches=0.0, cameras=None) -> torch.Tensor:
