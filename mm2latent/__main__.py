@@ -23,8 +23,20 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--out", default="face.png", help="output PNG (with several images: face_0.png, ...)")
     parser.add_argument("--save-latent", action="store_true", help="also save the W+ latent as .npy")
+    camera = parser.add_argument_group("3D models (EG3D)")
+    camera.add_argument("--yaw", type=float, default=None,
+                        help="camera yaw in degrees, -180..180 (positive: the camera moves to the image's right)")
+    camera.add_argument("--pitch", type=float, default=None,
+                        help="camera pitch in degrees, -90..90 exclusive (positive: the camera moves down)")
+    camera.add_argument("--conditioning-camera", type=float, nargs=2, metavar=("YAW", "PITCH"), default=None,
+                        help="truncate toward the mean latent at this camera (default: the checkpoint's mean)")
+    camera.add_argument("--save-depth", action="store_true", help="also save each depth map as <out>_depth.png")
+    camera.add_argument("--turntable", default=None, metavar="VIDEO",
+                        help="also write a turntable of the first face (.mp4 H.264 or .gif)")
+    camera.add_argument("--frames", type=int, default=24, help="turntable frames (default 24)")
+    camera.add_argument("--fps", type=float, default=24.0, help="turntable frames per second (default 24)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=["tiny"], help="built-in untrained preset (offline)")
+    source.add_argument("--preset", choices=["tiny", "tiny-eg3d"], help="built-in untrained preset (offline)")
     source.add_argument("--model", default=None, help="Hub repo or local folder (default: MM2LATENT_MODEL_REPO)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -45,9 +57,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if not pipe.trained:
             print(f"Note: '{name}' has untrained weights; the faces are a demo of the mechanics only.", file=sys.stderr)
         bar.set_postfix_str("generating")
+        # Camera options only when asked for: on a 2D model they are an error, not silently ignored.
+        camera = None if args.yaw is None and args.pitch is None else (args.yaw or 0.0, args.pitch or 0.0)
         output = pipe(args.prompt, mask=args.mask, scribble=args.scribble, seed=args.seed, mode=args.mode,
                       num_steps=args.steps, feature_steps=args.feature_steps, truncation=args.truncation,
-                      num_images=args.num_images)
+                      num_images=args.num_images, camera=camera, conditioning_camera=args.conditioning_camera,
+                      return_depth=args.save_depth)
         bar.update()
         bar.set_postfix_str("saving")
         out = Path(args.out)
@@ -57,7 +72,19 @@ def run_generate(args: argparse.Namespace) -> int:
             save_png(image, path, {**output.settings, "seed": output.seeds[i]})
             if args.save_latent:
                 np.save(path.with_suffix(".npy"), output.latents[i].numpy())
+            if args.save_depth:
+                from .pipelines.views import depth_to_image
+
+                save_png(depth_to_image(output.depth[i]), path.with_name(f"{path.stem}_depth.png"),
+                         {**output.settings, "seed": output.seeds[i]})
         bar.update()
+    if args.turntable:
+        from .pipelines.views import render_turntable
+
+        # The output's latents are already truncated: ψ = 1 shows the first image's face.
+        video = render_turntable(pipe, output.latents[0], args.turntable, args.frames, args.fps,
+                                 noise_mode=output.settings["noise_mode"])
+        print(video)
     for path, seed in zip(paths, output.seeds):
         print(f"{path} (seed {seed})")
     return 0
@@ -70,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text + mask/scribble -> face PNG")
     _add_generate_arguments(generate)
-    convert = commands.add_parser("convert", help="convert a StyleGAN2 checkpoint to safetensors (offline)")
+    convert = commands.add_parser("convert", help="convert a StyleGAN2 or EG3D checkpoint to safetensors (offline)")
     add_convert_arguments(convert)
     args = parser.parse_args(argv)
     try:

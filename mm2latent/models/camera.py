@@ -28,6 +28,9 @@ The conventions are those of NVlabs/eg3d (``camera_utils.LookAtPoseSampler``, ``
   is 18.837°, focal ≈ 4.2634.
 
 A label is ``cam2world.flatten()`` (16) followed by ``intrinsics.flatten()`` (9): 25 numbers.
+
+User-facing APIs take a *camera spec* (:func:`parse_camera`): (yaw°, pitch°), a list of such pairs, a
+label or a list of labels.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "camera_label",
     "fov_to_intrinsics",
     "look_at_cam2world",
+    "parse_camera",
     "split_camera_label",
 ]
 
@@ -60,6 +64,11 @@ OFFICIAL_SQRT2 = 1.414
 # LookAtPoseSampler clamps its vertical angle into (0, pi) by this margin.
 POLAR_EPS = 1e-5
 MAX_PITCH_DEGREES = 90.0
+# A camera spec's yaw: one turn around the head, centred on the frontal view.
+MAX_YAW_DEGREES = 180.0
+# How far a label's constant entries (cam2world's last row, the intrinsics' last row) may stray: labels
+# read from JSON files carry float rounding; a transposed or shuffled label misses by ~1.
+LABEL_TOLERANCE = 1e-4
 
 
 def fov_to_intrinsics(fov_degrees: float = DEFAULT_FOV_DEGREES) -> torch.Tensor:
@@ -165,3 +174,57 @@ def split_camera_label(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """``[B, 25]`` labels -> (cam2world ``[B, 4, 4]``, intrinsics ``[B, 3, 3]``)."""
     assert labels.ndim == 2 and labels.shape[1] == CAMERA_LABEL_DIM, labels.shape
     return labels[:, :16].reshape(-1, 4, 4), labels[:, 16:].reshape(-1, 3, 3)
+
+
+def parse_camera(
+    camera,
+    radius: float = DEFAULT_RADIUS,
+    pivot: Sequence[float] = DEFAULT_PIVOT,
+    fov_degrees: float = DEFAULT_FOV_DEGREES,
+    name: str = "camera",
+) -> torch.Tensor:
+    """Camera labels ``[N, 25]`` from a camera spec, checked.
+
+    Args:
+        camera: one of
+            - ``(yaw, pitch)`` in degrees (see :func:`camera_label`): yaw in [-180, 180], pitch in (-90, 90);
+            - ``[N, 2]`` such pairs;
+            - a label ``[25]`` (cam2world 4x4 + normalised intrinsics 3x3, as in EG3D's ``dataset.json``);
+            - ``[N, 25]`` labels.
+            Sequences, numpy arrays and tensors are accepted.
+        radius, pivot, fov_degrees: the orbit that (yaw, pitch) pairs are placed on.
+        name: the setting's name in error messages.
+
+    Raises:
+        InvalidSettingError: not numbers, another shape, angles out of range, or a label whose constant
+            entries (the last rows of cam2world and of the intrinsics) are wrong.
+    """
+    forms = f"(yaw°, pitch°), [N, 2] angles, a {CAMERA_LABEL_DIM}-number label or [N, {CAMERA_LABEL_DIM}] labels"
+    try:
+        values = torch.as_tensor(camera, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidSettingError(f"{name} must be {forms}; got {type(camera).__name__}") from exc
+    if values.ndim not in (1, 2) or values.shape[-1] not in (2, CAMERA_LABEL_DIM):
+        raise InvalidSettingError(f"{name} must be {forms}; got shape {tuple(values.shape)}")
+    values = values.reshape(-1, values.shape[-1])
+    if values.shape[0] == 0:
+        raise InvalidSettingError(f"{name} is empty")
+    if not torch.isfinite(values).all():
+        raise InvalidSettingError(f"{name} must be finite numbers")
+    if values.shape[1] == 2:
+        yaw, pitch = values.unbind(dim=1)
+        if (yaw.abs() > MAX_YAW_DEGREES).any():
+            raise InvalidSettingError(f"{name}: yaw must be in [-180, 180] degrees, got {yaw.tolist()}")
+        if (pitch.abs() >= MAX_PITCH_DEGREES).any():
+            raise InvalidSettingError(f"{name}: pitch must be in (-90, 90) degrees, got {pitch.tolist()}")
+        return camera_label(yaw, pitch, radius, pivot, fov_degrees).reshape(-1, CAMERA_LABEL_DIM)
+    cam2world, intrinsics = split_camera_label(values)
+    constant_rows = torch.cat([cam2world[:, 3], intrinsics[:, 2]], dim=1)
+    expected = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=values.dtype)
+    if ((constant_rows - expected).abs() > LABEL_TOLERANCE).any():
+        raise InvalidSettingError(
+            f"{name} is not a camera label: cam2world's last row must be (0, 0, 0, 1) and the intrinsics' "
+            "last row (0, 0, 1) (layout: 16 numbers of cam2world row by row, then 9 of the intrinsics)")
+    if (intrinsics[:, 0, 0] <= 0).any() or (intrinsics[:, 1, 1] <= 0).any():
+        raise InvalidSettingError(f"{name}: the focal lengths (label entries 16 and 20) must be positive")
+    return values.to(torch.float32)

@@ -18,7 +18,17 @@ import torch
 
 from ..errors import InvalidSettingError
 
-__all__ = ["GENERATOR_CLASSES", "Generator", "generator_class", "generator_class_name", "truncate_latents", "w_norm"]
+__all__ = [
+    "GENERATOR_CLASSES",
+    "CameraGenerator",
+    "Generator",
+    "broadcast_ws",
+    "generator_class",
+    "generator_class_name",
+    "is_3d",
+    "truncate_latents",
+    "w_norm",
+]
 
 #: Manifest class name -> "module:Class" of every generator the library knows (imported on demand).
 GENERATOR_CLASSES: dict[str, str] = {
@@ -59,14 +69,76 @@ class Generator(Protocol):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs): ...
 
 
+@runtime_checkable
+class CameraGenerator(Generator, Protocol):
+    """A 3D-aware generator (EG3D): one latent, rendered from any camera (``camera_dim`` numbers per label).
+
+    ``synthesis(ws, noise_mode, camera=labels)`` renders from ``camera`` (default: frontal); ``render``
+    returns the image with its by-products (raw neural rendering, depth, the camera-independent
+    ``planes``), and takes ``planes=`` back to render another camera without running the backbone.
+    """
+
+    def camera_labels(self, camera) -> torch.Tensor:
+        """A camera spec — (yaw°, pitch°), ``[N, 2]`` angles, a label ``[camera_dim]`` or ``[N, camera_dim]`` — as
+        labels ``[N, camera_dim]`` on this model's orbit."""
+        ...
+
+    def default_camera(self) -> torch.Tensor:
+        """The frontal camera label ``[camera_dim]``."""
+        ...
+
+    def mean_latent(self, num_samples: int = 4096, generator: torch.Generator | None = None,
+                    camera: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean w ``[style_dim]`` of the mapping network conditioned on ``camera``."""
+        ...
+
+    def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "const",
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """The camera-independent scene representation of ``ws``."""
+        ...
+
+    def render(self, ws: torch.Tensor, camera: torch.Tensor | None = None, noise_mode: str = "const",
+               generator: torch.Generator | None = None, neural_rendering_resolution: int | None = None,
+               planes: torch.Tensor | None = None):
+        """Everything one render produces (``image``, ``image_raw``, ``depth``, ``alpha``, ``planes``)."""
+        ...
+
+
+def is_3d(generator: Generator) -> bool:
+    """Whether ``generator`` takes a camera (a :class:`CameraGenerator` such as EG3D)."""
+    return getattr(generator, "camera_dim", 0) > 0
+
+
+def broadcast_ws(ws: torch.Tensor, num_ws: int, style_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """W+ latents ``[B, num_ws, style_dim]`` from W+ or single-w (``[B, style_dim]``) latents.
+
+    Args:
+        ws: ``[B, num_ws, style_dim]``, or ``[B, style_dim]`` (the same w for every layer, a view).
+        num_ws: W+ layers of the generator.
+        style_dim: size of one w.
+        like: a parameter of the generator: the result is on its device, in its dtype.
+    """
+    if ws.ndim == 2 and ws.shape[1] == style_dim:
+        ws = ws.unsqueeze(1).expand(-1, num_ws, -1)
+    elif ws.ndim != 3 or tuple(ws.shape[1:]) != (num_ws, style_dim):
+        raise ValueError(f"ws must be [B, {num_ws}, {style_dim}] or [B, {style_dim}], got {tuple(ws.shape)}")
+    return ws.to(device=like.device, dtype=like.dtype)
+
+
 def truncate_latents(ws: torch.Tensor, latent_avg: torch.Tensor, psi: float | torch.Tensor) -> torch.Tensor:
     """``latent_avg + psi * (ws - latent_avg)`` for ``ws`` ``[B, L, D]``.
 
     Args:
         ws: the latents.
-        latent_avg: w̄, ``[D]``.
+        latent_avg: w̄, ``[D]``, or one mean per image ``[B, D]`` (e.g. EG3D's mean at each image's
+            conditioning camera).
         psi: one ψ for the batch (1.0 returns ``ws`` itself, bit for bit) or one per image, ``[B]``.
     """
+    if latent_avg.ndim == 2:
+        if latent_avg.shape != (ws.shape[0], ws.shape[-1]):
+            raise ValueError(f"per-image mean latents must be [{ws.shape[0]}, {ws.shape[-1]}], "
+                             f"got {tuple(latent_avg.shape)}")
+        latent_avg = latent_avg[:, None, :]
     if isinstance(psi, torch.Tensor):
         if psi.ndim != 1 or psi.shape[0] != ws.shape[0]:
             raise InvalidSettingError(f"a truncation tensor needs one ψ per image ([{ws.shape[0]}]), "

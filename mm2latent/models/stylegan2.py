@@ -26,7 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import CheckpointFormatError, InvalidSettingError
-from .generator import truncate_latents
+from .generator import broadcast_ws, truncate_latents
 
 __all__ = [
     "NOISE_MODES",
@@ -466,14 +466,7 @@ class StyleGAN2Generator(nn.Module, PyTorchModelHubMixin):
     # -- synthesis -----------------------------------------------------------------------------
 
     def _broadcast_ws(self, ws: torch.Tensor) -> torch.Tensor:
-        ref = self._param_like()
-        if ws.ndim == 2 and ws.shape[1] == self.style_dim:
-            ws = ws.unsqueeze(1).expand(-1, self.num_ws, -1)
-        elif ws.ndim != 3 or tuple(ws.shape[1:]) != (self.num_ws, self.style_dim):
-            raise ValueError(
-                f"ws must be [B, {self.num_ws}, {self.style_dim}] or [B, {self.style_dim}], got {tuple(ws.shape)}"
-            )
-        return ws.to(device=ref.device, dtype=ref.dtype)
+        return broadcast_ws(ws, self.num_ws, self.style_dim, self._param_like())
 
     def _noise_inputs(
         self,

@@ -9,6 +9,10 @@ photo editing, the benchmark, training):
 4. :meth:`FacePipeline.predict_latents` — one U-Net(+ControlNet) pass per feature step, then M and T:
    w = w^m ⊙ w^γ + w^β (:meth:`FacePipeline.latents_from_features` on given features);
 5. :meth:`FacePipeline.render` — truncation and the generator.
+
+With a 3D-aware generator (EG3D) the last stage takes a camera: ``pipe(..., camera=(yaw°, pitch°))``,
+``pipe.render(latents, camera=...)``, and :meth:`FacePipeline.render_views` renders one face from several
+cameras (tri-planes computed once); :mod:`.views` writes turntable videos.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,20 +40,32 @@ from ..inputs.conditions import (
 )
 from ..inputs.images import tensor_to_pil
 from ..models.diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures, PromptBatch
-from ..models.generator import Generator
+from ..models.generator import Generator, is_3d, truncate_latents
 from ..models.mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
+from ..models.stylegan2 import LATENT_AVG_SAMPLES
+from . import views
 from .components import load_components, save_components, write_manifest
-from .request import COMBINE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MODES, GenerationRequest
+from .request import COMBINE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MODES, GenerationRequest, check_integer
 
 __all__ = [
-    "COMBINE", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS", "FacePipeline", "FacePipelineOutput",
-    "GenerationRequest", "LatentPrediction", "resolve_dtype",
+    "CAMERA_OPTIONS", "COMBINE", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS", "FacePipeline",
+    "FacePipelineOutput", "GenerationRequest", "LatentPrediction", "RenderSettings", "RenderedImages", "resolve_dtype",
 ]
 
-# Built-in presets: name -> builder in presets.py. "tiny" and "full-random" have deterministic random
-# (untrained) weights; "public" gathers the public networks (untrained M and T: use the training-free mode).
-PRESETS = {"tiny": "build_tiny_components", "full-random": "build_full_size_components",
-           "public": "build_public_components"}
+# Built-in presets: name -> builder in presets.py. "tiny", "tiny-eg3d" and "full-random" have deterministic
+# random (untrained) weights; "public" gathers the public networks (untrained M and T: use the training-free mode).
+PRESETS = {"tiny": "build_tiny_components", "tiny-eg3d": "build_tiny_eg3d_components",
+           "full-random": "build_full_size_components", "public": "build_public_components"}
+
+#: The rendering options (``render_kwargs``, also ``GenerationRequest.render_kwargs``) of a 3D generator.
+CAMERA_OPTIONS = ("camera", "conditioning_camera", "return_depth", "return_raw_image", "neural_rendering_resolution")
+MAX_NEURAL_RENDERING_RESOLUTION = 512
+# The camera-conditioned mean latent is an average over this many z drawn from this seed: fixed, so one
+# camera always gives the same mean (and the same truncated face) in every process.
+CONDITIONED_MEAN_SAMPLES = LATENT_AVG_SAMPLES
+CONDITIONED_MEAN_SEED = 0
+# Conditioned means kept per pipeline (a Space's camera sliders visit many cameras; an entry is one w).
+CONDITIONED_MEAN_CACHE_SIZE = 64
 
 
 @dataclass
@@ -67,6 +84,12 @@ class FacePipelineOutput:
         attention_maps: per-word cross-attention maps Ā, [B, n_words, H, W], each scaled to peak 1.
         diffusion_images: with ``return_diffusion_image``: I^d_0, what the diffusion model itself draws.
         warnings: notes for the user (e.g. the prompt was truncated to what CLIP reads).
+        cameras: 3D generators: the camera label each image was rendered from, [B, 25]. The settings hold
+            the camera as given (``"camera"``; default [0, 0]: frontal yaw and pitch) and the conditioning
+            camera (``"conditioning_camera"``; None: the checkpoint's w̄).
+        depth: 3D, with ``return_depth``: expected ray depth in world units, [B, 1, n, n] (float32, CPU;
+            :func:`~mm2latent.pipelines.views.depth_to_image` shows one).
+        raw_images: 3D, with ``return_raw_image``: the neural renderings before super-resolution (n x n).
     """
 
     images: list[Image.Image]
@@ -80,6 +103,50 @@ class FacePipelineOutput:
     attention_maps: torch.Tensor | None = None
     diffusion_images: list[Image.Image] | None = None
     warnings: list[str] = field(default_factory=list)
+    cameras: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    raw_images: list[Image.Image] | None = None
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Rendering options (``render_kwargs``) checked against the loaded generator, for a batch of B images.
+
+    Attributes:
+        cameras: 3D: the rendering camera of each image, [B, 25] (frontal when none was given); 2D: None.
+        conditioning: 3D: the conditioning camera of each image, [B, 25], whose mean latent truncation pulls
+            toward; None: the checkpoint's w̄ (what official truncation uses).
+        return_depth: also return depth maps.
+        return_raw_image: also return the neural renderings before super-resolution.
+        neural_rendering_resolution: side of the volume rendering (None: the model's).
+        extra: 2D: other keyword arguments of the generator's ``synthesis``, passed through unchanged.
+    """
+
+    cameras: torch.Tensor | None = None
+    conditioning: torch.Tensor | None = None
+    return_depth: bool = False
+    return_raw_image: bool = False
+    neural_rendering_resolution: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RenderedImages:
+    """Stage 5's output with its 3D by-products.
+
+    Attributes:
+        images: [B, 3, R, R] in [-1, 1] (the generator's device and dtype).
+        latents: the truncated latents that were rendered, [B, L, D].
+        cameras: 3D: the camera label of each image, [B, 25].
+        depth: 3D, on request: expected ray depth, [B, 1, n, n].
+        raw_images: 3D, on request: the neural renderings, [B, 3, n, n] in [-1, 1].
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    cameras: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    raw_images: torch.Tensor | None = None
 
 
 @dataclass
@@ -214,6 +281,8 @@ class FacePipeline:
             module.requires_grad_(False).eval()
         # One generation at a time: feature capture swaps U-Net processors for the duration of a pass.
         self.lock = threading.RLock()
+        # 3D: camera-conditioned mean latents, (label, device, dtype) -> [style_dim], least recent first.
+        self._conditioned_means: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def __getstate__(self):
         # Locks cannot be copied; ``copy.deepcopy(pipe)`` gives an independent pipeline with its own.
@@ -239,10 +308,11 @@ class FacePipeline:
         """Load a pipeline.
 
         Args:
-            name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"full-random"`` (real sizes, random
-                weights, for benchmarks), ``"public"`` (the public networks, untrained M and T: see
-                ``FaceEditPipeline`` and ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub
-                repository holding an ``mm2latent.json`` manifest.
+            name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"tiny-eg3d"`` (the same with a toy
+                3D-aware EG3D generator), ``"full-random"`` (real sizes, random weights, for benchmarks),
+                ``"public"`` (the public networks, untrained M and T: see ``FaceEditPipeline`` and
+                ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub repository holding an
+                ``mm2latent.json`` manifest.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
             dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a
@@ -328,6 +398,7 @@ class FacePipeline:
                 raise UnsupportedConditionError(f"this model has no ControlNet for a {name} (available: {available})")
         if (request.return_diffusion_image or request.mode == "invert") and not self.encoder.has_vae:
             raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
+        self.resolve_render_kwargs(request.render_kwargs, [request.num_images])
 
 
     def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
@@ -493,16 +564,198 @@ class FacePipeline:
         return DiffusionDrawing(images=encoded.image, token_maps=token_maps, timesteps=encoded.timesteps)
 
     # ------------------------------------------------------------------ 5. rendering
+    def resolve_render_kwargs(self, render_kwargs: dict, counts: Sequence[int]) -> RenderSettings:
+        """Check rendering options against the loaded generator.
+
+        A 3D generator takes :data:`CAMERA_OPTIONS`:
+
+        * ``camera``: where each image is seen from: (yaw°, pitch°) on the model's orbit, ``[N, 2]`` angles, a
+          25-number label or ``[N, 25]`` labels (:func:`~mm2latent.models.camera.parse_camera`); default the
+          frontal camera. N is 1 (every image) or one per image.
+        * ``conditioning_camera``: the same forms; truncation pulls toward the mean latent of the mapping
+          network conditioned on this camera. Default None: the checkpoint's w̄ (NVIDIA's running mean over
+          the training cameras, what official truncation uses).
+        * ``return_depth``, ``return_raw_image``: booleans.
+        * ``neural_rendering_resolution``: side of the volume rendering, 1..512 (default the model's).
+
+        None values count as absent. A 2D generator takes none of them; other options go to its ``synthesis``.
+
+        Args:
+            render_kwargs: the options.
+            counts: the images of each request that shares these options (``[B]`` for one batch): a camera
+                list must give one camera per image of each.
+
+        Raises:
+            InvalidSettingError: an option the generator does not take, a bad camera, a list of cameras of
+                another length, a bad flag or resolution.
+        """
+        given = {name: value for name, value in render_kwargs.items() if value is not None}
+        if not is_3d(self.generator):
+            camera_options = sorted(set(given) & set(CAMERA_OPTIONS))
+            if camera_options:
+                raise InvalidSettingError(
+                    f"this model's generator ({type(self.generator).__name__}) is 2D: it takes no "
+                    f"{', '.join(camera_options)}. Cameras and depth need a 3D generator such as EG3D (e.g. the "
+                    "'tiny-eg3d' preset)")
+            return RenderSettings(extra={k: v for k, v in render_kwargs.items() if k not in CAMERA_OPTIONS})
+        unknown = sorted(set(given) - set(CAMERA_OPTIONS))
+        if unknown:
+            raise InvalidSettingError(f"unknown rendering option {', '.join(unknown)}; a 3D generator takes "
+                                      f"{', '.join(CAMERA_OPTIONS)}")
+        for flag in ("return_depth", "return_raw_image"):
+            if not isinstance(given.get(flag, False), (bool, np.bool_)):
+                raise InvalidSettingError(f"{flag} must be True or False, got {given[flag]!r}")
+        resolution = given.get("neural_rendering_resolution")
+        if resolution is not None:
+            resolution = check_integer(resolution, "neural_rendering_resolution", 1, MAX_NEURAL_RENDERING_RESOLUTION)
+        conditioning = given.get("conditioning_camera")
+        return RenderSettings(
+            cameras=self._per_image_cameras(given.get("camera", self.generator.default_camera()), counts, "camera"),
+            conditioning=None if conditioning is None else self._per_image_cameras(conditioning, counts,
+                                                                                    "conditioning_camera"),
+            return_depth=bool(given.get("return_depth", False)),
+            return_raw_image=bool(given.get("return_raw_image", False)),
+            neural_rendering_resolution=resolution,
+        )
+
+    def _per_image_cameras(self, camera, counts: Sequence[int], name: str) -> torch.Tensor:
+        """A camera spec as one label per image of each request: ``[sum(counts), 25]``."""
+        labels = self.generator.camera_labels(camera, name=name)
+        if labels.shape[0] == 1:
+            return labels.expand(sum(counts), -1)
+        if any(count != labels.shape[0] for count in counts):
+            raise InvalidSettingError(f"{name} lists {labels.shape[0]} cameras for {'/'.join(map(str, counts))} "
+                                      "images: give one camera, or one per image")
+        return labels.repeat(len(counts), 1)
+
+    def conditioned_mean_latents(self, cameras: torch.Tensor) -> torch.Tensor:
+        """3D: the mean latent of the mapping network at each conditioning camera label, ``[N, 25]`` -> ``[N, D]``.
+
+        Each mean averages :data:`CONDITIONED_MEAN_SAMPLES` z drawn from :data:`CONDITIONED_MEAN_SEED`; the
+        last :data:`CONDITIONED_MEAN_CACHE_SIZE` cameras are cached.
+        """
+        like = self.generator.latent_avg
+        means = []
+        with self.lock:  # the cache is shared by the Space's worker threads
+            for label in cameras:
+                key = (tuple(label.tolist()), str(like.device), like.dtype)
+                if key in self._conditioned_means:
+                    self._conditioned_means.move_to_end(key)
+                else:
+                    rng = torch.Generator().manual_seed(CONDITIONED_MEAN_SEED)
+                    self._conditioned_means[key] = self.generator.mean_latent(CONDITIONED_MEAN_SAMPLES, rng, label)
+                    while len(self._conditioned_means) > CONDITIONED_MEAN_CACHE_SIZE:
+                        self._conditioned_means.popitem(last=False)
+                means.append(self._conditioned_means[key])
+        return torch.stack(means)
+
+    def truncate(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0,
+                 conditioning_camera=None) -> torch.Tensor:
+        """Pull latents ``[B, L, D]`` toward the mean latent: ``w̄ + ψ (w − w̄)`` (ψ a float or ``[B]``).
+
+        w̄ is the generator's mean latent; with a ``conditioning_camera`` (3D generators; one camera or one per
+        image, in any form of :meth:`resolve_render_kwargs`) it is the mean latent at that camera. ψ = 1
+        returns ``latents`` unchanged whatever the camera.
+        """
+        if conditioning_camera is None:
+            return self.generator.truncate(latents, truncation)
+        settings = self.resolve_render_kwargs({"conditioning_camera": conditioning_camera}, [latents.shape[0]])
+        return self._truncate(latents, truncation, settings.conditioning)
+
+    def _truncate(self, latents: torch.Tensor, truncation: float | torch.Tensor,
+                  conditioning: torch.Tensor | None) -> torch.Tensor:
+        if conditioning is None or (not isinstance(truncation, torch.Tensor) and float(truncation) == 1.0):
+            return self.generator.truncate(latents, truncation)
+        return truncate_latents(latents, self.conditioned_mean_latents(conditioning), truncation)
+
+    def _synthesize(self, ws: torch.Tensor, noise_mode: str, settings: RenderSettings) -> RenderedImages:
+        """Render truncated latents with checked settings."""
+        if settings.cameras is None:
+            return RenderedImages(self.generator.synthesis(ws, noise_mode=noise_mode, **settings.extra), ws)
+        cameras = settings.cameras.to(ws.device)
+        resolution = settings.neural_rendering_resolution
+        if not (settings.return_depth or settings.return_raw_image):
+            # synthesis, not render: the method speedups.compile_pipeline compiles.
+            images = self.generator.synthesis(ws, noise_mode, camera=cameras, neural_rendering_resolution=resolution)
+            return RenderedImages(images, ws, settings.cameras)
+        out = self.generator.render(ws, cameras, noise_mode, neural_rendering_resolution=resolution)
+        return RenderedImages(out.image, ws, settings.cameras, out.depth if settings.return_depth else None,
+                              out.image_raw if settings.return_raw_image else None)
+
+    @torch.no_grad()
+    def render_outputs(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0,
+                       noise_mode: str = "const", **render_kwargs) -> RenderedImages:
+        """Stage 5 with everything it produces: images, the truncated latents, and for a 3D generator the
+        cameras and on request depth maps and raw neural renderings (see :meth:`resolve_render_kwargs`)."""
+        settings = self.resolve_render_kwargs(render_kwargs, [latents.shape[0]])
+        with self.lock, record_function("mm2latent.render"):
+            return self._synthesize(self._truncate(latents, truncation, settings.conditioning), noise_mode, settings)
+
     @torch.no_grad()
     def render(self, latents: torch.Tensor, truncation: float | torch.Tensor = 1.0, noise_mode: str = "const",
                **render_kwargs) -> torch.Tensor:
         """Stage 5: truncate (ψ a float or one per image, [B]) and render with G: [B, 3, R, R] in [-1, 1].
 
-        ``render_kwargs`` go to the generator's ``synthesis`` (a 3D generator's camera).
+        ``render_kwargs``: a 3D generator's ``camera``, ``conditioning_camera`` and
+        ``neural_rendering_resolution`` (see :meth:`resolve_render_kwargs`); depth maps and raw renderings
+        come from :meth:`render_outputs`. A 2D generator's ``synthesis`` gets them unchanged.
         """
-        with self.lock, record_function("mm2latent.render"):
-            return self.generator.synthesis(self.generator.truncate(latents, truncation), noise_mode=noise_mode,
-                                            **render_kwargs)
+        if render_kwargs.get("return_depth") or render_kwargs.get("return_raw_image"):
+            raise InvalidSettingError("render returns the images only; render_outputs also returns depth maps and "
+                                      "raw renderings")
+        return self.render_outputs(latents, truncation, noise_mode, **render_kwargs).images
+
+    @torch.no_grad()
+    def render_views(
+        self,
+        latents: torch.Tensor,
+        yaws: float | Sequence[float] | None = None,
+        pitches: float | Sequence[float] = 0.0,
+        *,
+        cameras=None,
+        truncation: float | torch.Tensor = 1.0,
+        noise_mode: str = "const",
+        conditioning_camera=None,
+        return_depth: bool = False,
+        return_raw_image: bool = False,
+        neural_rendering_resolution: int | None = None,
+        rng: torch.Generator | None = None,
+    ) -> views.MultiViewOutput:
+        """3D: each latent seen from several cameras; the tri-planes are computed once per latent.
+
+        Args:
+            latents: ``[B, L, D]`` (e.g. a call's ``output.latents``, already truncated: keep ψ = 1).
+            yaws: the views' yaws in degrees (positive: the camera moves to the image's right).
+            pitches: their pitches in degrees (positive: the camera moves down); one for all or one per yaw.
+            cameras: instead of yaws and pitches: ``[V, 2]`` (yaw°, pitch°) or ``[V, 25]`` labels.
+            truncation: ψ toward the mean latent (1 = none).
+            noise_mode: the generator's noise. In "const" and "none" each view equals ``render`` at that
+                camera; in "random" one noise draw serves every view.
+            conditioning_camera: the camera whose mean latent truncation pulls toward (None: w̄).
+            return_depth: also return depth maps.
+            return_raw_image: also return the neural renderings before super-resolution.
+            neural_rendering_resolution: side of the volume rendering (default the model's).
+            rng: source of the random draws (noise in mode "random", ray samples).
+
+        Returns:
+            :class:`~mm2latent.pipelines.views.MultiViewOutput`: images ``[B, V, 3, R, R]``, cameras ``[V, 25]``.
+        """
+        generator = views.require_3d(self, "rendering several views")
+        labels = views.view_cameras(generator, yaws, pitches, cameras)
+        settings = self.resolve_render_kwargs({"conditioning_camera": conditioning_camera,
+                                               "neural_rendering_resolution": neural_rendering_resolution},
+                                              [latents.shape[0]])
+        with self.lock:
+            ws = self._truncate(latents, truncation, settings.conditioning)
+            rendered = list(views.iter_views(generator, ws, labels.to(ws.device), noise_mode, rng,
+                                             settings.neural_rendering_resolution, self.show_progress))
+
+        def stack(name: str) -> torch.Tensor:
+            return torch.stack([getattr(view, name).float().cpu() for view in rendered], dim=1)
+
+        return views.MultiViewOutput(images=stack("image"), cameras=labels, latents=ws.float().cpu(),
+                                     depth=stack("depth") if return_depth else None,
+                                     raw_images=stack("image_raw") if return_raw_image else None)
 
     # ------------------------------------------------------------------ the whole call
     def __call__(
@@ -521,6 +774,10 @@ class FacePipeline:
         combine: str = "mean",
         guidance_scale: float | None = None,
         noise_mode: str = "const",
+        camera=None,
+        conditioning_camera=None,
+        return_depth: bool = False,
+        return_raw_image: bool = False,
         **render_kwargs,
     ) -> FacePipelineOutput:
         """Generate faces.
@@ -541,8 +798,19 @@ class FacePipeline:
             combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
             guidance_scale: classifier-free guidance of the diffusion sampling (default 1 = off).
             noise_mode: the generator's noise: "const", "random" or "none".
-            render_kwargs: options of the generator's ``synthesis`` (a 3D generator's camera).
+            camera: 3D generators: where the faces are seen from: (yaw°, pitch°) (default (0, 0), frontal), a
+                25-number label, or one of either per image (see :meth:`resolve_render_kwargs`).
+            conditioning_camera: 3D: truncation pulls toward the mean latent at this camera (default: the
+                checkpoint's w̄, as official EG3D truncation); changes nothing at ψ = 1.
+            return_depth: 3D: also return depth maps (``output.depth``).
+            return_raw_image: 3D: also return the neural renderings before super-resolution.
+            render_kwargs: other options of the generator (``neural_rendering_resolution`` for EG3D).
         """
+        # Only what was asked for enters the request: a 2D call's settings (and PNG metadata) stay as they were.
+        for name, value in (("camera", camera), ("conditioning_camera", conditioning_camera),
+                            ("return_depth", return_depth or None), ("return_raw_image", return_raw_image or None)):
+            if value is not None:
+                render_kwargs[name] = value
         request = GenerationRequest.create(
             prompt, mask, scribble, seed, mode, num_steps, feature_steps, truncation, num_images, combine,
             guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs)
@@ -595,8 +863,11 @@ class FacePipeline:
         psis = [r.truncation for r, n in zip(requests, counts) for _ in range(n)]
         # One ψ for the batch keeps ψ = 1 exact (no arithmetic); mixed ψ go in as one value per image.
         truncation = psis[0] if len(set(psis)) == 1 else torch.tensor(psis)
-        truncated = self.generator.truncate(prediction.latents, truncation)
-        images = tensor_to_pil(self.render(truncated, 1.0, first.noise_mode, **first.render_kwargs))
+        render_settings = self.resolve_render_kwargs(first.render_kwargs, counts)
+        truncated = self._truncate(prediction.latents, truncation, render_settings.conditioning)
+        with self.lock:
+            rendered = self._synthesize(truncated, first.noise_mode, render_settings)
+        images = tensor_to_pil(rendered.images)
         latents = truncated.float().cpu()
         outputs, start = [], 0
         for request, (_, previews), count in zip(requests, prepared, counts):
@@ -614,6 +885,15 @@ class FacePipeline:
                 output.attention_maps = word_maps(prediction.token_maps[rows], prompts.word_tokens[start])
             if request.return_diffusion_image:
                 output.diffusion_images = tensor_to_pil(prediction.diffusion_images[rows])
+            if rendered.cameras is not None:
+                output.cameras = rendered.cameras[rows].float().cpu()
+                if settings.get("camera") is None:
+                    settings["camera"] = [0.0, 0.0]  # what the default frontal camera is, as (yaw°, pitch°)
+                settings.setdefault("conditioning_camera", None)
+            if rendered.depth is not None:
+                output.depth = rendered.depth[rows].float().cpu()
+            if rendered.raw_images is not None:
+                output.raw_images = tensor_to_pil(rendered.raw_images[rows])
             outputs.append(output)
             start += count
         return outputs

@@ -1,4 +1,4 @@
-"""Built-in presets. ``tiny``: every component at toy size, with deterministic random weights.
+"""Built-in presets. ``tiny`` and ``tiny-eg3d``: every component at toy size, with deterministic random weights.
 
 ``full-random``: every component at its real size with random weights (benchmarks). ``public``: every network
 the method needs from public files (SD-1.5, the scribble ControlNet, FFHQ StyleGAN2, e4e, BiSeNet, IR-SE50,
@@ -9,7 +9,9 @@ trained weights are published: its faces come from the training-free mode (``mod
 The tiny preset has the same classes and the same SD-1.5 *structure* as the real model (4 down blocks, 3 cross-attention
 layers in each of up blocks 1..3, two ControlNets, a CLIP text encoder, a VAE, a StyleGAN2), only narrow.
 It needs no download, runs the whole pipeline in seconds on a CPU, and is never trained: outputs are
-noise-like faces at best. Tests and the offline demo use it.
+noise-like faces at best. Tests and the offline demo use it. ``tiny-eg3d`` is the same with a toy EG3D
+(3D-aware: camera control, multi-view rendering) in place of the StyleGAN2. ``full-random`` has every
+component at its real size, for benchmarks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..models.diffusion_encoder import DiffusionEncoder, LazyComponent
+from ..models.generator import Generator
 from ..models.mapping import MappingNetwork, StyleModulationNetwork
 from ..models.stylegan2 import StyleGAN2Generator
 
@@ -64,47 +67,73 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def _build_tiny_encoder() -> DiffusionEncoder:
+    """The tiny diffusion encoder E, drawn from the current global RNG (the caller seeds it)."""
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    controlnets = {}
+    for name in ("mask", "scribble"):
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+        # diffusers zero-initialises the output convs; an untrained tiny ControlNet would then do nothing.
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.3)
+        controlnets[name] = controlnet
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, sample_size=128,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+    )
+    return DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
+
+
+def _build_tiny_heads(encoder: DiffusionEncoder, generator) -> dict:
+    """Tiny M and T sized from ``encoder`` and ``generator`` (from the current global RNG): the preset's components."""
+    mapper = MappingNetwork(**mapper_config(encoder, generator, reduce_channels=32, head_channels=16))
+    modulator = StyleModulationNetwork(**modulator_config(encoder, generator, hidden_channels=16, head_channels=8))
+    return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
+
+
 def build_tiny_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """All components of the tiny preset, initialised from ``seed`` (same weights on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-        )
-        controlnets = {}
-        for name in ("mask", "scribble"):
-            controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-            # diffusers zero-initialises the output convs; an untrained tiny ControlNet would then do nothing.
-            zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                          controlnet.controlnet_cond_embedding.conv_out]
-            for conv in zero_convs:
-                torch.nn.init.normal_(conv.weight, std=0.3)
-            controlnets[name] = controlnet
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-            norm_num_groups=8, sample_size=128,
-        )
-        scheduler = DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
-        )
+        encoder = _build_tiny_encoder()
         generator = StyleGAN2Generator(resolution=64, style_dim=64, n_mlp=2, channel_base=2048, channel_max=32)
         generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
-        encoder = DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
-        mapper = MappingNetwork(**mapper_config(encoder, generator, reduce_channels=32, head_channels=16))
-        modulator = StyleModulationNetwork(**modulator_config(encoder, generator, hidden_channels=16, head_channels=8))
-    return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
+        return _build_tiny_heads(encoder, generator)
 
 
-def mapper_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, **overrides) -> dict:
+def build_tiny_eg3d_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The ``tiny-eg3d`` preset: the tiny diffusion encoder, the tiny EG3D and M, T sized from it (8 W+ layers of 64).
+
+    The encoder's weights equal the ``tiny`` preset's (same seed, same draws); the EG3D is
+    :func:`~mm2latent.models.eg3d.build_tiny_eg3d` (64² images, 16² neural rendering, 8 + 8 samples per ray).
+    The whole 3D path runs on a CPU in well under a second per image.
+    """
+    from ..models.eg3d import build_tiny_eg3d
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = _build_tiny_encoder()
+        generator = build_tiny_eg3d(seed)  # draws from its own forked RNG
+        return _build_tiny_heads(encoder, generator)
+
+
+def mapper_config(encoder: DiffusionEncoder, generator: Generator, **overrides) -> dict:
     """M's size derived from the encoder's and the generator's configs."""
     config = dict(in_channels=encoder.mid_channels, in_spatial=encoder.mid_size,
                   num_ws=generator.num_ws, style_dim=generator.style_dim)
@@ -112,7 +141,7 @@ def mapper_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, **ov
     return config
 
 
-def modulator_config(encoder: DiffusionEncoder, generator: StyleGAN2Generator, **overrides) -> dict:
+def modulator_config(encoder: DiffusionEncoder, generator: Generator, **overrides) -> dict:
     """T's size derived from the encoder's and the generator's configs (features at half the latent size)."""
     config = dict(block_channels=encoder.block_channels, feature_size=encoder.latent_size // 2,
                   num_ws=generator.num_ws, style_dim=generator.style_dim)

@@ -18,9 +18,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ...errors import CheckpointFormatError, InvalidSettingError
-from ..camera import CAMERA_LABEL_DIM, DEFAULT_FOV_DEGREES, camera_label, split_camera_label
-from ..generator import truncate_latents
-from ..stylegan2 import LATENT_AVG_SAMPLES, NOISE_MODES, StyleGAN2Generator
+from ..camera import CAMERA_LABEL_DIM, DEFAULT_FOV_DEGREES, camera_label, parse_camera, split_camera_label
+from ..generator import broadcast_ws, truncate_latents
+from ..stylegan2 import LATENT_AVG_SAMPLES, NOISE_MODES
 from .layers import StyleGAN2Backbone
 from .options import RenderingOptions
 from .renderer import OSGDecoder, render_rays, sample_rays
@@ -183,6 +183,21 @@ class TriPlaneGenerator(nn.Module, PyTorchModelHubMixin):
         options = self.rendering
         return camera_label(0.0, 0.0, options.avg_camera_radius, options.avg_camera_pivot, fov_degrees)
 
+    def camera_labels(self, camera, fov_degrees: float = DEFAULT_FOV_DEGREES, name: str = "camera") -> torch.Tensor:
+        """Labels ``[N, 25]`` from a camera spec: (yaw°, pitch°) pairs go on the model's orbit.
+
+        Args:
+            camera: (yaw°, pitch°), ``[N, 2]`` angles, a label ``[25]`` or labels ``[N, 25]``
+                (see :func:`~mm2latent.models.camera.parse_camera`).
+            fov_degrees: the field of view of cameras given by angles.
+            name: the setting's name in error messages.
+
+        Raises:
+            InvalidSettingError: see :func:`~mm2latent.models.camera.parse_camera`.
+        """
+        options = self.rendering
+        return parse_camera(camera, options.avg_camera_radius, options.avg_camera_pivot, fov_degrees, name)
+
     def _camera(self, camera: torch.Tensor | None, batch: int) -> torch.Tensor:
         ref = self._param_like()
         if camera is None:
@@ -231,9 +246,8 @@ class TriPlaneGenerator(nn.Module, PyTorchModelHubMixin):
 
     # -- synthesis -----------------------------------------------------------------------------
 
-    # [B, num_ws, w_dim] or [B, w_dim] -> [B, num_ws, w_dim] on the parameters' device and dtype:
-    # the same contract (and code) as StyleGAN2's.
-    _broadcast_ws = StyleGAN2Generator._broadcast_ws
+    def _broadcast_ws(self, ws: torch.Tensor) -> torch.Tensor:
+        return broadcast_ws(ws, self.num_ws, self.style_dim, self._param_like())
 
     def synthesize_planes(
         self, ws: torch.Tensor, noise_mode: str = "const", generator: torch.Generator | None = None
