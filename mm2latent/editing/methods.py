@@ -18,7 +18,6 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +44,6 @@ __all__ = [
     "check_strength",
     "clip_refine",
     "identity_similarity",
-    "latent_file",
     "layer_ranges",
 ]
 
@@ -282,11 +280,3 @@ class EditResult:
     settings: dict = field(default_factory=dict)
     clip_losses: list[dict[str, float]] = field(default_factory=list)
     message: str = ""
-
-
-def latent_file(latent: torch.Tensor, path: str | Path, settings: dict | None = None) -> Path:
-    """Save a W+ latent for download: ``.pt`` holding {"latent": [1, L, D] float32, "settings": {...}}."""
-    path = Path(path)
-    torch.save({"latent": latent.detach().float().cpu(), "settings": dict(settings or {})}, path)
-    return path
-
