@@ -11,12 +11,21 @@ from .errors import MM2LatentError
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .pipelines.generation import PRESETS
+
     parser.add_argument("--prompt", default="", help="text description of the face")
     visual = parser.add_mutually_exclusive_group()
     visual.add_argument("--mask", help="19-class face mask (index, palette or colour PNG)")
     visual.add_argument("--scribble", help="sketch image (white-on-black or black-on-white)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    parser.add_argument("--mode", choices=["fast", "quality"], default="fast")
+    parser.add_argument("--mode", choices=["fast", "quality", "invert"], default=None,
+                        help="fast (one U-Net pass, trained M/T), quality (DDIM steps) or invert (training-free: "
+                             "I^d_0 inverted by the photo encoder); default: fast, or invert on untrained weights "
+                             "that have an inverter (the public preset)")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="invert mode: optimisation steps after the encoder (0 = the encoder's answer)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance of the diffusion drawing (default 7.5 in invert mode)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps in quality mode (default 20)")
     parser.add_argument("--feature-steps", type=int, nargs="+", default=None, help="steps that feed the latent")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
@@ -36,7 +45,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     camera.add_argument("--frames", type=int, default=24, help="turntable frames (default 24)")
     camera.add_argument("--fps", type=float, default=24.0, help="turntable frames per second (default 24)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=["tiny", "tiny-eg3d"], help="built-in untrained preset (offline)")
+    source.add_argument("--preset", choices=sorted(PRESETS),
+                        help="built-in preset: tiny, tiny-eg3d (untrained, offline), full-random (full size, "
+                             "random weights), public (the published networks, training-free mode)")
     source.add_argument("--model", default=None, help="Hub repo or local folder (default: MM2LATENT_MODEL_REPO)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -46,23 +57,32 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .inputs.metadata import save_png
+    from .pipelines.editing import FaceEditPipeline
     from .pipelines.generation import FacePipeline
     from .pipelines.hub import DEFAULT_MODEL_REPO
 
     name = args.preset or args.model or os.environ.get("MM2LATENT_MODEL_REPO", DEFAULT_MODEL_REPO)
     with tqdm(total=3, desc="mm2latent", unit="stage") as bar:
         bar.set_postfix_str(f"loading {name}")
-        pipe = FacePipeline.from_pretrained(name, device=args.device, load_vae=False)
+        # The photo encoder (and the VAE that shows I^d_0) only load for the training-free mode.
+        if args.mode == "invert" or (args.mode is None and name == "public"):
+            pipe = FaceEditPipeline.from_pretrained(name, device=args.device)
+            extra = {"refine_steps": args.refine_steps}
+        else:
+            pipe = FacePipeline.from_pretrained(name, device=args.device, load_vae=False)
+            extra = {}
         bar.update()
         if not pipe.trained:
             print(f"Note: '{name}' has untrained weights; the faces are a demo of the mechanics only.", file=sys.stderr)
         bar.set_postfix_str("generating")
         # Camera options only when asked for: on a 2D model they are an error, not silently ignored.
         camera = None if args.yaw is None and args.pitch is None else (args.yaw or 0.0, args.pitch or 0.0)
-        output = pipe(args.prompt, mask=args.mask, scribble=args.scribble, seed=args.seed, mode=args.mode,
+        options = {"camera": camera, "conditioning_camera": args.conditioning_camera, "return_depth": args.save_depth}
+        extra.update({name: value for name, value in options.items() if value not in (None, False)})
+        output = pipe(args.prompt, mask=args.mask, scribble=args.scribble, seed=args.seed,
+                      mode=args.mode or getattr(pipe, "default_mode", "fast"), guidance_scale=args.guidance,
                       num_steps=args.steps, feature_steps=args.feature_steps, truncation=args.truncation,
-                      num_images=args.num_images, camera=camera, conditioning_camera=args.conditioning_camera,
-                      return_depth=args.save_depth)
+                      num_images=args.num_images, **extra)
         bar.update()
         bar.set_postfix_str("saving")
         out = Path(args.out)

@@ -41,3 +41,20 @@ def test_module_entry_point_reports_a_bad_seed_plainly(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "x.png").exists()
     assert "error: the seed must be a whole number from 0 to 4294967295" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_invert_mode_runs_the_training_free_path(mask_path, tmp_path):
+    """`--mode invert` loads the editing pipeline and gives what FaceEditPipeline's invert mode gives."""
+    from mm2latent.pipelines.editing import FaceEditPipeline
+
+    out = tmp_path / "free.png"
+    assert main(["generate", "--preset", "tiny", "--mode", "invert", "--prompt", "she is smiling", "--mask",
+                 str(mask_path), "--seed", "3", "--num-images", "1", "--steps", "2", "--refine-steps", "1",
+                 "--out", str(out), "--save-latent", "--device", "cpu"]) == 0
+    settings = read_png_settings(out)
+    assert settings["mode"] == "invert" and settings["refine_steps"] == 1
+    editor = FaceEditPipeline.from_pretrained("tiny", device="cpu")
+    expected = editor("she is smiling", mask=mask_path, seed=3, mode="invert", num_steps=2, refine_steps=1)
+    np.testing.assert_allclose(np.load(out.with_suffix(".npy")), expected.latents[0].numpy(), atol=1e-5)
+    fast = editor("she is smiling", mask=mask_path, seed=3, mode="fast")
+    assert not np.allclose(np.load(out.with_suffix(".npy")), fast.latents[0].numpy(), atol=1e-3)
