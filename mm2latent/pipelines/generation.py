@@ -667,7 +667,10 @@ class FacePipelineBase:
         return_raw_image: bool = False,
         **render_kwargs,
     ) -> FacePipelineOutput:
-        """Generate faces.
+        """Generate faces. The same call for every engine; the arguments marked DDGI are the diffusion engine's
+        (the MM2Latent engine refuses ``mode`` other than "fast", ``return_diffusion_image`` and ``guidance_scale``
+        with a typed error, and ignores the step settings; its seed is explained in
+        :mod:`~mm2latent.pipelines.mm2latent_engine`).
 
         Args:
             prompt: a description ("She has long wavy blonde hair and is smiling."); may be empty when a
@@ -675,15 +678,15 @@ class FacePipelineBase:
             mask: a 19-class face mask (path, PIL image or array; index, palette or colour map).
             scribble: a sketch (white-on-black or black-on-white).
             seed: 0..2**32-1; random when None. Image i uses seed + i.
-            mode: "fast" (one U-Net pass at t = T) or "quality" (DDIM steps, latents combined).
-            num_steps: DDIM steps (quality mode, and the preview's denoising); default 20.
-            feature_steps: which steps feed the latent (quality mode); default all.
+            mode: "fast" (one U-Net pass at t = T) or DDGI "quality" (DDIM steps, latents combined).
+            num_steps: DDGI: DDIM steps (quality mode, and the preview's denoising); default 20.
+            feature_steps: DDGI: which steps feed the latent (quality mode); default all.
             truncation: ψ, pulls latents toward the mean (1 = none).
             num_images: images in one batch (1..16).
-            return_intermediates: also return per-step w_t and per-word attention maps.
-            return_diffusion_image: also denoise to the end and decode I^d_0 (costs a full sampling).
-            combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
-            guidance_scale: classifier-free guidance of the diffusion sampling (default 1 = off).
+            return_intermediates: also return per-step w_t and (DDGI) per-word attention maps.
+            return_diffusion_image: DDGI: also denoise ``num_steps`` steps and decode I^d_0 (a full sampling).
+            combine: DDGI: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
+            guidance_scale: DDGI: classifier-free guidance of the diffusion sampling (default 1 = off).
             noise_mode: the generator's noise: "const", "random" or "none".
             camera: 3D generators: where the faces are seen from: (yaw°, pitch°) (default (0, 0), frontal), a
                 25-number label, or one of either per image (see :meth:`resolve_render_kwargs`).
