@@ -257,3 +257,18 @@ def test_mm2latent_edit_refusals(engine_editor, inverted):
     with pytest.raises(InvalidSettingError, match="diffusion model"):
         engine_editor(PROMPT, mode="invert")
     assert engine_editor.default_mode == "fast"
+
+
+def test_mm2latent_with_a_3d_generator(mask_path):
+    pipe = FacePipeline.from_pretrained("tiny-eg3d-mm2latent", device="cpu")
+    pipe.show_progress = False
+    assert pipe.engine == "mm2latent" and pipe.generator.num_ws == pipe.mm2latent_engine.mapper.num_ws
+    left = pipe(PROMPT, mask=mask_path, seed=2, camera=(-20, 0), return_depth=True)
+    right = pipe(PROMPT, mask=mask_path, seed=2, camera=(20, 0))
+    # One latent (the camera does not enter the mapper), two views of it.
+    assert torch.equal(left.latents, right.latents)
+    assert not np.array_equal(pixels(left.images[0]), pixels(right.images[0]))
+    assert left.settings["camera"] == [-20, 0] and left.depth.shape[:2] == (1, 1)
+    views = pipe.render_views(left.latents, yaws=[-20, 20])
+    torch.testing.assert_close(views.images[0, 1], pipe.render(left.latents, camera=(20, 0))[0].float(),
+                               atol=1e-5, rtol=1e-5)

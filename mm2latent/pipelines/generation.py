@@ -62,16 +62,17 @@ __all__ = [
 #: names its engine in ``"engine"``; absent means DDGI.
 ENGINES = ("ddgi", "mm2latent")
 DEFAULT_ENGINE = "ddgi"
-# Built-in presets: name -> builder in presets.py. "tiny", "tiny-eg3d", "tiny-mm2latent", "full-random" and
-# "full-random-mm2latent" have deterministic random (untrained) weights; "public" gathers the public networks
-# (untrained M and T: use the training-free mode).
+# Built-in presets: name -> builder in presets.py. "tiny", "tiny-eg3d", "tiny-mm2latent", "tiny-eg3d-mm2latent",
+# "full-random" and "full-random-mm2latent" have deterministic random (untrained) weights; "public" gathers the
+# public networks (untrained M and T: use the training-free mode).
 PRESETS = {"tiny": "build_tiny_components", "tiny-eg3d": "build_tiny_eg3d_components",
            "tiny-mm2latent": "build_tiny_mm2latent_pipeline_components",
+           "tiny-eg3d-mm2latent": "build_tiny_eg3d_mm2latent_pipeline_components",
            "full-random": "build_full_size_components",
            "full-random-mm2latent": "build_full_size_mm2latent_pipeline_components",
            "public": "build_public_components"}
 #: The engine of each preset that is not DDGI's.
-PRESET_ENGINES = {"tiny-mm2latent": "mm2latent", "full-random-mm2latent": "mm2latent"}
+PRESET_ENGINES = {"tiny-mm2latent": "mm2latent", "tiny-eg3d-mm2latent": "mm2latent", "full-random-mm2latent": "mm2latent"}
 
 #: The rendering options (``render_kwargs``, also ``GenerationRequest.render_kwargs``) of a 3D generator.
 CAMERA_OPTIONS = ("camera", "conditioning_camera", "return_depth", "return_raw_image", "neural_rendering_resolution")
@@ -354,7 +355,8 @@ class FacePipelineBase:
 
         Args:
             name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"tiny-eg3d"`` (the same with a toy
-                3D-aware EG3D generator), ``"tiny-mm2latent"`` (the toy MM2Latent engine: no diffusion model),
+                3D-aware EG3D generator), ``"tiny-mm2latent"`` / ``"tiny-eg3d-mm2latent"`` (the toy MM2Latent engine,
+                no diffusion model, with the tiny StyleGAN2 / EG3D),
                 ``"full-random"`` / ``"full-random-mm2latent"`` (real sizes, random weights, for benchmarks),
                 ``"public"`` (the public networks, untrained M and T: see ``FaceEditPipeline`` and
                 ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub repository holding an

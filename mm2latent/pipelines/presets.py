@@ -276,6 +276,16 @@ def build_tiny_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch
     return {"mm2latent_engine": MM2LatentEngine(**build_tiny_mm2latent_components(generator)), "generator": generator}
 
 
+def build_tiny_eg3d_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The ``tiny-eg3d-mm2latent`` preset: the toy MM2Latent engine sized for the tiny EG3D (8 W+ layers of 64) and
+    that EG3D (the ``tiny-eg3d`` preset's): cameras, depth and multi-view rendering without a diffusion model."""
+    from ..models.eg3d import build_tiny_eg3d
+    from ..models.latent_mapper import MM2LatentEngine, build_tiny_mm2latent_components
+
+    generator = build_tiny_eg3d(seed)  # draws from its own forked RNG
+    return {"mm2latent_engine": MM2LatentEngine(**build_tiny_mm2latent_components(generator)), "generator": generator}
+
+
 def build_full_size_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """The ``full-random-mm2latent`` preset: a 1024² StyleGAN2 (the architecture of ``full-random``'s) and the MM2Latent
     engine at its real sizes (CLIP ViT-B/16, 256² autoencoders, 18 x 512 mapper heads) with random weights: for
