@@ -56,6 +56,7 @@ GPU_BATCH8_FPS = 60.0
 MIN_SPEEDUP = 15.0
 MAX_OVERHEAD = 0.10
 MAX_INVERT_OVER_BASELINE = 1.25
+MIN_ENGINE_SPEEDUP = 2.0  # MM2Latent engine over DDGI fast mode, same generator
 
 
 def log(message: str) -> None:
@@ -810,6 +811,63 @@ def section_baseline(bench: Bench) -> None:
             results["ratios"][f"invert_{key}_over_baseline"] = value["median_ms"] / item["median_ms"]
 
 
+def build_mm2latent_pipeline(bench: Bench):
+    """The MM2Latent engine around the very same generator object as the DDGI pipeline (same device, dtype):
+    toy networks with a tiny preset, else the real sizes (CLIP ViT-B/16, 256² autoencoders) with random weights."""
+    from mm2latent.models.latent_mapper import (
+        MM2LatentEngine,
+        build_full_size_mm2latent_components,
+        build_tiny_mm2latent_components,
+    )
+    from mm2latent.pipelines.mm2latent_engine import MM2LatentPipeline
+
+    generator = bench.pipe.generator
+    tiny = bench.args.preset.startswith("tiny")
+    build = build_tiny_mm2latent_components if tiny else build_full_size_mm2latent_components
+    pipe = MM2LatentPipeline(MM2LatentEngine(**build(generator)), generator, name=f"{bench.args.preset}+mm2latent")
+    pipe.show_progress = False
+    # Only the engine moves: the generator is DDGI's own (already on the device, in the dtype).
+    pipe.mm2latent_engine.to(device=bench.device, dtype=bench.dtype)
+    return pipe, "tiny" if tiny else "full-size, random weights"
+
+
+def section_mm2latent(bench: Bench) -> None:
+    """The MM2Latent engine (no diffusion model) beside DDGI fast mode and the baseline, same run, same generator."""
+    from mm2latent.inputs.images import tensor_to_pil
+
+    pipe, networks = build_mm2latent_pipeline(bench)
+    results = bench.results
+    engine = pipe.mm2latent_engine
+    log(f"MM2Latent engine ({networks}) on the DDGI pipeline's generator")
+    item: dict = {"networks": networks, "parameters": {name: count_parameters(getattr(engine, name))
+                                                      for name in engine.COMPONENTS}}
+
+    def call():
+        return pipe(PROMPT, mask=bench.index_mask, seed=SEED)
+
+    item["end_to_end"] = bench.measure("MM2Latent end to end (text + mask -> PIL)", call)
+    item["end_to_end"]["note"] = ("pipe(prompt, mask=index map): mask parsing, text tower (no prompt cache), mask "
+                                  "autoencoder, mapper, seed variation, generator, PIL")
+    prompts = pipe.encode_prompts([PROMPT])
+    codes, _ = pipe.prepare_conditions(mask=bench.index_mask)
+    stages = {
+        "encode_prompts": bench.measure("MM2Latent encode_prompts (text tower)", lambda: pipe.encode_prompts([PROMPT])),
+        "prepare_conditions": bench.measure("MM2Latent prepare_conditions (mask -> code)",
+                                            lambda: pipe.prepare_conditions(mask=bench.index_mask)),
+        "predict_latents": bench.measure("MM2Latent predict_latents (mapper)", lambda: pipe.predict_latents(prompts, codes)),
+    }
+    latents = pipe.vary_latents(pipe.predict_latents(prompts, codes), [SEED])
+    stages["render_to_pil"] = bench.measure("MM2Latent render + PIL", lambda: tensor_to_pil(pipe.render(latents)))
+    item["stages"] = stages
+    results["mm2latent"] = item
+    e2e = results["end_to_end"]
+    ratios = results.setdefault("ratios", {})
+    # DDGI's headline comparison encodes the prompt every call, as the MM2Latent engine always does.
+    ratios["ddgi_fast_over_mm2latent"] = e2e["fast_uncached_prompt"]["median_ms"] / item["end_to_end"]["median_ms"]
+    if "baseline" in results:
+        ratios["baseline_over_mm2latent"] = results["baseline"]["median_ms"] / item["end_to_end"]["median_ms"]
+
+
 def section_precision(bench: Bench) -> None:
     """Fast mode, the U-Net pass and StyleGAN2 again in the other precisions (last: casts the pipeline)."""
     args, pipe = bench.args, bench.pipe
@@ -845,7 +903,8 @@ def section_precision(bench: Bench) -> None:
 SECTIONS = {
     "build": section_build, "stages": section_stages, "end_to_end": section_end_to_end,
     "throughput": section_throughput, "space_overhead": section_space_overhead, "invert_mode": section_invert_mode,
-    "ablations": section_ablations, "baseline": section_baseline, "precision": section_precision,
+    "ablations": section_ablations, "baseline": section_baseline, "mm2latent": section_mm2latent,
+    "precision": section_precision,
 }
 
 
@@ -855,6 +914,8 @@ def wanted_sections(args) -> list[str]:
         skip |= {"ablations", "precision"}
     if args.no_baseline:
         skip.add("baseline")
+    if args.no_mm2latent:
+        skip.add("mm2latent")
     if not args.invert_refine_steps:
         skip.add("invert_mode")
     return [name for name in SECTIONS if name not in skip]
@@ -949,6 +1010,9 @@ def evaluate_targets(results: dict) -> list[dict]:
             full and bool(cold), "tiny preset or no cold start")
     share = results["space_overhead"]["overhead_share"]
     add("Space overhead per request (share of model time)", share, "<=", MAX_OVERHEAD, full, "tiny preset")
+    engine_ratio = results.get("ratios", {}).get("ddgi_fast_over_mm2latent")
+    add("MM2Latent engine vs DDGI fast mode speed-up (x, same generator)", engine_ratio, ">=", MIN_ENGINE_SPEEDUP,
+        full and engine_ratio is not None, "tiny preset or MM2Latent not measured")
     invert = results.get("ratios", {}).get("invert_refine_0_over_baseline")
     add("training-free mode (refine 0) vs baseline time (x)", invert, "<=", MAX_INVERT_OVER_BASELINE,
         full and invert is not None, "tiny preset or not measured")
@@ -1001,8 +1065,20 @@ def render_markdown(results: dict) -> str:
         base = results["baseline"]
         lines.append(_row(f"**baseline** SD+ControlNet {base['steps']} steps, cfg {base['guidance_scale']}, "
                           f"{base['resolution']}², VAE", base, f"peak {base['peak_bytes'] / GIB:.2f} GiB"))
+    if "mm2latent" in results:
+        engine = results["mm2latent"]
+        item = engine["end_to_end"]
+        lines.append(_row(f"**MM2Latent engine** ({engine['networks']}), same generator", item,
+                          f"peak {item['peak_bytes'] / GIB:.2f} GiB"))
+        for key, stage in engine["stages"].items():
+            lines.append(_row(f"MM2Latent {key.replace('_', ' ')}", stage))
     lines.append("")
-    if "ratios" in results:
+    if "ratios" in results and "ddgi_fast_over_mm2latent" in results["ratios"]:
+        r = results["ratios"]
+        baseline = f", baseline / MM2Latent {r['baseline_over_mm2latent']:.1f}×" if "baseline_over_mm2latent" in r else ""
+        lines.append(f"**Speed-up DDGI fast / MM2Latent: {r['ddgi_fast_over_mm2latent']:.1f}×** (both encode the "
+                     f"prompt every call{baseline})")
+    if "ratios" in results and "baseline_over_fast" in results["ratios"]:
         r = results["ratios"]
         lines.append(f"**Speed-up baseline / fast: {r['baseline_over_fast']:.1f}×** (prompt not cached; "
                      f"{r['baseline_over_fast_cached_prompt']:.1f}× cached, "
@@ -1088,6 +1164,7 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-steps", type=int, default=20)
     parser.add_argument("--baseline-guidance", type=float, default=7.5)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-mm2latent", action="store_true", help="skip the MM2Latent engine's section")
     parser.add_argument("--invert-refine-steps", type=int, nargs="*", default=[0],
                         help="time the training-free mode (mode='invert') with these refinement steps; none: skip it")
     parser.add_argument("--no-cold-start", action="store_true")

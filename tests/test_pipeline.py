@@ -236,3 +236,26 @@ def test_deepcopy_gives_an_independent_pipeline(tiny_pipe, mask_path):
     with torch.no_grad():
         clone.mapper.heads.bias.add_(1.0)
     assert not torch.equal(clone(PROMPT, mask=mask_path, seed=3).latents, tiny_pipe(PROMPT, mask=mask_path, seed=3).latents)
+
+
+def test_fast_mode_preview_decodes_after_the_documented_steps(tiny_pipe, mask_path):
+    from mm2latent.inputs.images import tensor_to_pil
+    from mm2latent.pipelines.request import DEFAULT_QUALITY_STEPS
+
+    controls, _ = tiny_pipe.prepare_conditions(mask=mask_path)
+    prompts = tiny_pipe.encode_prompts([PROMPT])
+
+    def drawn(steps):
+        drawing = tiny_pipe.draw(prompts, controls, tiny_pipe.prepare_noise([6]), num_steps=steps, guidance_scale=1.0)
+        return pixels(tensor_to_pil(drawing.images)[0])
+
+    # Default: the documented 20 DDIM steps (num_steps), not a decode after the single feature step.
+    out = tiny_pipe(PROMPT, mask=mask_path, seed=6, return_diffusion_image=True)
+    assert out.settings["num_steps"] == DEFAULT_QUALITY_STEPS
+    preview = pixels(out.diffusion_images[0])
+    assert np.array_equal(preview, drawn(DEFAULT_QUALITY_STEPS))
+    assert np.abs(preview.astype(int) - drawn(1).astype(int)).max() > 8
+    fewer = tiny_pipe(PROMPT, mask=mask_path, seed=6, num_steps=5, return_diffusion_image=True)
+    assert np.array_equal(pixels(fewer.diffusion_images[0]), drawn(5))
+    # The preview does not move fast mode's latent: features still come from the first step, t = T.
+    torch.testing.assert_close(out.latents, tiny_pipe(PROMPT, mask=mask_path, seed=6).latents, atol=1e-5, rtol=1e-5)

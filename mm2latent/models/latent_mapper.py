@@ -179,7 +179,7 @@ class MM2LatentEngine(nn.Module):
     @torch.no_grad()
     def latents(self, latent_avg: torch.Tensor, text_embedding: torch.Tensor | None = None,
                 mask_ids: torch.Tensor | None = None, sketch: torch.Tensor | None = None,
-                batch_size: int | None = None) -> torch.Tensor:
+                batch_size: int | None = None, present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Inference: any subset of the inputs -> W+ ``[B, num_ws, style_dim]``.
 
         Args:
@@ -188,9 +188,12 @@ class MM2LatentEngine(nn.Module):
             mask_ids: CelebAMask-HQ index maps ``[B, H, W]`` (any size), or None.
             sketch: binary sketches ``[B, H, W]`` (white strokes = 1, any size), or None.
             batch_size: only when no input is given.
+            present: per modality, ``[B]`` booleans; False reads the null token for that sample (e.g. a batch
+                where some prompts are empty).
         """
         mask_code, sketch_code = self.codes(mask_ids, sketch)
-        return self.mapper(latent_avg, text=text_embedding, mask=mask_code, sketch=sketch_code, batch_size=batch_size)
+        return self.mapper(latent_avg, text=text_embedding, mask=mask_code, sketch=sketch_code, present=present,
+                           batch_size=batch_size)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         folder = Path(save_directory)

@@ -134,6 +134,8 @@ COMPONENTS: dict[str, ComponentType] = {
     "identity": ComponentType(_hub_mixin("mm2latent.models.networks.arcface", "IRSE50"), pipeline="editing"),
     "lpips": ComponentType(_hub_mixin("mm2latent.models.networks.lpips", "LPIPS"), pipeline="editing"),
     "clip": ComponentType(_clip, pipeline="editing", save=_save_clip),
+    # The MM2Latent engine's networks (CLIP text tower, mask and sketch autoencoders, mapper) in one folder.
+    "mm2latent_engine": ComponentType(_hub_mixin("mm2latent.models.latent_mapper", "MM2LatentEngine")),
 }
 
 
@@ -207,10 +209,10 @@ def save_components(parts: dict[str, Any], root: Path) -> dict[str, dict]:
     return entries
 
 
-def write_manifest(root: Path, components: dict[str, dict], pipeline_info: dict) -> Path:
-    """Write ``mm2latent.json`` naming every component."""
+def write_manifest(root: Path, components: dict[str, dict], pipeline_info: dict, engine: str = "ddgi") -> Path:
+    """Write ``mm2latent.json`` naming the engine ("ddgi" or "mm2latent") and every component."""
     manifest = {"_format": MANIFEST_FORMAT, "_version": MANIFEST_VERSION, "_mm2latent_version": __version__,
-                "pipeline": pipeline_info, "components": components}
+                "engine": engine, "pipeline": pipeline_info, "components": components}
     path = root / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

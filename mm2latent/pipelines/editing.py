@@ -35,7 +35,7 @@ from ..editing.methods import (
     identity_similarity,
 )
 from ..errors import EmptyPromptError, InvalidSettingError
-from ..inputs.conditions import mask_to_color, parse_mask, parse_scribble
+from ..inputs.conditions import edges_from_photo, mask_to_color, parse_mask, parse_scribble
 from ..inputs.images import image_to_tensor, tensor_to_pil
 from ..inputs.templates import mask_edges
 from .components import COMPONENTS, load_components, save_components, write_manifest
@@ -51,11 +51,15 @@ REFINE_W_REG = 0.0005
 MASK_AS_SCRIBBLE_WIDTH = 3
 #: Steps of the training-free "guided" edit when none are asked for.
 DEFAULT_GUIDED_STEPS = 40
+#: Smallest side edges_from_photo accepts (the photo's sketch for an MM2Latent edit is drawn at the autoencoder's).
+EDGE_MIN_SIZE = 16
 #: Side of the masks the guided edit compares (the mask editor's canvas and the photo's parsed mask).
 PARSER_MASK_SIZE = 512
 
 __all__ = ["EDITING_COMPONENTS", "FaceEditPipeline"]
 
+#: Presets that come with toy editing networks (their generator is the tiny 2D StyleGAN2 the toy inverter fits).
+TINY_EDITING_PRESETS = ("tiny", "tiny-mm2latent")
 #: The editing networks, in manifest order (all optional).
 EDITING_COMPONENTS = tuple(name for name, kind in COMPONENTS.items() if kind.pipeline == "editing")
 
@@ -64,7 +68,7 @@ class FaceEditPipeline:
     """Edit real photos with text and masks, on top of a generation pipeline.
 
     Args:
-        generation: the pipeline whose E, M, T and G the edits use.
+        generation: the pipeline whose engine and G the edits use (DDGI's E, M, T, or the MM2Latent engine).
         inverter: the photo -> W+ encoder (pSp / e4e); without it photos cannot be inverted.
         face_parser: BiSeNet, for the photo's own mask.
         identity: ArcFace IR-SE50, for the identity score and the CLIP refinement's identity term.
@@ -103,7 +107,7 @@ class FaceEditPipeline:
         :meth:`FacePipeline.from_pretrained`; ``"tiny"`` adds toy editing networks)."""
         generation = FacePipeline.from_pretrained(name_or_path, revision=revision, device=device, dtype=dtype,
                                                   load_vae=load_vae)
-        if str(name_or_path) == "tiny":
+        if str(name_or_path) in TINY_EDITING_PRESETS:
             from .presets import build_tiny_editing_components
 
             parts = build_tiny_editing_components(generation.generator)
@@ -127,7 +131,7 @@ class FaceEditPipeline:
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
         entries = save_components(self.components(), root)
-        write_manifest(root, entries, {"trained": self.trained, "source": self.name})
+        write_manifest(root, entries, {"trained": self.trained, "source": self.name}, engine=self.generation.engine)
         return root
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FaceEditPipeline:
@@ -156,8 +160,17 @@ class FaceEditPipeline:
         return self.generation.generator
 
     @property
+    def engine(self) -> str:
+        """The generation pipeline's engine: "ddgi" or "mm2latent"."""
+        return self.generation.engine
+
+    @property
     def default_mode(self) -> str:
-        """"fast" with trained M and T; "invert" (training-free) when they are untrained and an inverter is loaded."""
+        """"fast" with trained M and T; "invert" (training-free) when they are untrained and an inverter is loaded.
+
+        Always "fast" with the MM2Latent engine (it has no diffusion model to draw I^d_0 with)."""
+        if self.engine == "mm2latent":
+            return "fast"
         return "fast" if self.trained or self.inverter is None else "invert"
 
     def __call__(
@@ -239,6 +252,9 @@ class FaceEditPipeline:
            G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode);
         4. truncation and G, as every mode.
         """
+        if self.engine != "ddgi":
+            raise InvalidSettingError(f"mode='invert' draws I^d_0 with the diffusion model; this model runs the "
+                                      f"{self.engine} engine, which has none: use mode='fast'")
         if self.inverter is None:
             raise InvalidSettingError("mode='invert' needs a photo encoder (inverter); this model has none")
         pipe, generator = self.generation, self.generator
@@ -321,7 +337,9 @@ class FaceEditPipeline:
             seed: the diffusion noise seed.
             strength: 0 keeps w_real, 1 applies the edit fully (up to 2 exaggerates it).
             layers: "coarse", "middle", "fine", "all" or a list of layer indices.
-            method: "modulate" (T's γ, β on w_real) or "mix" (M's w^m mixed into the layers).
+            method: "modulate" (T's γ, β on w_real) or "mix" (M's w^m mixed into the layers). With the MM2Latent
+                engine only "mix": w_edit[l] = w_real[l] + strength · (mapper(text, mask, sketch)[l] − w_real[l]) on
+                the chosen layers (the mapper is deterministic: ``seed`` is unused).
         """
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidSettingError(f"the prompt must be text, got {type(prompt).__name__}")
@@ -334,6 +352,15 @@ class FaceEditPipeline:
         if method not in LATENT_METHODS:
             raise InvalidSettingError(f"the method must be one of {', '.join(LATENT_METHODS)}, got {method!r}")
         pipe = self.generation
+        if self.engine == "mm2latent":
+            if method != "mix":
+                raise InvalidSettingError("the MM2Latent engine has no modulation network T: use method='mix' (its "
+                                          "mapper's latent blended into the chosen layers) or 'guided'")
+            # The mapper is deterministic (no seed): the latent of (text, mask, sketch), blended in by apply_edit.
+            codes, _ = pipe.prepare_conditions(mask, scribble)
+            w_new = pipe.predict_latents(pipe.encode_prompts([prompt]), codes).float()
+            w_edit = apply_edit(w_real.to(w_new.device, torch.float32), w_new, None, strength, layers, "mix")
+            return LatentEdit(w_edit, w_new, w_new, None, index)
         controls, _ = pipe.prepare_conditions(mask, scribble)
         prediction = pipe.predict_latents(pipe.encode_prompts([prompt]), controls, pipe.prepare_noise([seed]))
         w_m, modulation = prediction.w_m[0].float(), prediction.modulation(0)
@@ -347,7 +374,10 @@ class FaceEditPipeline:
         """"modulate" with a trained T; "guided" (CLIP + identity + mask, training-free) when T is untrained.
 
         An untrained T is the identity modulation (w^γ = 1, w^β = 0), so "modulate" could not change anything.
+        With the MM2Latent engine: "mix" (its mapper's latent) when trained, else "guided".
         """
+        if self.engine == "mm2latent":
+            return "mix" if self.trained else "guided"
         return "modulate" if self.trained else "guided"
 
     def edit(
@@ -396,16 +426,25 @@ class FaceEditPipeline:
                    "M's latent mixed into the photo's" if chosen == "mix" else
                    "CLIP-guided optimisation with an identity term (training-free)")
         if method is None and chosen == "guided":
-            message += ": T is untrained here, so its modulation would not change the photo"
+            message += (": the MM2Latent engine is untrained here" if self.engine == "mm2latent" else
+                        ": T is untrained here, so its modulation would not change the photo")
         reference = image_to_tensor(inversion.aligned) if inversion is not None else None
         clip_losses: list[dict[str, float]] = []
+        mapped_inputs: list[str] | None = None
         if chosen == "guided":
             steps = DEFAULT_GUIDED_STEPS if clip_steps is None else clip_steps
             latent, clip_losses, layer_index = self._guided_edit(
                 w_real, inversion, prompt, mask, strength, layers, steps, id_weight, reference, progress, callback)
         else:
-            edit = self.edit_latent(w_real, prompt, mask, scribble, seed, strength, layers, chosen)
+            if self.engine == "mm2latent" and chosen == "mix":
+                message = "the MM2Latent mapper's latent mixed into the photo's"
+                mapper_mask, mapper_scribble = self.photo_conditions(inversion, prompt, mask, scribble)
+            else:
+                mapper_mask, mapper_scribble = mask, scribble
+            edit = self.edit_latent(w_real, prompt, mapper_mask, mapper_scribble, seed, strength, layers, chosen)
             latent, layer_index = edit.latent, edit.layers
+            if self.engine == "mm2latent":
+                mapped_inputs = [n for n, v in (("mask", mapper_mask), ("scribble", mapper_scribble)) if v is not None]
             if clip_steps:
                 refined = self._refine(latent, prompt, layers, clip_steps, id_weight, reference, progress, callback)
                 latent, clip_losses = refined.latent, refined.losses
@@ -421,9 +460,33 @@ class FaceEditPipeline:
                     "layers": layers if isinstance(layers, str) else list(layer_index), "method": chosen,
                     "clip_steps": int(clip_steps or 0) if chosen != "guided" else len(clip_losses),
                     "inputs": [n for n, v in (("mask", mask), ("scribble", scribble)) if v is not None],
-                    "model": self.name}
+                    "model": self.name, "engine": self.engine}
+        if mapped_inputs is not None:  # what the MM2Latent mapper read: edited inputs or the photo's own
+            settings["mapped_inputs"] = mapped_inputs
         return EditResult(tensor_to_pil(images[:1])[0], latent.float().cpu(), similarity, reconstruction, settings,
                           clip_losses, message=message)
+
+    def photo_conditions(self, inversion: InversionResult | None, prompt: str | None, mask=None,
+                         scribble=None) -> tuple[Any, Any]:
+        """(mask, sketch) an MM2Latent edit maps: the edited ones where given, else the photo's own.
+
+        MM2Latent edits a photo by mapping the new text with the photo's mask and sketch codes (or an edited
+        mask / sketch in their place), so what the user did not change keeps the photo's layout: the photo's
+        parsed mask (``inversion.mask``) and the edge sketch of the aligned photo. A bare latent has neither.
+
+        Raises:
+            EmptyPromptError: no new text and no edited mask or sketch (nothing to edit).
+        """
+        if not (prompt or "").strip() and mask is None and scribble is None:
+            raise EmptyPromptError("describe the change, or edit the mask or the sketch")
+        if inversion is None:
+            return mask, scribble
+        if mask is None and inversion.mask is not None:
+            mask = inversion.mask
+        if scribble is None:
+            size = self.generation.mm2latent_engine.sketch_autoencoder.image_size
+            scribble = edges_from_photo(inversion.aligned, size=max(size, EDGE_MIN_SIZE)).astype(np.uint8) * 255
+        return mask, scribble
 
     def _refine(self, latent, prompt, layers, steps, id_weight, reference, progress, callback, mask_ids=None):
         if self.clip is None and (prompt or "").strip():

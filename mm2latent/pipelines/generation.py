@@ -1,5 +1,9 @@
 """``FacePipeline``: text + mask/scribble -> diffusion features -> M and T -> W+ -> the GAN's face.
 
+:class:`FacePipelineBase` holds what every engine shares (loading, saving, the call, batching, stage 5 and the
+output); :class:`FacePipeline` is the DDGI engine below, :class:`~.mm2latent_engine.MM2LatentPipeline` the
+MM2Latent one. ``FacePipeline.from_pretrained`` returns whichever the preset or manifest names.
+
 The method is written once, as public stages that every caller composes (``__call__``, batched requests,
 photo editing, the benchmark, training):
 
@@ -30,7 +34,7 @@ import torch
 from PIL import Image
 from torch.profiler import record_function
 
-from ..errors import InvalidSettingError, UnsupportedConditionError
+from ..errors import CheckpointFormatError, InvalidSettingError, UnsupportedConditionError
 from ..inputs.conditions import (
     mask_to_color,
     parse_mask,
@@ -48,14 +52,27 @@ from .components import load_components, save_components, write_manifest
 from .request import COMBINE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MODES, GenerationRequest, check_integer
 
 __all__ = [
-    "CAMERA_OPTIONS", "COMBINE", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS", "FacePipeline",
-    "FacePipelineOutput", "GenerationRequest", "LatentPrediction", "RenderSettings", "RenderedImages", "resolve_dtype",
+    "CAMERA_OPTIONS", "COMBINE", "ENGINES", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS",
+    "PRESET_ENGINES", "FacePipeline", "FacePipelineBase", "FacePipelineOutput", "GenerationRequest",
+    "LatentPrediction", "RenderSettings", "RenderedImages", "parse_visual_inputs", "pipeline_class", "resolve_dtype",
 ]
 
-# Built-in presets: name -> builder in presets.py. "tiny", "tiny-eg3d" and "full-random" have deterministic
-# random (untrained) weights; "public" gathers the public networks (untrained M and T: use the training-free mode).
+#: The engines: DDGI's diffusion features -> M, T (:class:`FacePipeline`), or MM2Latent's CLIP text embedding
+#: and mask / sketch autoencoder codes -> one mapper (:class:`~.mm2latent_engine.MM2LatentPipeline`). A manifest
+#: names its engine in ``"engine"``; absent means DDGI.
+ENGINES = ("ddgi", "mm2latent")
+DEFAULT_ENGINE = "ddgi"
+# Built-in presets: name -> builder in presets.py. "tiny", "tiny-eg3d", "tiny-mm2latent", "tiny-eg3d-mm2latent",
+# "full-random" and "full-random-mm2latent" have deterministic random (untrained) weights; "public" gathers the
+# public networks (untrained M and T: use the training-free mode).
 PRESETS = {"tiny": "build_tiny_components", "tiny-eg3d": "build_tiny_eg3d_components",
-           "full-random": "build_full_size_components", "public": "build_public_components"}
+           "tiny-mm2latent": "build_tiny_mm2latent_pipeline_components",
+           "tiny-eg3d-mm2latent": "build_tiny_eg3d_mm2latent_pipeline_components",
+           "full-random": "build_full_size_components",
+           "full-random-mm2latent": "build_full_size_mm2latent_pipeline_components",
+           "public": "build_public_components"}
+#: The engine of each preset that is not DDGI's.
+PRESET_ENGINES = {"tiny-mm2latent": "mm2latent", "tiny-eg3d-mm2latent": "mm2latent", "full-random-mm2latent": "mm2latent"}
 
 #: The rendering options (``render_kwargs``, also ``GenerationRequest.render_kwargs``) of a 3D generator.
 CAMERA_OPTIONS = ("camera", "conditioning_camera", "return_depth", "return_raw_image", "neural_rendering_resolution")
@@ -249,37 +266,66 @@ def word_maps(token_maps: torch.Tensor, word_tokens: list[list[int]]) -> torch.T
     return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
 
 
-class FacePipeline:
-    """The whole method in one object.
+
+
+def pipeline_class(engine: str) -> type[FacePipelineBase]:
+    """The pipeline class of an engine ("ddgi" or "mm2latent")."""
+    if engine == "ddgi":
+        return FacePipeline
+    if engine == "mm2latent":
+        from .mm2latent_engine import MM2LatentPipeline
+
+        return MM2LatentPipeline
+    raise CheckpointFormatError(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
+
+
+def parse_visual_inputs(mask, scribble, size: int) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                            dict[str, Image.Image]]:
+    """A user's mask and sketch at ``size``², as every engine reads them: (mask class ids [size, size] or None,
+    sketch strokes [size, size] bool or None, previews {"mask": colour map, "scribble": strokes}).
+
+    A sketch without strokes is ignored with a warning.
+    """
+    ids = strokes = None
+    previews: dict[str, Image.Image] = {}
+    if mask is not None:
+        ids = parse_mask(mask, size=size)
+        previews["mask"] = mask_to_color(ids)
+    if scribble is not None:
+        binary = parse_scribble(scribble, size=size)
+        if scribble_is_empty(binary):
+            warnings.warn("the sketch has no strokes; it is ignored", stacklevel=4)
+        else:
+            strokes = binary
+            previews["scribble"] = scribble_to_image(binary).convert("RGB")
+    return ids, strokes, previews
+
+
+class FacePipelineBase:
+    """What every engine shares: loading and saving through the component registry, the call, batching, the
+    rendering stage (truncation, G, cameras) and the output.
+
+    An engine subclass predicts W+ latents from (prompt, mask, sketch, seed) in :meth:`_generate_group` and
+    names its components; :meth:`from_pretrained` on this class or on :class:`FacePipeline` returns the
+    engine's class that the preset or the manifest names (``pipe.engine``: "ddgi" or "mm2latent").
 
     Args:
-        encoder: the frozen diffusion encoder E (U-Net, ControlNets, text encoder, VAE, scheduler).
         generator: the frozen GAN G (any :class:`~mm2latent.models.generator.Generator`: StyleGAN2, EG3D).
-        mapper: the mapping network M.
-        modulator: the style modulation network T (AbSMNet).
-        trained: whether M and T carry trained weights (False for the tiny preset and fresh models).
+        trained: whether the engine's networks carry trained weights.
         name: where the pipeline was loaded from (for messages and metadata).
     """
 
-    def __init__(
-        self,
-        encoder: DiffusionEncoder,
-        generator: Generator,
-        mapper: MappingNetwork,
-        modulator: StyleModulationNetwork,
-        trained: bool = False,
-        name: str = "custom",
-    ):
-        if mapper.num_ws != generator.num_ws or mapper.style_dim != generator.style_dim:
-            raise ValueError(f"M outputs {mapper.num_ws}x{mapper.style_dim} latents but G expects "
-                             f"{generator.num_ws}x{generator.style_dim}")
-        self.encoder, self.generator, self.mapper, self.modulator = encoder, generator, mapper, modulator
+    #: The engine's name, as manifests and settings record it.
+    engine: str = ""
+
+    def __init__(self, generator: Generator, trained: bool = False, name: str = "custom"):
+        self.generator = generator
         self.trained = trained
         self.name = name
         self.show_progress = True
-        for module in (generator, mapper, modulator):
-            module.requires_grad_(False).eval()
-        # One generation at a time: feature capture swaps U-Net processors for the duration of a pass.
+        generator.requires_grad_(False).eval()
+        # One generation at a time: feature capture swaps U-Net processors for the duration of a pass, and
+        # the 3D mean-latent cache is shared by the Space's worker threads.
         self.lock = threading.RLock()
         # 3D: camera-conditioned mean latents, (label, device, dtype) -> [style_dim], least recent first.
         self._conditioned_means: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -304,264 +350,106 @@ class FacePipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         load_vae: bool = True,
-    ) -> FacePipeline:
-        """Load a pipeline.
+    ) -> FacePipelineBase:
+        """Load a pipeline of the engine its preset or manifest names.
 
         Args:
             name_or_path: ``"tiny"`` (built-in untrained toy preset), ``"tiny-eg3d"`` (the same with a toy
-                3D-aware EG3D generator), ``"full-random"`` (real sizes, random weights, for benchmarks),
+                3D-aware EG3D generator), ``"tiny-mm2latent"`` / ``"tiny-eg3d-mm2latent"`` (the toy MM2Latent engine,
+                no diffusion model, with the tiny StyleGAN2 / EG3D),
+                ``"full-random"`` / ``"full-random-mm2latent"`` (real sizes, random weights, for benchmarks),
                 ``"public"`` (the public networks, untrained M and T: see ``FaceEditPipeline`` and
                 ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub repository holding an
-                ``mm2latent.json`` manifest.
+                ``mm2latent.json`` manifest. The manifest's ``"engine"`` ("ddgi" when absent) picks the class:
+                :class:`FacePipeline` or :class:`~mm2latent.pipelines.mm2latent_engine.MM2LatentPipeline`.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
             dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a
                 CPU with AMX/AVX512-BF16 halves memory and time, see benchmarks/README.md).
-            load_vae: keep the VAE (needed only for I^d_0 previews and training; loaded on first use anyway).
+            load_vae: keep the VAE (DDGI; needed only for I^d_0 previews and training; loaded on first use anyway).
+
+        Raises:
+            InvalidSettingError: an engine's own class (e.g. ``MM2LatentPipeline``) asked to load another engine.
         """
         device = torch.device(device) if device is not None else _default_device()
         dtype = resolve_dtype(dtype, device)
-        if str(name_or_path) in PRESETS:
+        name = str(name_or_path)
+        if name in PRESETS:
             from . import presets
 
-            parts = getattr(presets, PRESETS[str(name_or_path)])(dtype=dtype)
-            pipe = cls(**parts, trained=False, name=str(name_or_path))
+            target = pipeline_class(PRESET_ENGINES.get(name, DEFAULT_ENGINE))
+            cls._check_engine_class(target)
+            pipe = target(**getattr(presets, PRESETS[name])(dtype=dtype), trained=False, name=name)
         else:
             manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",))
-            pipe = cls.from_components(parts, trained=bool(manifest.get("pipeline", {}).get("trained", False)),
-                                       name=str(name_or_path))
+            target = pipeline_class(manifest.get("engine", DEFAULT_ENGINE))
+            cls._check_engine_class(target)
+            pipe = target.from_components(parts, trained=bool(manifest.get("pipeline", {}).get("trained", False)),
+                                          name=name)
         return pipe.to(device, dtype)
 
     @classmethod
-    def from_components(cls, parts: dict, trained: bool = False, name: str = "custom") -> FacePipeline:
-        """Assemble a pipeline from loaded manifest components ({"unet": ..., "mapper": ..., ...})."""
-        encoder = DiffusionEncoder(
-            unet=parts["unet"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-            scheduler=parts["scheduler"], vae=parts.get("vae"),
-            controlnets={m: parts[f"controlnet_{m}"] for m in MODALITIES if f"controlnet_{m}" in parts},
-        )
-        return cls(encoder=encoder, generator=parts["generator"], mapper=parts["mapper"],
-                   modulator=parts["modulator"], trained=trained, name=name)
+    def _check_engine_class(cls, target: type[FacePipelineBase]) -> None:
+        # FacePipeline is the library's entry point for every engine (as diffusers' DiffusionPipeline).
+        if cls not in (FacePipelineBase, FacePipeline) and not issubclass(target, cls):
+            raise InvalidSettingError(f"this model runs the {target.engine} engine ({target.__name__}), not "
+                                      f"{cls.__name__}'s; load it with FacePipeline.from_pretrained")
+
+    @classmethod
+    def from_components(cls, parts: dict, trained: bool = False, name: str = "custom") -> FacePipelineBase:
+        """Assemble a pipeline from loaded manifest components ({"generator": ..., ...})."""
+        raise NotImplementedError
 
     def components(self) -> dict:
-        """Every network by manifest name (parts not loaded yet appear as their lazy loaders)."""
-        return {**self.encoder.parts(), "tokenizer": self.encoder.tokenizer, "scheduler": self.encoder.make_scheduler(),
-                "generator": self.generator, "mapper": self.mapper, "modulator": self.modulator}
+        """Every network by manifest name."""
+        raise NotImplementedError
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write every component (safetensors + configs) and the ``mm2latent.json`` manifest."""
+        """Write every component (safetensors + configs) and the ``mm2latent.json`` manifest (with the engine)."""
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
         entries = save_components(self.components(), root)
-        write_manifest(root, entries, {"trained": self.trained, "source": self.name})
+        write_manifest(root, entries, {"trained": self.trained, "source": self.name}, engine=self.engine)
         return root
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FacePipeline:
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FacePipelineBase:
         """Move every network to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
-        # The encoder moves its own parts (and remembers where lazily loaded ones go): diffusers warns when
-        # its models are cast one by one.
-        self.encoder.to(device=device, dtype=dtype)
-        inside = {id(part) for part in self.encoder.parts().values()}
         for part in self.components().values():
-            if isinstance(part, torch.nn.Module) and id(part) not in inside:
+            if isinstance(part, torch.nn.Module):
                 part.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.encoder.device
+        return self.generator.latent_avg.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.dtype
-
-    @property
-    def modalities(self) -> list[str]:
-        """Visual inputs this model has a ControlNet for."""
-        return self.encoder.modalities
+        return self.generator.latent_avg.dtype
 
     @property
     def resolution(self) -> int:
         return self.generator.resolution
 
-    # ------------------------------------------------------------------ 1. conditions
+    # ------------------------------------------------------------------ what the engine decides
     def check_request(self, request: GenerationRequest) -> None:
-        """What depends on the loaded model: a ControlNet for each visual input, a VAE for the preview."""
-        wanted = request.inputs
-        if len(wanted) == 2 and not all(m in self.modalities for m in wanted):
-            raise UnsupportedConditionError(
-                f"both a mask and a scribble were given, but this model has only a {self.modalities[0]} "
-                "ControlNet: pass one of them")
-        for name in wanted:
-            if name not in self.modalities:
-                available = ", ".join(self.modalities) or "none"
-                raise UnsupportedConditionError(f"this model has no ControlNet for a {name} (available: {available})")
-        if (request.return_diffusion_image or request.mode == "invert") and not self.encoder.has_vae:
-            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
-        self.resolve_render_kwargs(request.render_kwargs, [request.num_images])
+        """What depends on the loaded model (the engine's inputs and modes, the generator's rendering options).
 
-
-    def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
-        """Stage 1: user inputs -> ControlNet images ([1, 3, H, W] in [0, 1]) and their previews.
-
-        Args:
-            mask: a 19-class face mask (path, PIL image or array; index, palette or colour map), or None.
-            scribble: a sketch (white-on-black or black-on-white), or None. A sketch without strokes is
-                ignored with a warning.
+        Raises:
+            UnsupportedConditionError, InvalidSettingError.
         """
-        self.check_request(GenerationRequest(mask=mask, scribble=scribble))
-        size = self.encoder.image_size
-        previews: dict[str, Image.Image] = {}
-        with record_function("mm2latent.prepare_conditions"):
-            if mask is not None:
-                previews["mask"] = mask_to_color(parse_mask(mask, size=size))
-            if scribble is not None:
-                binary = parse_scribble(scribble, size=size)
-                if scribble_is_empty(binary):
-                    warnings.warn("the sketch has no strokes; it is ignored", stacklevel=3)
-                else:
-                    previews["scribble"] = scribble_to_image(binary).convert("RGB")
-            controls = {
-                name: torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-                .to(self.device, self.dtype)
-                for name, image in previews.items()
-            }
-        return controls, previews
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ 2. text
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        """Stage 2: CLIP embeddings and word masks of one prompt per sample (cached, new ones batched)."""
-        with record_function("mm2latent.encode_prompts"):
-            return PromptBatch.stack(self.encoder.encode_prompts(list(prompts)))
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """Requests with equal keys run as one batch (everything that shapes the computation)."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ 3. noise
-    def prepare_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Stage 3: seeded initial latents z_T, one seed per sample, drawn on the CPU so every device agrees."""
-        with record_function("mm2latent.prepare_noise"):
-            return self.encoder.initial_noise(list(seeds))
+    def request_settings(self, request: GenerationRequest) -> dict:
+        """The settings an output (and its PNG metadata) records for ``request``."""
+        return request.settings()
 
-    # ------------------------------------------------------------------ 4. latents
-    def latents_from_features(
-        self,
-        features: EncoderFeatures,
-        word_mask: torch.Tensor,
-        mapper: torch.nn.Module | None = None,
-        modulator: torch.nn.Module | None | bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, Modulation | None]:
-        """M and T on one step's features: (w, w^m, modulation) with w = w^m ⊙ w^γ + w^β.
-
-        Args:
-            features: one U-Net pass's features (batch B).
-            word_mask: [B, 77] word-token mask of the prompts.
-            mapper: M to use (default the pipeline's; training passes the module it optimises).
-            modulator: T to use (True: the pipeline's; None: T at identity, w = w^m, as in stage 1).
-        """
-        mapper = self.mapper if mapper is None else mapper
-        modulator = self.modulator if modulator is True else modulator
-        mapper_dtype = next(mapper.parameters()).dtype
-        w_m = mapper(features.h.to(mapper_dtype), self.generator.latent_avg)
-        if modulator is None:
-            return w_m, w_m, None
-        modulation = modulator(features, word_mask.expand(features.h.shape[0], -1))
-        return w_m * modulation.gamma + modulation.beta, w_m, modulation
-
-    @torch.no_grad()
-    def predict_latents(
-        self,
-        prompts: PromptBatch,
-        controls: dict[str, torch.Tensor],
-        noise: torch.Tensor,
-        *,
-        num_steps: int = 1,
-        feature_steps: Sequence[int] = (0,),
-        combine: str = "mean",
-        guidance_scale: float = 1.0,
-        decode: bool = False,
-        return_attention: bool = False,
-        return_features: bool = False,
-    ) -> LatentPrediction:
-        """Stage 4: the encoder's features at the feature steps, then M and T.
-
-        Args:
-            prompts: stage 2's output, one row per sample (B).
-            controls: modality -> [B or 1, 3, H, W] ControlNet images (stage 1; a single row is broadcast).
-            noise: [B, 4, h, w] initial latents (stage 3).
-            num_steps: DDIM steps of the schedule (1 = fast mode: one pass at t = T).
-            feature_steps: the step indices whose features feed the latent.
-            combine: how per-step latents merge ("mean" or "coarse-to-fine").
-            guidance_scale: classifier-free guidance of the denoising (> 1 runs the unconditional pass too).
-            decode: also denoise to the end and decode I^d_0.
-            return_attention: also return the per-token attention maps (averaged over the steps).
-            return_features: also return the encoder's features.
-        """
-        batch = noise.shape[0]
-        assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
-        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
-        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
-        with self.lock, record_function("mm2latent.predict_latents"):
-            encoded = self.encoder(
-                prompts.embeds, controls, noise, num_steps=num_steps, feature_steps=list(feature_steps),
-                guidance_scale=guidance_scale, negative_embeds=negative, decode=decode,
-                show_progress=self.show_progress and num_steps > 1,
-            )
-            per_step = [self.latents_from_features(f, prompts.word_mask) for f in encoded.features]
-        step_latents = torch.stack([w for w, _, _ in per_step])
-        token_maps = None
-        if return_attention:
-            size = self.modulator.feature_size
-            token_maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in encoded.features]).mean(dim=0)
-            token_maps = token_maps.float().cpu()
-        return LatentPrediction(
-            latents=combine_steps(step_latents, combine),
-            step_latents=step_latents,
-            w_m=torch.stack([w_m for _, w_m, _ in per_step]),
-            gamma=torch.stack([m.gamma for _, _, m in per_step]),
-            beta=torch.stack([m.beta for _, _, m in per_step]),
-            attention=torch.stack([m.attention for _, _, m in per_step]),
-            timesteps=encoded.timesteps,
-            token_maps=token_maps,
-            features=encoded.features if return_features else None,
-            diffusion_images=encoded.image,
-        )
-
-    @torch.no_grad()
-    def draw(
-        self,
-        prompts: PromptBatch,
-        controls: dict[str, torch.Tensor],
-        noise: torch.Tensor,
-        *,
-        num_steps: int = 20,
-        guidance_scale: float = 7.5,
-        init_latents: torch.Tensor | None = None,
-        strength: float = 1.0,
-        return_attention: bool = False,
-    ) -> DiffusionDrawing:
-        """Stage 4 of the training-free mode (and stage 2's training target): I^d_0, what the diffusion model draws.
-
-        DDIM sampling with classifier-free guidance (the unconditional pass batched with the conditional one)
-        from seeded noise, or from ``init_latents`` noised to t ≈ ``strength``·T, to the end; VAE-decoded.
-
-        Args:
-            prompts, controls, noise: stages 2, 1 and 3.
-            num_steps: DDIM steps of the schedule.
-            guidance_scale: classifier-free guidance (1 = off).
-            init_latents: [B, 4, h, w] clean VAE latents to start from (a training photo's), or None.
-            strength: how far ``init_latents`` are noised (1 = pure noise).
-            return_attention: also return the per-token attention maps of the first step.
-        """
-        batch = noise.shape[0]
-        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
-        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
-        with self.lock, record_function("mm2latent.draw"):
-            encoded = self.encoder(prompts.embeds, controls, noise, num_steps=num_steps,
-                                   feature_steps=[0], guidance_scale=guidance_scale,
-                                   negative_embeds=negative, decode=True, init_latents=init_latents, strength=strength,
-                                   show_progress=self.show_progress)
-        token_maps = None
-        if return_attention:
-            token_maps = word_attention_maps(encoded.features[0].attn_probs, self.modulator.feature_size).float().cpu()
-        return DiffusionDrawing(images=encoded.image, token_maps=token_maps, timesteps=encoded.timesteps)
+    def _generate_group(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ 5. rendering
     def resolve_render_kwargs(self, render_kwargs: dict, counts: Sequence[int]) -> RenderSettings:
@@ -757,6 +645,7 @@ class FacePipeline:
                                      depth=stack("depth") if return_depth else None,
                                      raw_images=stack("image_raw") if return_raw_image else None)
 
+
     # ------------------------------------------------------------------ the whole call
     def __call__(
         self,
@@ -780,7 +669,10 @@ class FacePipeline:
         return_raw_image: bool = False,
         **render_kwargs,
     ) -> FacePipelineOutput:
-        """Generate faces.
+        """Generate faces. The same call for every engine; the arguments marked DDGI are the diffusion engine's
+        (the MM2Latent engine refuses ``mode`` other than "fast", ``return_diffusion_image`` and ``guidance_scale``
+        with a typed error, and ignores the step settings; its seed is explained in
+        :mod:`~mm2latent.pipelines.mm2latent_engine`).
 
         Args:
             prompt: a description ("She has long wavy blonde hair and is smiling."); may be empty when a
@@ -788,15 +680,15 @@ class FacePipeline:
             mask: a 19-class face mask (path, PIL image or array; index, palette or colour map).
             scribble: a sketch (white-on-black or black-on-white).
             seed: 0..2**32-1; random when None. Image i uses seed + i.
-            mode: "fast" (one U-Net pass at t = T) or "quality" (DDIM steps, latents combined).
-            num_steps: DDIM steps (quality mode, and the preview's denoising); default 20.
-            feature_steps: which steps feed the latent (quality mode); default all.
+            mode: "fast" (one U-Net pass at t = T) or DDGI "quality" (DDIM steps, latents combined).
+            num_steps: DDGI: DDIM steps (quality mode, and the preview's denoising); default 20.
+            feature_steps: DDGI: which steps feed the latent (quality mode); default all.
             truncation: ψ, pulls latents toward the mean (1 = none).
             num_images: images in one batch (1..16).
-            return_intermediates: also return per-step w_t and per-word attention maps.
-            return_diffusion_image: also denoise to the end and decode I^d_0 (costs a full sampling).
-            combine: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
-            guidance_scale: classifier-free guidance of the diffusion sampling (default 1 = off).
+            return_intermediates: also return per-step w_t and (DDGI) per-word attention maps.
+            return_diffusion_image: DDGI: also denoise ``num_steps`` steps and decode I^d_0 (a full sampling).
+            combine: DDGI: how quality mode merges per-step latents ("mean" or "coarse-to-fine").
+            guidance_scale: DDGI: classifier-free guidance of the diffusion sampling (default 1 = off).
             noise_mode: the generator's noise: "const", "random" or "none".
             camera: 3D generators: where the faces are seen from: (yaw°, pitch°) (default (0, 0), frontal), a
                 25-number label, or one of either per image (see :meth:`resolve_render_kwargs`).
@@ -816,6 +708,7 @@ class FacePipeline:
             guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs)
         return self.generate(request)
 
+
     def generate(self, request: GenerationRequest) -> FacePipelineOutput:
         """Run one validated request (see :class:`~mm2latent.pipelines.request.GenerationRequest`)."""
         return self.generate_batch([request])[0]
@@ -824,28 +717,327 @@ class FacePipeline:
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[FacePipelineOutput]:
         """Several requests in as few batched passes as possible (what a Space queue that batches calls).
 
-        Requests that agree on everything that shapes the computation (visual inputs, mode, steps, guidance,
-        preview, noise mode, rendering options) share one U-Net pass, one M, one T and one generator pass;
-        their prompts, masks, seeds and truncations may all differ. Each output equals the request run alone
-        up to batched-kernel rounding.
+        Requests with the same :meth:`batch_key` (visual inputs, mode, steps, guidance, preview, noise mode,
+        rendering options) share one pass of the engine and one generator pass; their prompts, masks, seeds and
+        truncations may all differ. Each output equals the request run alone up to batched-kernel rounding.
         """
+        for request in requests:
+            self.check_request(request)
+        results: list[FacePipelineOutput | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(self.batch_key(request), []).append(index)
+        for indices in groups.values():
+            for index, output in zip(indices, self._generate_group([requests[i] for i in indices])):
+                results[index] = output
+        return results  # type: ignore[return-value]
+
+    def render_requests(self, requests: Sequence[GenerationRequest], latents: torch.Tensor,
+                        previews: Sequence[dict[str, Image.Image]]) -> list[FacePipelineOutput]:
+        """Stage 5 of a batch of requests and their outputs: each request's ψ, G, and the 3D by-products.
+
+        Args:
+            requests: the requests of one batch (same :meth:`batch_key`).
+            latents: the engine's latents, ``num_images`` rows per request in order, [B, L, D] (not truncated).
+            previews: each request's condition images (``FacePipelineOutput.condition_images``).
+
+        Returns:
+            one output per request, with images, truncated latents, seeds, settings (with the engine) and
+            cameras / depth / raw renderings as asked; the engine adds its own extras.
+        """
+        counts = [r.num_images for r in requests]
+        psis = [r.truncation for r, n in zip(requests, counts) for _ in range(n)]
+        # One ψ for the batch keeps ψ = 1 exact (no arithmetic); mixed ψ go in as one value per image.
+        truncation = psis[0] if len(set(psis)) == 1 else torch.tensor(psis)
+        render_settings = self.resolve_render_kwargs(requests[0].render_kwargs, counts)
+        truncated = self._truncate(latents, truncation, render_settings.conditioning)
+        with self.lock:
+            rendered = self._synthesize(truncated, requests[0].noise_mode, render_settings)
+        images = tensor_to_pil(rendered.images)
+        truncated = truncated.float().cpu()
+        outputs, start = [], 0
+        for request, condition_images, count in zip(requests, previews, counts):
+            rows = slice(start, start + count)
+            settings = {**self.request_settings(request), "inputs": sorted(condition_images), "model": self.name,
+                        "trained": self.trained, "engine": self.engine}
+            output = FacePipelineOutput(images=images[rows], latents=truncated[rows], seeds=request.seeds,
+                                        settings=settings, condition_images=condition_images)
+            if rendered.cameras is not None:
+                output.cameras = rendered.cameras[rows].float().cpu()
+                if settings.get("camera") is None:
+                    settings["camera"] = [0.0, 0.0]  # what the default frontal camera is, as (yaw°, pitch°)
+                settings.setdefault("conditioning_camera", None)
+            if rendered.depth is not None:
+                output.depth = rendered.depth[rows].float().cpu()
+            if rendered.raw_images is not None:
+                output.raw_images = tensor_to_pil(rendered.raw_images[rows])
+            outputs.append(output)
+            start += count
+        return outputs
+
+
+class FacePipeline(FacePipelineBase):
+    """The DDGI engine: text + mask/scribble -> diffusion features -> M and T -> W+ -> G (``engine = "ddgi"``).
+
+    ``FacePipeline.from_pretrained`` is also the entry point of every engine: it returns the class the preset or
+    manifest names (see :meth:`FacePipelineBase.from_pretrained`).
+
+    Args:
+        encoder: the frozen diffusion encoder E (U-Net, ControlNets, text encoder, VAE, scheduler).
+        generator: the frozen GAN G (any :class:`~mm2latent.models.generator.Generator`: StyleGAN2, EG3D).
+        mapper: the mapping network M.
+        modulator: the style modulation network T (AbSMNet).
+        trained: whether M and T carry trained weights (False for the tiny preset and fresh models).
+        name: where the pipeline was loaded from (for messages and metadata).
+    """
+
+    engine = "ddgi"
+
+    def __init__(
+        self,
+        encoder: DiffusionEncoder,
+        generator: Generator,
+        mapper: MappingNetwork,
+        modulator: StyleModulationNetwork,
+        trained: bool = False,
+        name: str = "custom",
+    ):
+        if mapper.num_ws != generator.num_ws or mapper.style_dim != generator.style_dim:
+            raise ValueError(f"M outputs {mapper.num_ws}x{mapper.style_dim} latents but G expects "
+                             f"{generator.num_ws}x{generator.style_dim}")
+        super().__init__(generator, trained, name)
+        self.encoder, self.mapper, self.modulator = encoder, mapper, modulator
+        for module in (mapper, modulator):
+            module.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_components(cls, parts: dict, trained: bool = False, name: str = "custom") -> FacePipeline:
+        """Assemble a pipeline from loaded manifest components ({"unet": ..., "mapper": ..., ...})."""
+        encoder = DiffusionEncoder(
+            unet=parts["unet"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+            scheduler=parts["scheduler"], vae=parts.get("vae"),
+            controlnets={m: parts[f"controlnet_{m}"] for m in MODALITIES if f"controlnet_{m}" in parts},
+        )
+        return cls(encoder=encoder, generator=parts["generator"], mapper=parts["mapper"],
+                   modulator=parts["modulator"], trained=trained, name=name)
+
+    def components(self) -> dict:
+        """Every network by manifest name (parts not loaded yet appear as their lazy loaders)."""
+        return {**self.encoder.parts(), "tokenizer": self.encoder.tokenizer, "scheduler": self.encoder.make_scheduler(),
+                "generator": self.generator, "mapper": self.mapper, "modulator": self.modulator}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FacePipeline:
+        """Move every network to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
+        # The encoder moves its own parts (and remembers where lazily loaded ones go): diffusers warns when
+        # its models are cast one by one.
+        self.encoder.to(device=device, dtype=dtype)
+        inside = {id(part) for part in self.encoder.parts().values()}
+        for part in self.components().values():
+            if isinstance(part, torch.nn.Module) and id(part) not in inside:
+                part.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def modalities(self) -> list[str]:
+        """Visual inputs this model has a ControlNet for."""
+        return self.encoder.modalities
+
+    # ------------------------------------------------------------------ 1. conditions
+    def check_request(self, request: GenerationRequest) -> None:
+        """What depends on the loaded model: a ControlNet for each visual input, a VAE for the preview."""
+        wanted = request.inputs
+        if len(wanted) == 2 and not all(m in self.modalities for m in wanted):
+            raise UnsupportedConditionError(
+                f"both a mask and a scribble were given, but this model has only a {self.modalities[0]} "
+                "ControlNet: pass one of them")
+        for name in wanted:
+            if name not in self.modalities:
+                available = ", ".join(self.modalities) or "none"
+                raise UnsupportedConditionError(f"this model has no ControlNet for a {name} (available: {available})")
+        if (request.return_diffusion_image or request.mode == "invert") and not self.encoder.has_vae:
+            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
+        self.resolve_render_kwargs(request.render_kwargs, [request.num_images])
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """Visual inputs, mode, steps, guidance, preview, noise mode and rendering options."""
+        return (tuple(request.inputs), request.mode, request.sampling_steps, request.feature_steps, request.combine,
+                request.guidance_scale, request.return_diffusion_image, request.noise_mode,
+                repr(sorted(request.render_kwargs.items())))
+
+    def prepare_conditions(self, mask=None, scribble=None) -> tuple[dict[str, torch.Tensor], dict[str, Image.Image]]:
+        """Stage 1: user inputs -> ControlNet images ([1, 3, H, W] in [0, 1]) and their previews.
+
+        Args:
+            mask: a 19-class face mask (path, PIL image or array; index, palette or colour map), or None.
+            scribble: a sketch (white-on-black or black-on-white), or None. A sketch without strokes is
+                ignored with a warning.
+        """
+        self.check_request(GenerationRequest(mask=mask, scribble=scribble))
+        with record_function("mm2latent.prepare_conditions"):
+            _, _, previews = parse_visual_inputs(mask, scribble, self.encoder.image_size)
+            controls = {
+                name: torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                .to(self.device, self.dtype)
+                for name, image in previews.items()
+            }
+        return controls, previews
+
+    # ------------------------------------------------------------------ 2. text
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        """Stage 2: CLIP embeddings and word masks of one prompt per sample (cached, new ones batched)."""
+        with record_function("mm2latent.encode_prompts"):
+            return PromptBatch.stack(self.encoder.encode_prompts(list(prompts)))
+
+    # ------------------------------------------------------------------ 3. noise
+    def prepare_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Stage 3: seeded initial latents z_T, one seed per sample, drawn on the CPU so every device agrees."""
+        with record_function("mm2latent.prepare_noise"):
+            return self.encoder.initial_noise(list(seeds))
+
+    # ------------------------------------------------------------------ 4. latents
+    def latents_from_features(
+        self,
+        features: EncoderFeatures,
+        word_mask: torch.Tensor,
+        mapper: torch.nn.Module | None = None,
+        modulator: torch.nn.Module | None | bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, Modulation | None]:
+        """M and T on one step's features: (w, w^m, modulation) with w = w^m ⊙ w^γ + w^β.
+
+        Args:
+            features: one U-Net pass's features (batch B).
+            word_mask: [B, 77] word-token mask of the prompts.
+            mapper: M to use (default the pipeline's; training passes the module it optimises).
+            modulator: T to use (True: the pipeline's; None: T at identity, w = w^m, as in stage 1).
+        """
+        mapper = self.mapper if mapper is None else mapper
+        modulator = self.modulator if modulator is True else modulator
+        mapper_dtype = next(mapper.parameters()).dtype
+        w_m = mapper(features.h.to(mapper_dtype), self.generator.latent_avg)
+        if modulator is None:
+            return w_m, w_m, None
+        modulation = modulator(features, word_mask.expand(features.h.shape[0], -1))
+        return w_m * modulation.gamma + modulation.beta, w_m, modulation
+
+    @torch.no_grad()
+    def predict_latents(
+        self,
+        prompts: PromptBatch,
+        controls: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        num_steps: int = 1,
+        feature_steps: Sequence[int] = (0,),
+        combine: str = "mean",
+        guidance_scale: float = 1.0,
+        decode: bool = False,
+        return_attention: bool = False,
+        return_features: bool = False,
+    ) -> LatentPrediction:
+        """Stage 4: the encoder's features at the feature steps, then M and T.
+
+        Args:
+            prompts: stage 2's output, one row per sample (B).
+            controls: modality -> [B or 1, 3, H, W] ControlNet images (stage 1; a single row is broadcast).
+            noise: [B, 4, h, w] initial latents (stage 3).
+            num_steps: DDIM steps of the schedule (1 = fast mode: one pass at t = T).
+            feature_steps: the step indices whose features feed the latent.
+            combine: how per-step latents merge ("mean" or "coarse-to-fine").
+            guidance_scale: classifier-free guidance of the denoising (> 1 runs the unconditional pass too).
+            decode: also denoise to the end and decode I^d_0.
+            return_attention: also return the per-token attention maps (averaged over the steps).
+            return_features: also return the encoder's features.
+        """
+        batch = noise.shape[0]
+        assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
+        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
+        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        with self.lock, record_function("mm2latent.predict_latents"):
+            encoded = self.encoder(
+                prompts.embeds, controls, noise, num_steps=num_steps, feature_steps=list(feature_steps),
+                guidance_scale=guidance_scale, negative_embeds=negative, decode=decode,
+                show_progress=self.show_progress and num_steps > 1,
+            )
+            per_step = [self.latents_from_features(f, prompts.word_mask) for f in encoded.features]
+        step_latents = torch.stack([w for w, _, _ in per_step])
+        token_maps = None
+        if return_attention:
+            size = self.modulator.feature_size
+            token_maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in encoded.features]).mean(dim=0)
+            token_maps = token_maps.float().cpu()
+        return LatentPrediction(
+            latents=combine_steps(step_latents, combine),
+            step_latents=step_latents,
+            w_m=torch.stack([w_m for _, w_m, _ in per_step]),
+            gamma=torch.stack([m.gamma for _, _, m in per_step]),
+            beta=torch.stack([m.beta for _, _, m in per_step]),
+            attention=torch.stack([m.attention for _, _, m in per_step]),
+            timesteps=encoded.timesteps,
+            token_maps=token_maps,
+            features=encoded.features if return_features else None,
+            diffusion_images=encoded.image,
+        )
+
+    @torch.no_grad()
+    def draw(
+        self,
+        prompts: PromptBatch,
+        controls: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 7.5,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        return_attention: bool = False,
+    ) -> DiffusionDrawing:
+        """Stage 4 of the training-free mode (and stage 2's training target): I^d_0, what the diffusion model draws.
+
+        DDIM sampling with classifier-free guidance (the unconditional pass batched with the conditional one)
+        from seeded noise, or from ``init_latents`` noised to t ≈ ``strength``·T, to the end; VAE-decoded.
+
+        Args:
+            prompts, controls, noise: stages 2, 1 and 3.
+            num_steps: DDIM steps of the schedule.
+            guidance_scale: classifier-free guidance (1 = off).
+            init_latents: [B, 4, h, w] clean VAE latents to start from (a training photo's), or None.
+            strength: how far ``init_latents`` are noised (1 = pure noise).
+            return_attention: also return the per-token attention maps of the first step.
+        """
+        batch = noise.shape[0]
+        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
+        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        with self.lock, record_function("mm2latent.draw"):
+            encoded = self.encoder(prompts.embeds, controls, noise, num_steps=num_steps,
+                                   feature_steps=[0], guidance_scale=guidance_scale,
+                                   negative_embeds=negative, decode=True, init_latents=init_latents, strength=strength,
+                                   show_progress=self.show_progress)
+        token_maps = None
+        if return_attention:
+            token_maps = word_attention_maps(encoded.features[0].attn_probs, self.modulator.feature_size).float().cpu()
+        return DiffusionDrawing(images=encoded.image, token_maps=token_maps, timesteps=encoded.timesteps)
+
+
+    # ------------------------------------------------------------------ the whole call
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[FacePipelineOutput]:
+        """Several requests batched (see :meth:`FacePipelineBase.generate_batch`): one U-Net pass, one M, one T
+        and one generator pass per group of compatible requests."""
         for request in requests:
             if request.mode == "invert":
                 raise UnsupportedConditionError(
                     "mode='invert' (training-free) needs the photo inverter: load FaceEditPipeline.from_pretrained("
                     "...), which runs it, or use mode='fast' / 'quality' with trained M and T")
-            self.check_request(request)
-        results: list[FacePipelineOutput | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(requests):
-            key = (tuple(request.inputs), request.mode, request.sampling_steps, request.feature_steps,
-                   request.combine, request.guidance_scale, request.return_diffusion_image, request.noise_mode,
-                   repr(sorted(request.render_kwargs.items())))
-            groups.setdefault(key, []).append(index)
-        for indices in groups.values():
-            for index, output in zip(indices, self._generate_group([requests[i] for i in indices])):
-                results[index] = output
-        return results  # type: ignore[return-value]
+        return super().generate_batch(requests)
 
     def _generate_group(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
         first = requests[0]
@@ -860,40 +1052,19 @@ class FacePipeline:
             prompts, controls, self.prepare_noise(seeds), num_steps=first.sampling_steps,
             feature_steps=first.feature_steps, combine=first.combine, guidance_scale=first.guidance_scale,
             decode=first.return_diffusion_image, return_attention=want_maps)
-        psis = [r.truncation for r, n in zip(requests, counts) for _ in range(n)]
-        # One ψ for the batch keeps ψ = 1 exact (no arithmetic); mixed ψ go in as one value per image.
-        truncation = psis[0] if len(set(psis)) == 1 else torch.tensor(psis)
-        render_settings = self.resolve_render_kwargs(first.render_kwargs, counts)
-        truncated = self._truncate(prediction.latents, truncation, render_settings.conditioning)
-        with self.lock:
-            rendered = self._synthesize(truncated, first.noise_mode, render_settings)
-        images = tensor_to_pil(rendered.images)
-        latents = truncated.float().cpu()
-        outputs, start = [], 0
-        for request, (_, previews), count in zip(requests, prepared, counts):
+        outputs = self.render_requests(requests, prediction.latents, [previews for _, previews in prepared])
+        start = 0
+        for request, output, count in zip(requests, outputs, counts):
             rows = slice(start, start + count)
-            settings = {**request.settings(), "inputs": sorted(previews), "model": self.name, "trained": self.trained}
-            output = FacePipelineOutput(images=images[rows], latents=latents[rows], seeds=request.seeds,
-                                        settings=settings, condition_images=previews, timesteps=prediction.timesteps)
-            encoding_words = prompts.words[start]
+            output.timesteps = prediction.timesteps
             if prompts.truncated[start]:
                 output.warnings.append("The prompt is longer than the 77 tokens CLIP reads; only its first part "
                                        "was used.")
             if request.return_intermediates:
                 output.step_latents = prediction.step_latents[:, rows].float().cpu()
-                output.attention_words = encoding_words
+                output.attention_words = prompts.words[start]
                 output.attention_maps = word_maps(prediction.token_maps[rows], prompts.word_tokens[start])
             if request.return_diffusion_image:
                 output.diffusion_images = tensor_to_pil(prediction.diffusion_images[rows])
-            if rendered.cameras is not None:
-                output.cameras = rendered.cameras[rows].float().cpu()
-                if settings.get("camera") is None:
-                    settings["camera"] = [0.0, 0.0]  # what the default frontal camera is, as (yaw°, pitch°)
-                settings.setdefault("conditioning_camera", None)
-            if rendered.depth is not None:
-                output.depth = rendered.depth[rows].float().cpu()
-            if rendered.raw_images is not None:
-                output.raw_images = tensor_to_pil(rendered.raw_images[rows])
-            outputs.append(output)
             start += count
         return outputs

@@ -98,6 +98,8 @@ DEFAULT_COMPONENTS.update({
 })
 
 REQUIRED_COMPONENTS = ("mapper", "modulator", "generator", "unet", "text_encoder", "tokenizer", "scheduler")
+#: What a manifest of each engine (its ``"engine"``, default "ddgi") must name.
+ENGINE_REQUIRED_COMPONENTS = {"ddgi": REQUIRED_COMPONENTS, "mm2latent": ("generator", "mm2latent_engine")}
 OPTIONAL_COMPONENTS = ("vae", "controlnet_mask", "controlnet_scribble", "inverter", "face_parser", "identity",
                        "lpips", "clip")
 
@@ -440,7 +442,11 @@ def _read_manifest(path: Path) -> dict:
         raise WeightsNotFoundError(f"{path} is not a readable JSON manifest: {error}") from error
     if manifest.get("_format") != MANIFEST_FORMAT:
         raise WeightsNotFoundError(f"{path} is not an mm2latent manifest (no \"_format\": \"{MANIFEST_FORMAT}\").")
-    missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.get("components", {})]
+    engine = manifest.get("engine", "ddgi")
+    if engine not in ENGINE_REQUIRED_COMPONENTS:
+        raise CheckpointFormatError(f"{path} names the engine {engine!r}; this version of mm2latent knows "
+                                    f"{', '.join(ENGINE_REQUIRED_COMPONENTS)}.")
+    missing = [c for c in ENGINE_REQUIRED_COMPONENTS[engine] if c not in manifest.get("components", {})]
     if missing:
         raise WeightsNotFoundError(f"{path} names no {', '.join(missing)} component.")
     return manifest

@@ -107,13 +107,28 @@ def _build_tiny_heads(encoder: DiffusionEncoder, generator) -> dict:
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
 
 
+def _with_latent_avg(generator: StyleGAN2Generator, seed: int) -> StyleGAN2Generator:
+    generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
+    return generator
+
+
+def _build_tiny_stylegan2(seed: int) -> StyleGAN2Generator:
+    """The tiny presets' StyleGAN2 (64², 64-d W) from the current global RNG; its w̄ from ``seed``."""
+    return _with_latent_avg(StyleGAN2Generator(resolution=64, style_dim=64, n_mlp=2, channel_base=2048,
+                                               channel_max=32), seed)
+
+
+def _build_full_size_stylegan2(seed: int) -> StyleGAN2Generator:
+    """The full-size presets' 1024² StyleGAN2 from the current global RNG; its w̄ from ``seed``."""
+    return _with_latent_avg(StyleGAN2Generator(), seed)
+
+
 def build_tiny_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """All components of the tiny preset, initialised from ``seed`` (same weights on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = _build_tiny_encoder()
-        generator = StyleGAN2Generator(resolution=64, style_dim=64, n_mlp=2, channel_base=2048, channel_max=32)
-        generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
+        generator = _build_tiny_stylegan2(seed)
         return _build_tiny_heads(encoder, generator)
 
 
@@ -172,8 +187,7 @@ def build_full_size_components(seed: int = TINY_SEED, dtype: torch.dtype | None 
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
             set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
         )
-        generator = StyleGAN2Generator()
-        generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
+        generator = _build_full_size_stylegan2(seed)
 
     def seeded(build, offset: int):
         def load(target_dtype: torch.dtype):
@@ -245,3 +259,41 @@ def build_tiny_editing_components(generator, seed: int = 1234) -> dict:
         module.eval().requires_grad_(False)
     parts["clip"] = build_tiny_clip(seed)
     return parts
+
+
+def build_tiny_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The ``tiny-mm2latent`` preset: the tiny StyleGAN2 and the toy MM2Latent engine (tiny CLIP towers, 32²
+    autoencoders, a small mapper) with deterministic random weights; no diffusion model. Runs offline in well
+    under a second per face on a CPU.
+
+    Returns ``{"mm2latent_engine", "generator"}`` (the :class:`~.mm2latent_engine.MM2LatentPipeline` arguments).
+    """
+    from ..models.latent_mapper import MM2LatentEngine, build_tiny_mm2latent_components
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = _build_tiny_stylegan2(seed)
+    return {"mm2latent_engine": MM2LatentEngine(**build_tiny_mm2latent_components(generator)), "generator": generator}
+
+
+def build_tiny_eg3d_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The ``tiny-eg3d-mm2latent`` preset: the toy MM2Latent engine sized for the tiny EG3D (8 W+ layers of 64) and
+    that EG3D (the ``tiny-eg3d`` preset's): cameras, depth and multi-view rendering without a diffusion model."""
+    from ..models.eg3d import build_tiny_eg3d
+    from ..models.latent_mapper import MM2LatentEngine, build_tiny_mm2latent_components
+
+    generator = build_tiny_eg3d(seed)  # draws from its own forked RNG
+    return {"mm2latent_engine": MM2LatentEngine(**build_tiny_mm2latent_components(generator)), "generator": generator}
+
+
+def build_full_size_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+    """The ``full-random-mm2latent`` preset: a 1024² StyleGAN2 (the architecture of ``full-random``'s) and the MM2Latent
+    engine at its real sizes (CLIP ViT-B/16, 256² autoencoders, 18 x 512 mapper heads) with random weights: for
+    speed and memory measurements beside DDGI at the same generator."""
+    from ..models.latent_mapper import MM2LatentEngine, build_full_size_mm2latent_components
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = _build_full_size_stylegan2(seed)
+    return {"mm2latent_engine": MM2LatentEngine(**build_full_size_mm2latent_components(generator)),
+            "generator": generator}
