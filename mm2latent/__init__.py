@@ -21,7 +21,8 @@ from .errors import (  # noqa: E402
 _LAZY = {
     "FacePipeline": "pipelines.generation", "FacePipelineOutput": "pipelines.generation",
     "LatentPrediction": "pipelines.generation", "GenerationRequest": "pipelines.request",
-    "FaceEditPipeline": "pipelines.editing", "StyleGAN2Generator": "models.stylegan2", "Generator": "models.generator",
+    "FaceEditPipeline": "pipelines.editing", "FacePipelineBase": "pipelines.generation",
+    "MM2LatentPipeline": "pipelines.mm2latent_engine", "StyleGAN2Generator": "models.stylegan2", "Generator": "models.generator",
 }
 
 

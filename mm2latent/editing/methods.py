@@ -102,7 +102,7 @@ def check_strength(strength: Any) -> float:
 def apply_edit(
     w_real: torch.Tensor,
     w_m: torch.Tensor,
-    modulation: Modulation,
+    modulation: Modulation | None,
     strength: float = 1.0,
     layers: str | list[int] = "all",
     method: str = "modulate",
@@ -140,7 +140,7 @@ class LatentEdit:
     latent: torch.Tensor
     generated: torch.Tensor
     w_m: torch.Tensor
-    modulation: Modulation
+    modulation: Modulation | None
     layers: list[int]
 
 
