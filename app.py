@@ -21,8 +21,8 @@ from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_pipeline
 from mm2latent.ui.outputs import GradioCacheLimit, OutputStore
 from mm2latent.ui.photo_tab import build_edit_tab
+from mm2latent.ui.returned_files import ReturnableCanvas
 from mm2latent.ui.security import (
-    DrawingCanvas,
     NoSniffMiddleware,
     SpaceBlocks,
     UploadedFile,
@@ -65,8 +65,8 @@ def build_mask_tab() -> dict:
             template = gr.Radio(list(canvases.TEMPLATE_CHOICES), value=canvases.DEFAULT_TEMPLATE,
                                 label="Start from a template", scale=5, elem_id="template")
             reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
-        canvas = DrawingCanvas(
-            value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
+        canvas = ReturnableCanvas(
+            what="mask", value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
             sources=(), transforms=(), layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE),
             fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
             brush=gr.Brush(colors=canvases.palette_hex(), color_mode="fixed", default_size=12,
@@ -91,8 +91,8 @@ def build_sketch_tab() -> dict:
     with gr.Tab("Text + sketch", id="sketch") as tab:
         stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
                           elem_id="stroke-width")
-        canvas = DrawingCanvas(
-            value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
+        canvas = ReturnableCanvas(
+            what="sketch", value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
             layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
             label="Sketch", elem_id="sketchpad", height=600,
             brush=sketch_brush(canvases.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),

@@ -8,15 +8,12 @@ must carry an ``inverter`` (and optionally ``face_parser``, ``identity``, ``lpip
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
-from gradio.data_classes import FileData, GradioModel
 from PIL import Image
 
 from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
@@ -27,7 +24,8 @@ from ..pipelines.generation import MAX_SEED
 from . import canvases
 from .handlers import call_reporting_warnings, checked_int, checked_number, friendly_errors, user_error
 from .outputs import OutputStore, file_stem, save_latents
-from .security import DrawingCanvas, UploadedImage, WholeNumber
+from .returned_files import ReturnableCanvas
+from .security import UploadedImage, WholeNumber
 
 TAB_ID = "edit-photo"
 DEFAULT_STRENGTH = 1.0
@@ -55,43 +53,6 @@ class PhotoState:
 
     inversion: InversionResult
     photo_key: tuple  # identifies the uploaded photo, so a new upload is inverted again
-    mask_name: str | None = None  # file name under which /invert_photo returned the photo's mask
-
-
-class EditorDataOrNames(GradioModel):
-    """A mask editor value as the browser sends it (uploaded files), or with plain file names.
-
-    gradio_client downloads the files an endpoint returns and hands back local paths; a caller who passes
-    ``/invert_photo``'s mask straight to ``/edit_photo`` therefore sends path strings, which Gradio's own
-    model refuses ("meta field must be explicitly provided"). Strings are accepted here but never opened:
-    they can only name the mask this session was given (see :class:`ReturnedMask`).
-    """
-
-    background: FileData | str | None = None
-    layers: list[FileData | str] = []
-    composite: FileData | str | None = None
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class ReturnedMask:
-    """A mask given back by file name: the names the caller sent (paths on their machine, never read)."""
-
-    names: tuple[str, ...]
-
-
-class EditMaskCanvas(DrawingCanvas):
-    """The edit tab's mask editor: a :class:`DrawingCanvas` that also takes back the mask it returned."""
-
-    is_template = True
-    data_model = EditorDataOrNames
-
-    def preprocess(self, payload):
-        if payload is not None:
-            named = [p for p in (payload.background, payload.composite, *payload.layers) if isinstance(p, str)]
-            if named:
-                return ReturnedMask(tuple(sorted({Path(p.replace("\\", "/")).name for p in named})))
-        return super().preprocess(payload)
 
 
 def display_size(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -180,21 +141,12 @@ class EditHandlers:
 
     @friendly_errors("aligning and inverting the photo")
     def invert(self, photo=None, refine_steps=DEFAULT_REFINE_STEPS, progress=gr.Progress()):
-        """photo -> (aligned, reconstruction, mask editor value, downloads, info, state).
-
-        The mask is returned as a file named ``mm2latent-mask-<random>.png``: passed back to :meth:`edit`
-        by gradio_client as a local path, that name identifies it (:class:`ReturnedMask`).
-        """
+        """photo -> (aligned, reconstruction, mask editor value, downloads, info, state)."""
         state = self._invert(photo, refine_steps, progress)
         inversion = state.inversion
-        canvas = gr.skip()
-        if inversion.mask is not None:
-            state.mask_name = f"mm2latent-mask-{secrets.token_hex(8)}.png"
-            mask_path = self.store.new_folder() / state.mask_name
-            canvases.mask_canvas(inversion.mask)["background"].save(mask_path)
-            canvas = {"background": str(mask_path), "layers": [], "composite": str(mask_path)}
+        canvas = canvases.mask_canvas(inversion.mask) if inversion.mask is not None else gr.skip()
         files = self._save("mm2latent-inverted", inversion.reconstruction, inversion.latent, {"source": "inversion"})
-        return (inversion.aligned, display_size(inversion.reconstruction), canvas, files, _info(inversion), state)
+        return inversion.aligned, display_size(inversion.reconstruction), canvas, files, _info(inversion), state
 
     @friendly_errors("editing the photo")
     def edit(self, state, photo=None, refine_steps=DEFAULT_REFINE_STEPS, prompt="", mask_value=None, use_mask=True,
@@ -217,18 +169,15 @@ class EditHandlers:
             raise user_error(f"Choose a method among {', '.join(METHOD_CHOICES)}")
         clip_steps = checked_int(clip_steps, "Optimisation steps", 0, UI_MAX_CLIP_STEPS)
         seed = checked_int(seed, "The seed", 0, MAX_SEED)
-        painted = None
-        if use_mask and mask_value is not None and not isinstance(mask_value, ReturnedMask):
-            painted = canvases.mask_from_canvas(mask_value)
+        painted = canvases.mask_from_canvas(mask_value) if use_mask and mask_value is not None else None
         pipeline = self.edit_pipeline
         chosen = pipeline.default_edit_method if method == AUTO_METHOD else method
         if chosen == "guided" and clip_steps == 0:
             clip_steps = None  # the guided edit's own default (DEFAULT_GUIDED_STEPS)
         if state is None or (photo is not None and state.photo_key != _photo_key(photo)):
             state = self._invert(photo, refine_steps, progress)
-        mask = painted if use_mask else None
-        if use_mask and (mask_value is None or isinstance(mask_value, ReturnedMask)):
-            mask = self._own_mask(state, mask_value)
+        # No mask given: the photo's own, as the editor shows it after inverting.
+        mask = (painted if mask_value is not None else state.inversion.mask) if use_mask else None
         steps = DEFAULT_GUIDED_STEPS if clip_steps is None else clip_steps
         callback = None
         if progress is not None and steps:
@@ -242,16 +191,6 @@ class EditHandlers:
         before = state.inversion.aligned.resize(after.size, Image.Resampling.LANCZOS)
         info = _edit_info(result, state.inversion.reconstruction, layers, strength, pipeline.trained)
         return (before, after), after, identity_text(result.identity_similarity, pipeline.name), files, info, state
-
-    @staticmethod
-    def _own_mask(state: PhotoState, returned: ReturnedMask | None):
-        """The photo's own mask: for ``None``, or for the mask file this session was given back by name."""
-        if returned is not None and state.mask_name not in returned.names:
-            raise user_error(
-                f"The mask names file(s) on your machine ({', '.join(returned.names)}), which the server cannot "
-                "read. Send a mask with gradio_client's handle_file(path), or pass back the mask /invert_photo "
-                "returned in the same session (its name identifies it)")
-        return state.inversion.mask
 
     def _save(self, stem: str, image: Image.Image, latent, settings: dict) -> list[str]:
         """The downloads of one result, in a folder of the output store: PNG with settings, W+ ``.npy``."""
@@ -289,7 +228,8 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
             invert_button = gr.Button("Align & invert", elem_id="invert-photo")
         with gr.Row():
             with gr.Column():
-                canvas = EditMaskCanvas(
+                canvas = ReturnableCanvas(
+                    what="mask",
                     type="pil", image_mode="RGBA", format="png", sources=(), transforms=(), layers=False,
                     canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
                     label="The photo's mask (edit it)", elem_id="edit-mask-editor", height=520,
