@@ -66,7 +66,8 @@ def build_mask_tab() -> dict:
                                 label="Start from a template", scale=5, elem_id="template")
             reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
         canvas = ReturnableCanvas(
-            what="mask", value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
+            what="mask", store=STORE,
+            value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
             sources=(), transforms=(), layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE),
             fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
             brush=gr.Brush(colors=canvases.palette_hex(), color_mode="fixed", default_size=12,
@@ -92,7 +93,8 @@ def build_sketch_tab() -> dict:
         stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
                           elem_id="stroke-width")
         canvas = ReturnableCanvas(
-            what="sketch", value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
+            what="sketch", store=STORE,
+            value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
             layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
             label="Sketch", elem_id="sketchpad", height=600,
             brush=sketch_brush(canvases.DEFAULT_STROKE), eraser=gr.Eraser(default_size=10),

@@ -229,7 +229,7 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
         with gr.Row():
             with gr.Column():
                 canvas = ReturnableCanvas(
-                    what="mask",
+                    what="mask", store=handlers.store,
                     type="pil", image_mode="RGBA", format="png", sources=(), transforms=(), layers=False,
                     canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
                     label="The photo's mask (edit it)", elem_id="edit-mask-editor", height=520,
