@@ -207,6 +207,22 @@ def test_transparent_canvas_is_empty_and_faceless_paint_is_refused():
         canvases.mask_from_canvas(canvases.mask_canvas(ids))
 
 
+def test_returned_pictures_are_found_by_name_in_the_cache_only(tmp_path):
+    from mm2latent.ui.returned_files import ReturnableCanvas, find_returned, returned_name
+
+    assert ReturnableCanvas(type="pil").get_block_name() == "imageeditor"  # the browser's own editor
+    name = returned_name("mask")
+    cached = tmp_path / "0a1b2c" / name
+    cached.parent.mkdir()
+    cached.write_bytes(b"\x89PNG")
+    (cached.parent / "image.png").write_bytes(b"\x89PNG")
+    assert find_returned(tmp_path, f"/home/caller/downloads/9f8e/{name}") == cached
+    assert find_returned(tmp_path, f"C:\\Users\\caller\\{name}") == cached
+    assert find_returned(tmp_path, "/anywhere/image.png") is None  # a name Gradio chose: not a returned picture
+    assert find_returned(tmp_path, returned_name("mask")) is None  # the right form, never returned
+    assert find_returned(tmp_path, str(cached.parent)) is None
+
+
 def test_sketch_canvas_round_trip():
     assert canvases.strokes_from_canvas(canvases.sketch_canvas()) is None
     strokes = template_sketch("short hair")

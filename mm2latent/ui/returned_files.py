@@ -74,6 +74,9 @@ class ReturnableCanvas(DrawingCanvas):
         self.store = store or OutputStore()
         super().__init__(*args, **kwargs)
 
+    def get_block_name(self) -> str:
+        return "imageeditor"  # Gradio names a template after its direct parent only; the browser knows this one
+
     def preprocess(self, payload):
         if payload is not None and any(isinstance(part, str) for part in
                                        (payload.background, payload.composite, *payload.layers)):
