@@ -209,8 +209,12 @@ def test_transparent_canvas_is_empty_and_faceless_paint_is_refused():
 
 def test_returned_pictures_are_found_by_name_in_the_cache_only(tmp_path):
     from mm2latent.ui.returned_files import ReturnableCanvas, find_returned, returned_name
+    from mm2latent.ui.security import DrawingCanvas
 
-    assert ReturnableCanvas(type="pil").get_block_name() == "imageeditor"  # the browser's own editor
+    # The browser gets the image editor's name and every one of its settings.
+    canvas, plain_canvas = ReturnableCanvas(type="pil", label="Mask"), DrawingCanvas(type="pil", label="Mask")
+    assert canvas.get_block_name() == canvas.get_block_class() == "imageeditor"
+    assert canvas.get_config().keys() == plain_canvas.get_config().keys() and canvas.get_config()["label"] == "Mask"
     name = returned_name("mask")
     cached = tmp_path / "0a1b2c" / name
     cached.parent.mkdir()

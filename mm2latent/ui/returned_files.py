@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 from gradio.data_classes import FileData, GradioModel
 from PIL import Image
 
@@ -74,8 +75,16 @@ class ReturnableCanvas(DrawingCanvas):
         self.store = store or OutputStore()
         super().__init__(*args, **kwargs)
 
+    # Gradio describes a component to the browser by its direct parent's name and by the parameters of its
+    # own __init__: both must be the image editor's.
     def get_block_name(self) -> str:
-        return "imageeditor"  # Gradio names a template after its direct parent only; the browser knows this one
+        return "imageeditor"
+
+    def get_block_class(self) -> str:
+        return "imageeditor"
+
+    def get_config(self, cls=None) -> dict[str, Any]:
+        return super().get_config(cls or gr.ImageEditor)
 
     def preprocess(self, payload):
         if payload is not None and any(isinstance(part, str) for part in
