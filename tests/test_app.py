@@ -654,6 +654,12 @@ def test_app_registers_the_edit_endpoints(client):
     assert {"/invert_photo", "/edit_photo"} <= set(endpoints)
     assert [p["parameter_name"] for p in endpoints["/edit_photo"]["parameters"]][:4] == [
         "photo", "refine_steps", "prompt", "mask_value"]
+    # Every argument is optional, so `client.predict(prompt=..., api_name="/edit_photo")` is a whole call.
+    required = [p["parameter_name"] for name in ("/invert_photo", "/edit_photo")
+                for p in endpoints[name]["parameters"] if not p["parameter_has_default"]]
+    assert required == [], required
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/edit_photo"]["parameters"]}
+    assert defaults["method"] == "auto" and defaults["mask_value"] is None and defaults["photo"] is None
 
 
 def test_api_invert_photo_returns_aligned_reconstruction_and_mask(inverted, tiny_pipe):
