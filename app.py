@@ -21,8 +21,8 @@ from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_pipeline
 from mm2latent.ui.outputs import GradioCacheLimit, OutputStore
 from mm2latent.ui.photo_tab import build_edit_tab
+from mm2latent.ui.returned_files import ReturnableCanvas
 from mm2latent.ui.security import (
-    DrawingCanvas,
     NoSniffMiddleware,
     SpaceBlocks,
     UploadedFile,
@@ -65,7 +65,8 @@ def build_mask_tab() -> dict:
             template = gr.Radio(list(canvases.TEMPLATE_CHOICES), value=canvases.DEFAULT_TEMPLATE,
                                 label="Start from a template", scale=5, elem_id="template")
             reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
-        canvas = DrawingCanvas(
+        canvas = ReturnableCanvas(
+            what="mask", store=STORE,
             value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
             sources=(), transforms=(), layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE),
             fixed_canvas=True, label="Mask", elem_id="mask-editor", height=600,
@@ -91,7 +92,8 @@ def build_sketch_tab() -> dict:
     with gr.Tab("Text + sketch", id="sketch") as tab:
         stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
                           elem_id="stroke-width")
-        canvas = DrawingCanvas(
+        canvas = ReturnableCanvas(
+            what="sketch", store=STORE,
             value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
             layers=False, canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
             label="Sketch", elem_id="sketchpad", height=600,
@@ -158,22 +160,30 @@ def build_demo() -> gr.Blocks:
         active_tab = gr.State("mask")
         with gr.Row(equal_height=False):
             with gr.Column(scale=6):
-                prompt = gr.Textbox(label="Prompt", placeholder=text.EXAMPLE_PROMPTS[0], lines=1, max_lines=1,
-                                    elem_id="prompt", info="Describe the face. Enter generates from the open tab; "
-                                    "the prompt may be empty when you draw.")
-                gr.Examples([[p] for p in text.EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
-                            api_name="load_example_prompt")
+                with gr.Column(elem_id="prompt-panel") as prompt_panel:
+                    prompt = gr.Textbox(label="Prompt", placeholder=text.EXAMPLE_PROMPTS[0], lines=1, max_lines=1,
+                                        elem_id="prompt", info="Describe the face. Enter generates from the open "
+                                        "tab; the prompt may be empty when you draw.")
+                    gr.Examples([[p] for p in text.EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts",
+                                api_name="load_example_prompt")
                 with gr.Tabs(selected="mask"):
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
-                    build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
-                                   session_ttl_s=SETTINGS.session_ttl_s)
-                settings = build_settings()
-            with gr.Column(scale=5):
+                    edit = build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
+                                          session_ttl_s=SETTINGS.session_ttl_s)
+                with gr.Column() as settings_panel:
+                    settings = build_settings()
+            with gr.Column(scale=5, elem_id="generation-outputs") as output_panel:
                 out = build_outputs()
         seed = settings[4]
         outputs = [out["gallery"], seed, out["summary"], out["attention"], out["files"], out["diffusion"]]
-        add_examples(prompt, mask["canvas"], sketch["canvas"], outputs)
+        with gr.Column() as examples_panel:
+            add_examples(prompt, mask["canvas"], sketch["canvas"], outputs)
+        # The edit tab has its own description box, settings and results: the generation ones hide there.
+        generation_panels = [prompt_panel, settings_panel, output_panel, examples_panel]
+        for tab, visible in ((mask["tab"], True), (sketch["tab"], True), (edit["tab"], False)):
+            tab.select(lambda shown=visible: [gr.Column(visible=shown)] * len(generation_panels),
+                       outputs=generation_panels, queue=False, api_visibility="private")
         with gr.Accordion("About this Space", open=False, elem_id="about"):
             gr.Markdown(text.ABOUT)
         wire_events(prompt, active_tab, mask, sketch, settings, outputs)

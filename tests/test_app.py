@@ -27,7 +27,10 @@ from mm2latent.errors import EmptyMaskError
 from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
 from mm2latent.inputs.templates import template_mask, template_sketch
 from mm2latent.ui import canvases, examples, outputs
+from mm2latent.ui.loading import load_order, load_pipeline
+from mm2latent.ui.photo_tab import DISPLAY_SIZE
 from mm2latent.ui.settings import Settings, SettingsError
+from mm2latent.ui.text import model_banner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app.py"
@@ -124,6 +127,38 @@ def test_bad_settings_are_refused_in_plain_words(name, value, words):
 
 
 # --------------------------------------------------------------------------------------------
+# Load order
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_order_is_requested_then_public_then_tiny():
+    assert load_order(OFFLINE_REPO) == [OFFLINE_REPO, "public", "tiny"]
+    assert load_order("public") == ["public", "tiny"] and load_order("tiny") == ["tiny"]
+
+
+def test_offline_fallback_chain_reaches_tiny_and_the_banner_names_both_problems(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # nothing cached
+    loaded = load_pipeline(Settings(model_repo=OFFLINE_REPO, device="cpu", load_vae=False))
+    assert loaded.pipe.name == "tiny" and loaded.editor.inverter is not None  # the fallback edits photos too
+    assert [failure.model for failure in loaded.failures] == [OFFLINE_REPO, "public"]
+    assert all("HF_HUB_OFFLINE" in failure.reason for failure in loaded.failures)
+    assert "Untrained demo weights" in loaded.banner
+    assert f"`{OFFLINE_REPO}` could not be loaded" in loaded.banner and "`public` could not be loaded" in loaded.banner
+
+
+def test_requested_folder_loads_first_and_the_banner_says_its_weights_are_untrained(tmp_path):
+    from mm2latent.pipelines.editing import FaceEditPipeline
+
+    folder = FaceEditPipeline.from_pretrained("tiny", device="cpu").save_pretrained(tmp_path / "saved")
+    loaded = load_pipeline(Settings(model_repo=str(folder), device="cpu"))
+    assert loaded.failures == [] and loaded.editor.inverter is not None
+    assert "Untrained weights" in loaded.banner and "could not be loaded" not in loaded.banner
+    assert model_banner(str(folder), loaded.pipe.name, True, []) is None  # trained and as requested: no banner
+
+
+# --------------------------------------------------------------------------------------------
 # Canvases
 # --------------------------------------------------------------------------------------------
 
@@ -170,6 +205,26 @@ def test_transparent_canvas_is_empty_and_faceless_paint_is_refused():
     ids[:100] = HAIR
     with pytest.raises(EmptyMaskError, match="no face"):
         canvases.mask_from_canvas(canvases.mask_canvas(ids))
+
+
+def test_returned_pictures_are_found_by_name_in_the_cache_only(tmp_path):
+    from mm2latent.ui.returned_files import ReturnableCanvas, find_returned, returned_name
+    from mm2latent.ui.security import DrawingCanvas
+
+    # The browser gets the image editor's name and every one of its settings.
+    canvas, plain_canvas = ReturnableCanvas(type="pil", label="Mask"), DrawingCanvas(type="pil", label="Mask")
+    assert canvas.get_block_name() == canvas.get_block_class() == "imageeditor"
+    assert canvas.get_config().keys() == plain_canvas.get_config().keys() and canvas.get_config()["label"] == "Mask"
+    name = returned_name("mask")
+    cached = tmp_path / "0a1b2c" / name
+    cached.parent.mkdir()
+    cached.write_bytes(b"\x89PNG")
+    (cached.parent / "image.png").write_bytes(b"\x89PNG")
+    assert find_returned(tmp_path, f"/home/caller/downloads/9f8e/{name}") == cached
+    assert find_returned(tmp_path, f"C:\\Users\\caller\\{name}") == cached
+    assert find_returned(tmp_path, "/anywhere/image.png") is None  # a name Gradio chose: not a returned picture
+    assert find_returned(tmp_path, returned_name("mask")) is None  # the right form, never returned
+    assert find_returned(tmp_path, str(cached.parent)) is None
 
 
 def test_sketch_canvas_round_trip():
@@ -437,9 +492,13 @@ def test_fresh_offline_machine_reaches_a_working_page_with_a_banner(space, clien
     url, workdir = space
     with urllib.request.urlopen(url + "config", timeout=10) as response:
         config = response.read().decode()
-    assert "Untrained demo weights" in config and OFFLINE_REPO in config and "MM2LATENT_MODEL_REPO" in config
+    assert "Untrained demo weights" in config and "MM2LATENT_MODEL_REPO" in config
+    # The banner names both failures of the load order: the requested repository, then the public preset.
+    assert f"`{OFFLINE_REPO}` could not be loaded" in config and "`public` could not be loaded" in config
+    assert config.count("HF_HUB_OFFLINE is set") >= 2
     log = (workdir / "app.log").read_text()
-    assert "starting on the untrained 'tiny' preset" in log
+    assert f"Could not load '{OFFLINE_REPO}'" in log and "trying 'public' next" in log
+    assert "Could not load 'public'" in log and "trying 'tiny' next" in log and "Loaded tiny" in log
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/generate_from_mask", "/generate_from_sketch", "/load_template", "/upload_mask", "/upload_sketch",
             "/sketch_from_photo"} <= endpoints
@@ -560,13 +619,18 @@ def invert(client, photo: Path, refine_steps: int = 0):
     return client.predict(handle_file(str(photo)), refine_steps, api_name="/invert_photo")
 
 
-def edit(client, photo: Path, prompt: str, mask: dict | None, **settings):
+def edit(client, photo: Path | None, prompt: str, mask: dict | None, **settings):
     from gradio_client import handle_file
 
     arguments = {"refine_steps": 0, "use_mask": True, "strength": 1.0, "layers": "all", "method": "modulate",
                  "seed": 0, "clip_steps": 0, **settings}
-    return client.predict(handle_file(str(photo)), arguments.pop("refine_steps"), prompt, mask,
-                          *arguments.values(), api_name="/edit_photo")
+    return client.predict(None if photo is None else handle_file(str(photo)), arguments.pop("refine_steps"), prompt,
+                          mask, *arguments.values(), api_name="/edit_photo")
+
+
+def identity_score(text: str) -> float:
+    """The number the identity box starts with (words after it explain it)."""
+    return float(text.split()[0])
 
 
 def saved_latent(files: list[str]) -> dict:
@@ -590,13 +654,20 @@ def test_app_registers_the_edit_endpoints(client):
     assert {"/invert_photo", "/edit_photo"} <= set(endpoints)
     assert [p["parameter_name"] for p in endpoints["/edit_photo"]["parameters"]][:4] == [
         "photo", "refine_steps", "prompt", "mask_value"]
+    # Every argument is optional, so `client.predict(prompt=..., api_name="/edit_photo")` is a whole call.
+    required = [p["parameter_name"] for name in ("/invert_photo", "/edit_photo")
+                for p in endpoints[name]["parameters"] if not p["parameter_has_default"]]
+    assert required == [], required
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/edit_photo"]["parameters"]}
+    assert defaults["method"] == "auto" and defaults["mask_value"] is None and defaults["photo"] is None
 
 
 def test_api_invert_photo_returns_aligned_reconstruction_and_mask(inverted, tiny_pipe):
     _, (aligned, reconstruction, mask, latent, info) = inverted
     assert image_size(aligned) == (ALIGNED_SIZE, ALIGNED_SIZE)
-    assert image_size(reconstruction) == (tiny_pipe.resolution, tiny_pipe.resolution) == (64, 64)
+    assert tiny_pipe.resolution == 64 and image_size(reconstruction) == (DISPLAY_SIZE, DISPLAY_SIZE)  # enlarged
     assert image_size(mask["background"]) == (canvases.CANVAS_SIZE, canvases.CANVAS_SIZE)
+    assert Path(mask["background"]).name.startswith("mask-")  # a name /edit_photo takes back
     ids = canvases.mask_from_canvas({"composite": mask["background"]})  # raises if the mask holds no face
     assert ids.shape == (512, 512) and ids.max() < len(CELEBAMASK_CLASSES) and len(np.unique(ids)) > 2
     saved = saved_latent(latent)
@@ -610,18 +681,20 @@ def test_api_edit_photo_returns_before_after_identity_and_latent(client, inverte
     photo, (_, reconstruction, mask, _, _) = inverted
     pair, edited, identity, latent, info = edit(client, photo, "with glasses", canvas(mask["background"]),
                                                 method=method, layers=layers, seed=5)
-    assert len(pair) == 2 and all(image_size(image) == (tiny_pipe.resolution,) * 2 for image in pair)
+    assert len(pair) == 2 and all(image_size(image) == (DISPLAY_SIZE, DISPLAY_SIZE) for image in pair)
     before, after = (np.asarray(Image.open(image).convert("RGB"), dtype=np.int16) for image in pair)
     assert np.abs(before - after).mean() > 1  # the photo beside the (untrained) model's edit
-    assert image_size(edited) == (tiny_pipe.resolution,) * 2
-    assert -1.0 <= float(identity) <= 1.0
+    assert image_size(edited) == (DISPLAY_SIZE, DISPLAY_SIZE)
+    assert -1.0 <= identity_score(identity) <= 1.0 and "meaningless" in identity  # tiny: random ArcFace
     saved = saved_latent(latent)
+    with Image.open(next(path for path in latent if path.endswith(".png"))) as download:
+        assert download.size == (tiny_pipe.resolution,) * 2  # the download keeps the model's resolution
     assert saved["latent"].shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
     assert np.isfinite(saved["latent"]).all()
     settings = saved["settings"]
     assert settings["prompt"] == "with glasses" and settings["method"] == method and settings["layers"] == layers
     assert settings["seed"] == 5 and settings["inputs"] == ["mask"]
-    assert f"Edited layers: {layers}" in info and f"method {method}" in info
+    assert f"Edited layers: {layers}" in info and f"Method: {method}" in info
 
 
 def test_api_edit_photo_text_only_without_inverting_first(client, testdata, tiny_pipe):
@@ -631,8 +704,34 @@ def test_api_edit_photo_text_only_without_inverting_first(client, testdata, tiny
     fresh = Client(client.src, verbose=False)
     pair, edited, identity, latent, _ = edit(fresh, testdata / "photos" / "ffhq_1.jpg", "with glasses", None,
                                              use_mask=False)
-    assert len(pair) == 2 and image_size(edited) == (tiny_pipe.resolution,) * 2
-    assert -1.0 <= float(identity) <= 1.0 and saved_latent(latent)["settings"]["inputs"] == []
+    assert len(pair) == 2 and image_size(edited) == (DISPLAY_SIZE, DISPLAY_SIZE)
+    assert -1.0 <= identity_score(identity) <= 1.0 and saved_latent(latent)["settings"]["inputs"] == []
+
+
+def test_api_edit_photo_auto_method_says_which_ran_and_why(client, inverted):
+    """Defaults: no photo (the session's inverted one), /invert_photo's mask passed back as returned."""
+    _, (_, _, mask, _, _) = inverted
+    pair, _, _, files, info = edit(client, None, "with glasses", mask, method="auto")
+    settings = saved_latent(files)["settings"]
+    assert settings["method"] == "guided" and settings["clip_steps"] > 0 and settings["inputs"] == ["mask"]
+    assert "Method: guided" in info and "T is untrained" in info
+    before, after = (np.asarray(Image.open(image).convert("RGB"), dtype=np.int16) for image in pair)
+    assert np.abs(before - after).mean() > 1
+    # Asked for explicitly, the untrained (identity) modulation changes nothing, and the result says why.
+    *_, info = edit(client, None, "with glasses", None, method="modulate")
+    assert "Method: modulate" in info and "practically unchanged" in info and "choose **auto** or **guided**" in info
+
+
+def test_api_edit_photo_refuses_mask_names_it_did_not_return(client, inverted):
+    from gradio_client.exceptions import AppError
+
+    photo, _ = inverted
+    for name in ("/etc/passwd", "/tmp/gradio/0123/mask-0123456789abcdef.png", "C:\\Users\\me\\mask.png"):
+        with pytest.raises(AppError) as caught:
+            edit(client, photo, "with glasses", {"background": name, "layers": [], "composite": name})
+        message = str(caught.value)
+        assert "not a picture this Space returned" in message and "handle_file" in message, message
+        assert "root:" not in message and "/etc" not in message  # the path is reduced to its name, never read
 
 
 def test_api_photo_without_a_face_is_refused_and_the_server_keeps_serving(client, files, testdata, tiny_pipe):
@@ -648,7 +747,7 @@ def test_api_photo_without_a_face_is_refused_and_the_server_keeps_serving(client
         assert "upload a photo" in message.lower() and str(files["flat"].parent) not in message, message
     # The same server still inverts a real photo, and the other tabs still generate.
     _, reconstruction, *_ = invert(client, testdata / "photos" / "ffhq_2.jpg")
-    assert image_size(reconstruction) == (tiny_pipe.resolution,) * 2
+    assert image_size(reconstruction) == (DISPLAY_SIZE, DISPLAY_SIZE)
     gallery, *_ = generate(client, "/generate_from_mask", "A face.", canvas(files["index_map"]))
     assert len(gallery) == 1
 

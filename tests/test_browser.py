@@ -187,11 +187,23 @@ def test_enter_generates_and_errors_leave_the_work_in_place(page, shots):
     assert wait_for_gallery(page) >= 1
 
 
+def box_inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
+    """Whether the ``inner`` bounding box lies wholly within ``outer`` (Playwright boxes, CSS pixels)."""
+    return (inner["x"] >= outer["x"] - slack and inner["y"] >= outer["y"] - slack
+            and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack
+            and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack)
+
+
 def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
+    generation_only = [page.locator(selector) for selector in ("#prompt", "#gallery", "#advanced")]
+    assert all(part.is_visible() for part in generation_only)
     page.get_by_role("tab", name="Edit a photo").click()
     upload = page.locator("#edit-photo-upload")
     upload.wait_for()
-    reconstruction = labelled_block(page, "Reconstruction").locator("img")
+    # The edit tab shows only its own description box, settings and results.
+    wait_until(lambda: not any(part.is_visible() for part in generation_only), "the generation panels to hide")
+    assert page.locator("#edit-prompt").is_visible()
+    reconstruction = page.locator("#edit-reconstruction img")
     before_after = page.locator("#edit-before-after img")
     assert reconstruction.count() == 0 and before_after.count() == 0
     upload.locator("input[type=file]").set_input_files(str(testdata / "photos" / "ffhq_0.jpg"))
@@ -199,7 +211,8 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     page.locator("#invert-photo").click()
     reconstruction.wait_for()
     wait_until(lambda: loaded_image_sizes(reconstruction)[0][0] > 0, "the reconstruction to load")
-    assert loaded_image_sizes(labelled_block(page, "Aligned").locator("img"))[0][0] > 0
+    assert loaded_image_sizes(reconstruction) == [(512, 512)]  # the 64² tiny render, enlarged for display
+    assert loaded_image_sizes(page.locator("#edit-aligned img"))[0][0] > 0
     page.locator("#edit-mask-editor canvas").first.wait_for()
     prompt = page.locator("#edit-prompt textarea, #edit-prompt input").first
     prompt.fill("with glasses")
@@ -207,15 +220,29 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     before_after.nth(1).wait_for()
     wait_until(lambda: sum(w > 0 and h > 0 for w, h in loaded_image_sizes(before_after)) >= 2,
                "the before/after images to load")
-    identity = page.get_by_label("Identity similarity (ArcFace cosine, photo vs edit)")
+    identity = page.locator("#edit-identity textarea, #edit-identity input").first
     wait_until(lambda: identity.input_value() != "", "the identity score")
-    page.locator("#edit-before-after").scroll_into_view_if_needed()
+    info = page.locator("#edit-info")
+    wait_until(lambda: "Method:" in info.inner_text(), "the edit's message")
+    slider = page.locator("#edit-before-after")
+    slider.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "edit-photo.png"), full_page=True)
+    # The default ("auto") edit on untrained weights is the guided one, and the result says so and why.
+    assert "Method: guided" in info.inner_text() and "T is untrained" in info.inner_text()
     sizes = loaded_image_sizes(before_after)
-    assert len(sizes) == 2 and all(w > 0 and h > 0 for w, h in sizes), sizes
+    assert sizes == [(512, 512), (512, 512)], sizes
     sources = before_after.evaluate_all("els => els.map(e => e.src)")
     assert sources[0] != sources[1]  # the photo and its edit, not one picture twice
-    assert -1.0 <= float(identity.input_value()) <= 1.0
+    # Both pictures are drawn whole inside the slider, at a size one can see.
+    slider_box = slider.bounding_box()
+    for index in range(2):
+        picture = before_after.nth(index).bounding_box()
+        assert picture["width"] >= 256 and box_inside(picture, slider_box), (picture, slider_box)
+    assert -1.0 <= float(identity.input_value().split()[0]) <= 1.0 and "meaningless" in identity.input_value()
     assert prompt.input_value() == "with glasses"
-    downloads = labelled_block(page, "Downloads: PNG with settings, W+ latent (.npy)")
+    downloads = page.locator("#edit-downloads")
     assert downloads.locator("a[href*='mm2latent-edited-']").count() >= 2
+    assert downloads.locator("a[href$='.npy']").count() == 1 and downloads.locator("a[href*='.pt']").count() == 0
+    # Back on a generation tab, its panels return.
+    page.get_by_role("tab", name="Text + mask").click()
+    wait_until(lambda: all(part.is_visible() for part in generation_only), "the generation panels to return")

@@ -1,53 +1,94 @@
-"""Start-up: load the pipeline once, falling back to the untrained ``tiny`` preset when needed."""
+"""Start-up: load the pipeline once, in a fixed order of preference, and say which one runs and why.
+
+The order (:func:`load_order`): the model named by ``MM2LATENT_MODEL_REPO`` (trained weights, a Hub repository
+or a folder), then the ``public`` training-free preset (public networks from the Hub, untrained M and T), then
+the untrained ``tiny`` preset, which needs nothing and always loads. ``MM2LATENT_MODEL_REPO=public`` starts
+the chain at the public preset, ``tiny`` loads only the demo preset.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .settings import Settings
-from .text import untrained_banner
+from .text import model_banner
 
 log = logging.getLogger("mm2latent.space")
+
+#: What the Space falls back to, in order, when the requested model cannot be loaded.
+FALLBACK_MODELS = ("public", "tiny")
+
+
+@dataclass
+class LoadFailure:
+    """One model of the load order that could not be loaded, and why (the library's message)."""
+
+    model: str
+    reason: str
 
 
 @dataclass
 class LoadedModel:
     editor: object  # FaceEditPipeline: generation + photo editing (imported lazily: torch is slow to import)
-    banner: str | None  # Markdown warning shown at the top of the page, or None
+    banner: str | None  # Markdown shown at the top of the page, or None for the trained model as requested
     requested: str
-    problem: str | None = None
+    failures: list[LoadFailure] = field(default_factory=list)
 
     @property
     def pipe(self):
         """The generation pipeline (a FacePipeline)."""
         return self.editor.generation
 
+    @property
+    def problem(self) -> str | None:
+        """Why the requested model is not the one running (None when it is)."""
+        return self.failures[0].reason if self.failures else None
 
-def load_pipeline(settings: Settings) -> LoadedModel:
-    """The pipeline named by ``settings.model_repo``; ``tiny`` (with a banner) when it cannot be had.
 
-    ``python app.py`` on a machine without network or token must still reach a working page, so any
-    failure to load the real weights is logged and replaced by the demo preset.
+def load_order(requested: str) -> list[str]:
+    """The models to try, best first: ``requested`` then the fallbacks that come after it.
+
+    >>> load_order("org/trained"), load_order("public"), load_order("tiny")
+    (['org/trained', 'public', 'tiny'], ['public', 'tiny'], ['tiny'])
     """
-    from ..pipelines.editing import FaceEditPipeline
+    if requested in FALLBACK_MODELS:
+        return list(FALLBACK_MODELS[FALLBACK_MODELS.index(requested):])
+    return [requested, *FALLBACK_MODELS]
 
-    problem = None
-    editor = None
-    if not settings.uses_tiny_preset:
+
+def load_pipeline(settings: Settings, load: Callable[..., object] | None = None) -> LoadedModel:
+    """The first model of :func:`load_order` that loads, with a banner naming it and every failure before it.
+
+    ``python app.py`` on a machine without network or token must still reach a working page, so a failure
+    to load is logged and the next model is tried; ``tiny`` is built locally and cannot fail for want of files.
+
+    Args:
+        settings: the Space settings (``model_repo``, ``model_revision``, device, dtype, ``load_vae``).
+        load: ``load(name, **options) -> FaceEditPipeline`` (default ``FaceEditPipeline.from_pretrained``).
+    """
+    if load is None:
+        from ..pipelines.editing import FaceEditPipeline
+
+        load = FaceEditPipeline.from_pretrained
+    order = load_order(settings.model_repo)
+    failures: list[LoadFailure] = []
+    for name in order:
+        revision = settings.model_revision if name == settings.model_repo else None
         try:
-            editor = FaceEditPipeline.from_pretrained(
-                settings.model_repo, revision=settings.model_revision, device=settings.device,
-                dtype=settings.dtype, load_vae=settings.load_vae,
-            )
+            editor = load(name, revision=revision, device=settings.device, dtype=settings.dtype,
+                          load_vae=settings.load_vae)
+            break
         except Exception as error:  # offline, no token, gated repo, damaged files: keep the Space up
-            problem = f"{type(error).__name__}: {error}"
-            log.warning("Could not load %r (%s); starting on the untrained 'tiny' preset.", settings.model_repo,
-                        problem)
-    if editor is None:
-        editor = FaceEditPipeline.from_pretrained("tiny", device=settings.device, dtype=settings.dtype)
+            if name == order[-1]:  # `tiny` is built locally: its failure is a bug, not a missing file
+                raise
+            failures.append(LoadFailure(name, f"{type(error).__name__}: {error}"))
+            log.warning("Could not load %r (%s); trying %r next.", name, failures[-1].reason,
+                        order[order.index(name) + 1])
     pipe = editor.generation
     pipe.show_progress = True  # tqdm bars feed gr.Progress(track_tqdm=True)
-    banner = None if pipe.trained else untrained_banner(settings.model_repo, pipe.name, problem)
-    log.info("Loaded %s (trained=%s) on %s", pipe.name, pipe.trained, pipe.device)
-    return LoadedModel(editor=editor, banner=banner, requested=settings.model_repo, problem=problem)
+    log.info("Loaded %s (trained=%s) on %s after %d failed attempt(s)", pipe.name, pipe.trained, pipe.device,
+             len(failures))
+    banner = model_banner(settings.model_repo, pipe.name, pipe.trained, [(f.model, f.reason) for f in failures])
+    return LoadedModel(editor=editor, banner=banner, requested=settings.model_repo, failures=failures)

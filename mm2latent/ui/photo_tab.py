@@ -13,23 +13,38 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
 from ..editing.methods import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, MAX_STRENGTH, METHODS
 from ..inputs.metadata import save_png
+from ..pipelines.editing import DEFAULT_GUIDED_STEPS
 from ..pipelines.generation import MAX_SEED
 from . import canvases
 from .handlers import call_reporting_warnings, checked_int, checked_number, friendly_errors, user_error
 from .outputs import OutputStore, file_stem, save_latents
-from .security import DrawingCanvas, UploadedImage, WholeNumber
+from .returned_files import ReturnableCanvas
+from .security import UploadedImage, WholeNumber
 
+TAB_ID = "edit-photo"
 DEFAULT_STRENGTH = 1.0
 DEFAULT_REFINE_STEPS = 0
 DEFAULT_CLIP_STEPS = 0
 UI_MAX_REFINE_STEPS = 300
 UI_MAX_CLIP_STEPS = 100
 assert UI_MAX_REFINE_STEPS <= MAX_REFINE_STEPS and UI_MAX_CLIP_STEPS <= MAX_CLIP_STEPS
+#: "auto" lets the pipeline choose: T's modulation when T is trained, the training-free guided edit otherwise.
+AUTO_METHOD = "auto"
+METHOD_CHOICES = (AUTO_METHOD, *METHODS)
+#: Pictures smaller than this (the tiny preset draws 64²) are enlarged for display; downloads keep their size.
+DISPLAY_SIZE = 512
+#: Presets whose networks hold random weights: their identity score compares random features.
+RANDOM_WEIGHT_PRESETS = ("tiny", "tiny-eg3d", "full-random")
+#: Mean absolute pixel change (0..255) under which an edit is reported as leaving the picture as it was.
+UNCHANGED_BELOW = 1.0
+IDENTITY_INFO = ("ArcFace cosine similarity between the aligned photo and the edit: 1 is the same face, values "
+                 "near 0 a different person. It says how much of the identity the edit kept.")
 
 
 @dataclass
@@ -40,12 +55,46 @@ class PhotoState:
     photo_key: tuple  # identifies the uploaded photo, so a new upload is inverted again
 
 
+def display_size(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """``image`` enlarged to ``size`` pixels on its longer side when smaller (never shrunk)."""
+    if max(image.size) >= size:
+        return image
+    scale = size / max(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+
+
+def identity_text(similarity: float | None, model_name: str) -> str:
+    """The identity score in words: the number first (``float(text.split()[0])`` reads it back)."""
+    if similarity is None:
+        return "n/a (no identity network loaded)"
+    if model_name in RANDOM_WEIGHT_PRESETS:
+        return f"{similarity:.3f} (meaningless here: the `{model_name}` preset's identity network has random weights)"
+    return f"{similarity:.3f}"
+
+
 def _photo_key(photo: Any) -> tuple:
     if photo is None:
         return ()
     if isinstance(photo, Image.Image):
         return (photo.size, photo.mode, hash(photo.resize((16, 16)).tobytes()))
     return (str(photo),)
+
+
+def _edit_info(result, reconstruction: Image.Image, layers: str, strength: float, trained: bool) -> str:
+    """Which method ran and why, what it changed, and why not when it changed nothing visible."""
+    method = result.settings.get("method")
+    lines = [f"**Method: {method}**: {result.message}. Edited layers: {layers}, strength {strength:g}."]
+    edited = np.asarray(result.image.convert("RGB"), dtype=np.float32)
+    reference = np.asarray(reconstruction.convert("RGB").resize(result.image.size), dtype=np.float32)
+    change = float(np.abs(edited - reference).mean())
+    if change < UNCHANGED_BELOW:
+        why = ("T is untrained here, so its modulation is the identity: choose **auto** or **guided**"
+               if method == "modulate" and not trained else
+               "try a higher strength, more layers or a more specific description")
+        lines.append(f"The edit left the picture practically unchanged (mean change {change:.2f}/255): {why}.")
+    else:
+        lines.append(f"Mean change from the reconstruction: {change:.1f}/255.")
+    return " ".join(lines)
 
 
 def _info(inversion: InversionResult) -> str:
@@ -91,20 +140,24 @@ class EditHandlers:
         return PhotoState(inversion, _photo_key(photo))
 
     @friendly_errors("aligning and inverting the photo")
-    def invert(self, photo, refine_steps=DEFAULT_REFINE_STEPS, progress=gr.Progress()):
-        """photo -> (aligned, reconstruction, mask editor value, latent file, info, state)."""
+    def invert(self, photo=None, refine_steps=DEFAULT_REFINE_STEPS, progress=gr.Progress()):
+        """photo -> (aligned, reconstruction, mask editor value, downloads, info, state)."""
         state = self._invert(photo, refine_steps, progress)
         inversion = state.inversion
         canvas = canvases.mask_canvas(inversion.mask) if inversion.mask is not None else gr.skip()
         files = self._save("mm2latent-inverted", inversion.reconstruction, inversion.latent, {"source": "inversion"})
-        return inversion.aligned, inversion.reconstruction, canvas, files, _info(inversion), state
+        return inversion.aligned, display_size(inversion.reconstruction), canvas, files, _info(inversion), state
 
     @friendly_errors("editing the photo")
-    def edit(self, state, photo, refine_steps, prompt, mask_value, use_mask=True, strength=DEFAULT_STRENGTH,
-             layers="all", method="modulate", seed=0, clip_steps=DEFAULT_CLIP_STEPS, progress=gr.Progress()):
-        """-> (before/after pair, edited image, identity text, latent file, info, state).
+    def edit(self, state, photo=None, refine_steps=DEFAULT_REFINE_STEPS, prompt="", mask_value=None, use_mask=True,
+             strength=DEFAULT_STRENGTH, layers="all", method=AUTO_METHOD, seed=0, clip_steps=DEFAULT_CLIP_STEPS,
+             progress=gr.Progress()):
+        """-> (before/after pair, edited image, identity text, downloads, info, state).
 
-        Inverts the photo first when it has not been inverted yet (or a new one was uploaded).
+        Inverts the photo first when it has not been inverted yet (or a new one was uploaded). Without a mask
+        (``mask_value`` None) and with ``use_mask``, the photo's own mask from the inversion is used.
+        ``method="auto"`` lets the pipeline choose (:attr:`FaceEditPipeline.default_edit_method`); the info
+        line says which method ran and why.
         """
         # The settings are checked before anything slow runs.
         if prompt is not None and not isinstance(prompt, str):
@@ -112,26 +165,32 @@ class EditHandlers:
         strength = checked_number(strength, "Strength", 0.0, MAX_STRENGTH)
         if layers not in LAYER_RANGE_NAMES:
             raise user_error(f"Choose a layer range among {', '.join(LAYER_RANGE_NAMES)}")
-        if method not in METHODS:
-            raise user_error(f"Choose a method among {', '.join(METHODS)}")
-        clip_steps = checked_int(clip_steps, "CLIP steps", 0, UI_MAX_CLIP_STEPS)
+        if method not in METHOD_CHOICES:
+            raise user_error(f"Choose a method among {', '.join(METHOD_CHOICES)}")
+        clip_steps = checked_int(clip_steps, "Optimisation steps", 0, UI_MAX_CLIP_STEPS)
         seed = checked_int(seed, "The seed", 0, MAX_SEED)
-        mask = canvases.mask_from_canvas(mask_value) if use_mask else None
+        painted = canvases.mask_from_canvas(mask_value) if use_mask and mask_value is not None else None
+        pipeline = self.edit_pipeline
+        chosen = pipeline.default_edit_method if method == AUTO_METHOD else method
+        if chosen == "guided" and clip_steps == 0:
+            clip_steps = None  # the guided edit's own default (DEFAULT_GUIDED_STEPS)
         if state is None or (photo is not None and state.photo_key != _photo_key(photo)):
             state = self._invert(photo, refine_steps, progress)
+        # No mask given: the photo's own, as the editor shows it after inverting.
+        mask = (painted if mask_value is not None else state.inversion.mask) if use_mask else None
+        steps = DEFAULT_GUIDED_STEPS if clip_steps is None else clip_steps
         callback = None
-        if progress is not None and clip_steps:
+        if progress is not None and steps:
             def callback(step, loss):
-                progress((step, clip_steps), desc=f"CLIP refinement (loss {loss:.4f})")
-        result = self.edit_pipeline.edit(state.inversion, prompt, mask=mask, strength=strength, layers=layers,
-                                         method=method, seed=seed, clip_steps=clip_steps, progress=False,
-                                         callback=callback)
-        before = state.inversion.aligned.resize(result.image.size, Image.Resampling.LANCZOS)
-        identity = ("no identity network loaded" if result.identity_similarity is None
-                    else f"{result.identity_similarity:.3f}")
+                progress((step, steps), desc=f"Optimising the edit (loss {loss:.4f})")
+        result = pipeline.edit(state.inversion, prompt, mask=mask, strength=strength, layers=layers,
+                               method=None if method == AUTO_METHOD else method, seed=seed, clip_steps=clip_steps,
+                               progress=False, callback=callback)
         files = self._save(file_stem(prompt or "", "edited"), result.image, result.latent, result.settings)
-        info = f"Edited layers: {layers}, strength {strength:g}, method {method}."
-        return (before, result.image), result.image, identity, files, info, state
+        after = display_size(result.image)
+        before = state.inversion.aligned.resize(after.size, Image.Resampling.LANCZOS)
+        info = _edit_info(result, state.inversion.reconstruction, layers, strength, pipeline.trained)
+        return (before, after), after, identity_text(result.identity_similarity, pipeline.name), files, info, state
 
     def _save(self, stem: str, image: Image.Image, latent, settings: dict) -> list[str]:
         """The downloads of one result, in a folder of the output store: PNG with settings, W+ ``.npy``."""
@@ -153,23 +212,24 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
             for the whole session); Edit inverts the photo again when it has been dropped.
     """
     handlers = EditHandlers(edit_pipeline, store)
-    with gr.Tab("Edit a photo", id="edit-photo") as tab:
+    with gr.Tab("Edit a photo", id=TAB_ID) as tab:
         gr.Markdown("Upload a photo with one face. It is aligned like the training faces, inverted to the "
                     "generator's latent space, and its own mask is loaded into the editor: repaint it and/or "
                     "describe the change, then click **Edit**. The person's identity is kept as far as possible.")
         with gr.Row():
             photo = UploadedImage(label="Photo", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
                                   elem_id="edit-photo-upload", height=320)
-            aligned = gr.Image(label="Aligned", type="pil", interactive=False, height=320)
-            reconstruction = gr.Image(label="Reconstruction", type="pil", interactive=False, height=320)
+            aligned = gr.Image(label="Aligned", type="pil", interactive=False, height=320, elem_id="edit-aligned")
+            reconstruction = gr.Image(label="Reconstruction", type="pil", interactive=False, height=320,
+                                      elem_id="edit-reconstruction")
         with gr.Row():
             refine_steps = gr.Slider(0, UI_MAX_REFINE_STEPS, value=DEFAULT_REFINE_STEPS, step=10,
                                      label="Refinement steps (closer reconstruction, slower)")
             invert_button = gr.Button("Align & invert", elem_id="invert-photo")
-        info = gr.Markdown()
         with gr.Row():
             with gr.Column():
-                canvas = DrawingCanvas(
+                canvas = ReturnableCanvas(
+                    what="mask", store=handlers.store,
                     type="pil", image_mode="RGBA", format="png", sources=(), transforms=(), layers=False,
                     canvas_size=(canvases.CANVAS_SIZE, canvases.CANVAS_SIZE), fixed_canvas=True,
                     label="The photo's mask (edit it)", elem_id="edit-mask-editor", height=520,
@@ -180,26 +240,36 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
                 use_mask = gr.Checkbox(value=True, label="Use the mask (untick for a text-only edit)")
                 gr.HTML(canvases.legend_html())
             with gr.Column():
-                prompt = gr.Textbox(label="Describe the change", placeholder="She has blonde hair and is smiling.",
-                                    elem_id="edit-prompt")
-                strength = gr.Slider(0.0, 2.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength")
+                prompt = gr.Textbox("", label="Describe the change", placeholder="She has blonde hair and is smiling.",
+                                    elem_id="edit-prompt", lines=2)
+                strength = gr.Slider(0.0, MAX_STRENGTH, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                     info="0 keeps the photo, 1 applies the edit, above 1 exaggerates it")
                 layers = gr.Radio(list(LAYER_RANGE_NAMES), value="all", label="Layers",
                                   info="coarse: pose and shape; middle: features and hair style; fine: colours")
-                method = gr.Radio(list(METHODS), value="modulate", label="Method",
-                                  info="modulate: apply T's scale and shift to the photo's latent; "
-                                       "mix: blend in the latent M draws from the text")
+                method = gr.Radio(list(METHOD_CHOICES), value=AUTO_METHOD, label="Method", elem_id="edit-method",
+                                  info="auto: modulate with trained weights, guided otherwise · modulate: T's scale "
+                                       "and shift on the photo's latent · mix: blend in the latent M draws from the "
+                                       "text · guided: CLIP-guided optimisation with an identity term "
+                                       "(training-free)")
                 with gr.Row():
                     seed = WholeNumber(value=0, precision=0, label="Seed", minimum=0, maximum=MAX_SEED)
                     clip_steps = gr.Slider(0, UI_MAX_CLIP_STEPS, value=DEFAULT_CLIP_STEPS, step=5,
-                                           label="CLIP refinement steps (text only, slower)")
+                                           label="Optimisation steps (slower)",
+                                           info=f"guided: 0 = its default ({DEFAULT_GUIDED_STEPS}); modulate/mix: "
+                                                "CLIP refinement steps after the edit (0 = none)")
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit-photo-button")
+        info = gr.Markdown(elem_id="edit-info")
         with gr.Row():
-            slider = gr.ImageSlider(label="Before / after", type="pil", elem_id="edit-before-after", height=420)
-            edited = gr.Image(label="Edited", type="pil", interactive=False, height=420)
+            slider = gr.ImageSlider(label="Before / after (drag the handle)", type="pil", elem_id="edit-before-after",
+                                    height=DISPLAY_SIZE, max_height=DISPLAY_SIZE,
+                                    buttons=["download", "fullscreen"])
+            edited = gr.Image(label="Edited", type="pil", interactive=False, height=DISPLAY_SIZE,
+                              elem_id="edit-result")
         with gr.Row():
-            identity = gr.Textbox(label="Identity similarity (ArcFace cosine, photo vs edit)", interactive=False)
+            identity = gr.Textbox(label="Identity similarity (ArcFace cosine, photo vs edit)", interactive=False,
+                                  info=IDENTITY_INFO, elem_id="edit-identity")
             latent_download = gr.File(label="Downloads: PNG with settings, W+ latent (.npy)", file_count="multiple",
-                                      interactive=False)
+                                      interactive=False, elem_id="edit-downloads")
         state = gr.State(None, time_to_live=session_ttl_s)
 
     invert_button.click(handlers.invert, inputs=[photo, refine_steps],
@@ -213,5 +283,4 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
     photo.change(lambda: None, outputs=state, api_name=False, queue=False)
     return {"tab": tab, "photo": photo, "aligned": aligned, "reconstruction": reconstruction, "canvas": canvas,
             "prompt": prompt, "slider": slider, "edited": edited, "identity": identity, "state": state,
-            "handlers": handlers, "download": latent_download}
-
+            "handlers": handlers, "download": latent_download, "info": info}

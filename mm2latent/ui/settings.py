@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| ``MM2LATENT_MODEL_REPO`` | ``mm2latent/mm2latent-celebahq`` | Hub repo or local folder; ``tiny`` forces the demo preset |
+| ``MM2LATENT_MODEL_REPO`` | ``mm2latent/mm2latent-celebahq`` | Hub repo or local folder, ``public`` or ``tiny``; falls back to ``public``, then ``tiny`` (ui/loading.py) |
 | ``MM2LATENT_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_DEVICE`` | (auto: CUDA if available) | ``cpu``, ``cuda``, ``cuda:1`` ... |
 | ``MM2LATENT_DTYPE`` | ``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32``, ``bfloat16``, ``float16`` |

@@ -60,24 +60,53 @@ Multi-Modal Face Image Generation.* CVPR 2024 ([arXiv:2405.04356](https://arxiv.
 """
 
 
-def untrained_banner(requested: str, loaded: str, problem: str | None) -> str:
-    """Markdown for the warning at the top of the page when the weights are untrained."""
-    if problem is not None:
-        why = f"The weights `{requested}` could not be loaded (offline, no access, or not published yet)."
-    elif requested == loaded == "tiny":
-        why = "The Space was started with `MM2LATENT_MODEL_REPO=tiny`."
-    else:
-        why = f"The model `{loaded}` holds untrained weights."
-    return (
-        f"⚠️ **Untrained demo weights.** {why} The Space is running the built-in `tiny` preset with random "
-        "weights: the app works end to end, but the pictures are noise-like placeholders, not faces. "
-        f"To use the real model, set `MM2LATENT_MODEL_REPO` (default `{DEFAULT_MODEL_REPO}`) to a Hub "
-        "repository or folder holding an `mm2latent.json` manifest, make sure the machine can reach the Hub "
-        "(unset `HF_HUB_OFFLINE`), add an `HF_TOKEN` secret if a repository is gated, and restart."
-        if loaded == "tiny" else
-        f"⚠️ **Untrained weights.** {why} Generation works, but results are not meaningful faces. Point "
-        "`MM2LATENT_MODEL_REPO` at trained weights and restart."
-    )
+MAX_REASON_CHARS = 600  # a library message can carry a long "to fix" hint; the log keeps it whole
+
+
+def model_banner(requested: str, loaded: str, trained: bool, failures: list[tuple[str, str]]) -> str | None:
+    """Markdown for the top of the page: which model runs and why; None when the requested trained model runs.
+
+    Args:
+        requested: ``MM2LATENT_MODEL_REPO``.
+        loaded: the name of the model that runs (``tiny``, ``public`` or the requested one).
+        trained: whether its M and T are trained.
+        failures: (model, reason) for each model of the load order that could not be loaded, in order.
+    """
+    if trained and not failures:
+        return None
+    why = [f"- `{model}` could not be loaded: {_short(reason)}" for model, reason in failures]
+    if loaded == "tiny":
+        if not failures:
+            why = ["- The Space was started with `MM2LATENT_MODEL_REPO=tiny`."]
+        return "\n\n".join([
+            "⚠️ **Untrained demo weights: the Space is running the built-in `tiny` preset.** The app works end to "
+            "end, but its networks hold random weights: the pictures are noise-like placeholders, not faces, and "
+            "the identity score means nothing.", *why,
+            f"To use a real model, set `MM2LATENT_MODEL_REPO` (default `{DEFAULT_MODEL_REPO}`) to a Hub "
+            "repository or folder holding an `mm2latent.json` manifest, or to `public` for the training-free "
+            "public networks; make sure the machine can reach the Hub (unset `HF_HUB_OFFLINE`), add an `HF_TOKEN` "
+            "secret if a repository is gated, and restart.",
+        ])
+    if loaded == "public":
+        if not failures:
+            why = ["- The Space was started with `MM2LATENT_MODEL_REPO=public`."]
+        return "\n\n".join([
+            "ℹ️ **Training-free public model: the Space is running the `public` preset.** Every network comes "
+            "from public checkpoints (Stable Diffusion 1.5 with a ControlNet, the FFHQ StyleGAN2, e4e, BiSeNet, "
+            "ArcFace, CLIP), but the mapping networks M and T are not trained yet: faces are drawn by the "
+            "diffusion model and inverted into StyleGAN2, and photo edits use CLIP guidance with an identity "
+            "term rather than T.", *why,
+            "Point `MM2LATENT_MODEL_REPO` at trained weights and restart for the full method.",
+        ])
+    return "\n\n".join([
+        f"⚠️ **Untrained weights: `{loaded}` holds untrained M and T.** Generation works, but results are not "
+        "meaningful faces.", *why, "Point `MM2LATENT_MODEL_REPO` at trained weights and restart.",
+    ])
+
+
+def _short(reason: str) -> str:
+    reason = " ".join(str(reason).split())
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
 
 
 CSS = """
