@@ -375,7 +375,8 @@ def collate(items: list[dict]) -> dict:
     batch["caption"] = [item["caption"] for item in items]
     batch["index"] = torch.tensor([item["index"] for item in items])
     batch["image_id"] = torch.tensor([item["image_id"] for item in items])
-    if "idd" in items[0]:
-        batch["idd"] = torch.stack([item["idd"] for item in items])
+    if "idd" in items[0]:  # I^d_0 per visual-input combination, and the cache keys they came from
+        batch["idd"] = {name: torch.stack([item["idd"][name] for item in items]) for name in items[0]["idd"]}
+        batch["idd_key"] = {name: [item["idd_key"][name] for item in items] for name in items[0]["idd_key"]}
     return batch
 
