@@ -167,3 +167,14 @@ def test_frozen_mapper_runs_in_float32_under_bf16_autocast(tiny_pipe, tmp_path):
     assert not torch.equal(autocast_mapper, expected)  # what stage 2 computed before: M's convs in bf16
     # Bit-exact: the same float32 operations on the same inputs, and identity T multiplies by 1 and adds 0.
     assert torch.equal(w, expected)
+
+
+def test_style_transfer_caches_idd_for_the_styled_captions(tiny_pipe, tmp_path):
+    """configs/style_transfer.yaml's settings on the tiny preset: T sees the styled caption, I^d_0 is drawn with it."""
+    config = config_for(tmp_path, 1, loss={"target": "idd"},
+                        data={"caption_template": "a Greek statue, {caption}", "modalities": ["mask"]})
+    trainer = build(config, clone_pipeline(tiny_pipe))
+    entries = DiffusionImageCache(Path(config.output_dir) / "idd_cache").entries.values()
+    assert len(entries) == 4 and all(e["caption"].startswith("a Greek statue, a face with ") for e in entries)
+    assert trainer.dataset[(0, 0)]["caption"].startswith("a Greek statue, ")
+    assert trainer.train()[-1]["loss/l2"] > 0

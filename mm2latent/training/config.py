@@ -39,6 +39,7 @@ class DataConfig:
     split: str = "train"
     modalities: list[str] = field(default_factory=lambda: ["mask", "scribble"])
     modality_sampling: str = "one"  # "one": one random modality per micro-batch; "all": every listed one
+    caption_template: str = "{caption}"  # rewrites every caption (style transfer: "a Greek statue, {caption}")
     num_workers: int = 4
     num_samples: int = 8  # synthetic only
     truncation: float = 0.7  # synthetic only

@@ -322,6 +322,33 @@ class PhotoFolderDataset(Dataset):
                 "image_id": position}
 
 
+class TemplatedCaptions(Dataset):
+    """A dataset whose captions are rewritten by a template, e.g. ``"a Greek statue, {caption}"`` (style transfer:
+    T sees the styled caption and I^d_0 is drawn with it).
+
+    Args:
+        base: the dataset.
+        template: a ``str.format`` template with a ``{caption}`` field.
+    """
+
+    def __init__(self, base: Dataset, template: str):
+        if "{caption}" not in template:
+            raise ValueError(f"data.caption_template must contain {{caption}}, got {template!r}")
+        self.base, self.template = base, template
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.base.ids
+
+    def __getitem__(self, key) -> dict:
+        item = self.base[key]
+        item["caption"] = self.template.format(caption=item["caption"]).strip(" ,")
+        return item
+
+
 class StepBatchSampler(Sampler):
     """Batches as a pure function of the micro-step: resuming at step s yields exactly what step s would have.
 

@@ -27,7 +27,7 @@ from ..inputs.images import tensor_to_pil
 from ..models.diffusion_encoder import DiffusionEncoder, PromptBatch
 from ..pipelines.generation import FacePipeline
 from .config import TrainingConfig, loss_targets
-from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset
+from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset, TemplatedCaptions
 from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
 
@@ -52,7 +52,7 @@ def choose_controls(controls: dict[str, torch.Tensor], available: list[str], sam
 
 
 def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Dataset:
-    """The training dataset named by ``config.data`` at the model's sizes."""
+    """The training dataset named by ``config.data`` at the model's sizes (captions through ``data.caption_template``)."""
     data = config.data
     if data.kind == "photos":
         if not data.root:
@@ -62,17 +62,19 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
     if data.kind == "synthetic":
-        return SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
-                                    seed=config.seed, truncation=data.truncation)
-    if data.kind != "celebamask":
-        raise ValueError(f"data.kind must be 'celebamask' or 'synthetic', got {data['kind']!r}")
-    if not data.root:
+        dataset = SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
+                                       seed=config.seed, truncation=data.truncation)
+    elif data.kind != "celebamask":
+        raise ValueError(f"data.kind must be 'celebamask', 'synthetic' or 'photos', got {data.kind!r}")
+    elif not data.root:
         raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
-    target = generator.resolution if generator is not None else size
-    return FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
-                       modalities=tuple(data.modalities), seed=config.seed,
-                       caption_index=config.diffusion.idd_caption_index
-                       if config.stage == 2 or needs_idd_cache(config) else None)
+    else:
+        target = generator.resolution if generator is not None else size
+        dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
+                              modalities=tuple(data.modalities), seed=config.seed,
+                              caption_index=config.diffusion.idd_caption_index
+                              if config.stage == 2 or needs_idd_cache(config) else None)
+    return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
 class FullPrecision(nn.Module):
