@@ -6,11 +6,13 @@ photo ``inverter`` (pSp-style encoder for real-photo editing).
     python -m mm2latent.training --config configs/inverter.yaml --set data.root=ffhq/images1024x1024
     python -m mm2latent.training --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
     accelerate launch --multi_gpu --num_processes 8 -m mm2latent.training --config configs/stage1_mapper.yaml
+    python -m mm2latent.training --config configs/stage1_mapper.yaml --dry-run --steps 2   # plan: time, memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -252,9 +254,20 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and training/config.py)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan the run: time --steps real steps of stage 1 or 2 on full-size random models and "
+                             "report time per step, peak memory and the projected time (training/dry_run.py)")
+    parser.add_argument("--steps", type=int, default=2, help="steps a --dry-run times (default 2)")
     args = parser.parse_args(argv)
     config = load_config(args.config, parse_overrides(args.set))
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.dry_run:
+        from .dry_run import dry_run, format_report
+
+        report = dry_run(config, args.steps)
+        print(format_report(report))
+        print(json.dumps(report))
+        return
     run(config)
 
 
