@@ -39,6 +39,9 @@ class DataConfig:
     split: str = "train"
     modalities: list[str] = field(default_factory=lambda: ["mask", "scribble"])
     modality_sampling: str = "one"  # "one": one random modality per micro-batch; "all": every listed one
+    # EG3D's dataset.json ({"labels": [[file, [25 floats]], ...]}, training/cameras.py): the camera G renders each
+    # photo's sample at (3D generators). With "synthetic" data the samples cycle through its labels.
+    camera_labels: str | None = None
     caption_template: str = "{caption}"  # rewrites every caption (style transfer: "a Greek statue, {caption}")
     num_workers: int = 4
     num_samples: int = 8  # synthetic only

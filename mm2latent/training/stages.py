@@ -25,8 +25,10 @@ from torch.utils.data import Dataset
 
 from ..inputs.images import tensor_to_pil
 from ..models.diffusion_encoder import DiffusionEncoder, PromptBatch
+from ..models.generator import is_3d
 from ..pipelines.generation import FacePipeline
-from .config import TrainingConfig, loss_targets
+from .cameras import read_dataset_json
+from .config import ConfigError, TrainingConfig, loss_targets
 from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset, TemplatedCaptions
 from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
@@ -61,9 +63,11 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
     encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
+    labels = read_dataset_json(data.camera_labels) if data.camera_labels else None
     if data.kind == "synthetic":
+        cameras = torch.stack([labels[name] for name in sorted(labels)]) if labels else None
         dataset = SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
-                                       seed=config.seed, truncation=data.truncation)
+                                       seed=config.seed, truncation=data.truncation, cameras=cameras)
     elif data.kind != "celebamask":
         raise ValueError(f"data.kind must be 'celebamask', 'synthetic' or 'photos', got {data.kind!r}")
     elif not data.root:
@@ -73,7 +77,7 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
         dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
                               modalities=tuple(data.modalities), seed=config.seed,
                               caption_index=config.diffusion.idd_caption_index
-                              if config.stage == 2 or needs_idd_cache(config) else None)
+                              if config.stage == 2 or needs_idd_cache(config) else None, camera_labels=labels)
     return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
@@ -181,6 +185,16 @@ class LatentStage:
             w, _, _ = self.pipe.latents_from_features(features, word_mask, mapper=self.frozen_mapper, modulator=model)
         return w.float()
 
+    def render(self, w: torch.Tensor, batch: dict) -> torch.Tensor:
+        """G(w); a 3D generator renders each sample at its ground-truth camera (``batch["camera"]``)."""
+        generator = self.pipe.generator
+        if not is_3d(generator):
+            return generator.synthesis(w)
+        if "camera" not in batch:
+            raise ConfigError("training with a 3D generator renders each sample at its photo's camera: set "
+                              "data.camera_labels to EG3D's dataset.json (training/cameras.py writes one)")
+        return generator.synthesis(w, camera=batch["camera"].to(w.device))
+
     def targets(self, batch: dict, modalities: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction target, identity target) of a micro-batch whose visual inputs are ``modalities``."""
         images = {"gt": batch["target"]}
@@ -197,7 +211,7 @@ class LatentStage:
                                    self.config.data.modality_sampling, generator)
         features, word_mask, t = self.features(batch, controls, generator)
         w = self.latents(features, word_mask, model)
-        images = self.pipe.generator.synthesis(w)
+        images = self.render(w, batch)
         recon_target, id_target = self.targets(batch, list(controls), images.device)
         total, logs = self.loss_fn(images, recon_target, id_target, w, self.pipe.generator.latent_avg)
         logs["t/mean"] = float(t.float().mean())
