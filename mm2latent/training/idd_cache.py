@@ -75,7 +75,7 @@ def _weights_digest(modules: dict[str, torch.nn.Module]) -> str:
     these tensors too.
     """
     digest = hashlib.sha1()
-    for name in sorted(modules):
+    for name in sorted(name for name, module in modules.items() if module is not None):
         tensors = list(modules[name].state_dict().values())
         for tensor in (tensors[0], tensors[len(tensors) // 2], tensors[-1]):
             digest.update(name.encode())

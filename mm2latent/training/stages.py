@@ -1,8 +1,9 @@
 """What each stage trains and how its loss is computed (the trainer in ``trainer.py`` runs any of them).
 
-* :class:`LatentStage` — stage 1 (M; T frozen at identity, target I^gt) and stage 2 (T; M frozen,
-  targets I^d_0 for L2/LPIPS and I^gt for identity). t is drawn from the DDIM schedule inside
-  ``diffusion.timestep_range``; z_t is the VAE latent of I^gt noised to t.
+* :class:`LatentStage` — stage 1 (M; T frozen at identity, target I^gt) and stage 2 (T; M frozen in float32,
+  targets I^d_0 for L2/LPIPS and I^gt for identity); ``loss.target`` switches the targets (style transfer,
+  Table 2). Each sample's t is drawn from the DDIM schedule inside ``diffusion.timestep_range``; z_t is the VAE
+  latent of I^gt noised to t. I^d_0 comes from the cache of ``idd_cache.py``.
 * :class:`ControlNetStage` — stage 0, the ControlNet's denoising loss (diffusers' recipe).
 * :class:`InverterStage` — the photo encoder (pSp / e4e) for real-photo editing, with the same pSp objective
   (:class:`~.losses.LatentLoss`) as stages 1 and 2.
