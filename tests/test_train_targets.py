@@ -9,7 +9,7 @@ import torch
 
 from mm2latent.training.cli import build
 from mm2latent.training.components import clone_pipeline
-from mm2latent.training.config import load_config
+from mm2latent.training.config import load_config, loss_targets
 from mm2latent.training.data import collate
 from mm2latent.training.idd_cache import DiffusionImageCache, StaleCacheError, cache_key, draw_targets
 from mm2latent.training.stages import step_generator
@@ -143,7 +143,7 @@ def test_target_idd_makes_every_loss_term_read_idd(tiny_pipe, tmp_path, stage):
 
     # The paper's stage 2 ("both"): L2 and LPIPS read I^d_0, identity reads I^gt.
     config.loss.target = "both"
-    trainer.stage.recon_target, trainer.stage.id_target = "idd", "gt"
+    trainer.stage.recon_target, trainer.stage.id_target = loss_targets(config)
     base = terms(batch)
     gt_changed = terms(other_gt)
     assert gt_changed["l2"] == base["l2"] and gt_changed["lpips"] == base["lpips"] and gt_changed["id"] != base["id"]
