@@ -59,3 +59,30 @@ def test_3d_training_without_labels_says_what_to_set(eg3d_pipe, tmp_path):
     batch.pop("camera")  # what a photo dataset without labels gives
     with pytest.raises(ConfigError, match="data.camera_labels"):
         trainer.stage.render(torch.zeros(2, eg3d_pipe.generator.num_ws, eg3d_pipe.generator.style_dim), batch)
+
+
+def test_prepared_photos_carry_their_dataset_json_label(testdata, tmp_path):
+    """A prepared CelebAMask-HQ folder + EG3D's dataset.json: each item's camera is its photo's label (by file
+    name); a photo without one is named in the error."""
+    import shutil
+
+    from PIL import Image
+
+    from mm2latent.models.camera import camera_label
+    from mm2latent.training.data import FaceDataset, prepare
+
+    root, masks = tmp_path / "raw", tmp_path / "masks"
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    masks.mkdir()
+    for i, name in enumerate(sorted(p.name for p in (testdata / "masks").glob("*.png"))[:2]):
+        shutil.copy(testdata / "masks" / name, masks / f"{i}.png")
+        with Image.open(testdata / "photos" / f"ffhq_{i}.jpg") as photo:
+            photo.resize((64, 64), Image.Resampling.BILINEAR).save(root / "CelebA-HQ-img" / f"{i}.jpg")
+    prepared = prepare(root, tmp_path / "prepared", mask_dir=masks, mask_size=32, scribble_size=32, test_fraction=0)
+    labels = {"0.jpg": camera_label(-20.0, 5.0), "1.jpg": camera_label(25.0, -5.0)}
+    dataset = FaceDataset(prepared, "train", 16, 16, 16, modalities=("mask",), camera_labels=labels)
+    by_id = {dataset[(p, 0)]["image_id"]: dataset[(p, 0)]["camera"] for p in range(2)}
+    torch.testing.assert_close(by_id[0], labels["0.jpg"])
+    torch.testing.assert_close(by_id[1], labels["1.jpg"])
+    with pytest.raises(ValueError, match="1.jpg"):
+        FaceDataset(prepared, "train", 16, 16, 16, modalities=("mask",), camera_labels={"0.jpg": labels["0.jpg"]})
