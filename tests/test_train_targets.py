@@ -39,9 +39,12 @@ def test_stage2_target_was_drawn_with_the_samples_modality_and_caption(tiny_pipe
     stage = trainer.stage
     seen = []  # the visual inputs the U-Net really got, observed at the encoder
     extract = stage.pipe.encoder.extract
-    monkeypatch.setattr(stage.pipe.encoder, "extract",
-                        lambda z, t, embeds, controls, scale: seen.append(sorted(controls)) or
-                        extract(z, t, embeds, controls, scale))
+
+    def recording_extract(z, t, embeds, controls, scale):
+        seen.append(sorted(controls))
+        return extract(z, t, embeds, controls, scale)
+
+    monkeypatch.setattr(stage.pipe.encoder, "extract", recording_extract)
     modalities_seen = set()
     for step in range(6):
         batch = collate([trainer.dataset[(p, 0)] for p in ((2 * step) % 4, (2 * step + 1) % 4)])
