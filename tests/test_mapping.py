@@ -116,3 +116,38 @@ def test_combine_steps():
     coarse_to_fine = combine_steps(steps, "coarse-to-fine")
     # Layer l takes step floor(l * 4 / 8): layers 0-1 step 0, 2-3 step 1, 4-5 step 2, 6-7 step 3.
     assert coarse_to_fine[0, :, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _ablated(modulator, **switches):
+    """The same weights as ``modulator`` in a T built with Table 2's ablation switches."""
+    config = {**modulator._hub_mixin_config, **switches}
+    ablated = StyleModulationNetwork(**config)
+    ablated.load_state_dict(modulator.state_dict())
+    return ablated
+
+
+def _replaced(feats, name):
+    """The features with ``attn_out`` or ``attn_probs`` replaced by other (seeded random) values, the rest kept."""
+    out = copy.copy(feats)
+    torch.manual_seed(2)
+    if name == "attn_probs":
+        out.attn_probs = [torch.rand_like(p) for p in feats.attn_probs]
+    else:
+        out.attn_out = [[torch.randn_like(a) for a in block] for block in feats.attn_out]
+    return out
+
+
+@pytest.mark.parametrize("switch, replaced", [("use_attention_maps", "attn_probs"),
+                                             ("use_attention_outputs", "attn_out")])
+def test_ablation_switches_remove_their_input(features, tiny_pipe, switch, replaced):
+    """Without Ā (A) the modulation ignores the attention maps (outputs): replacing them leaves w^γ and w^β
+    unchanged, while the full T's change."""
+    feats, word_mask = features
+    full = _perturbed(tiny_pipe.modulator)
+    ablated = _ablated(full, **{switch: False})
+    other = _replaced(feats, replaced)
+    with torch.no_grad():
+        assert not torch.allclose(full(other, word_mask).gamma, full(feats, word_mask).gamma)
+        base, moved = ablated(feats, word_mask), ablated(other, word_mask)
+    # Bit-exact: the ablated network never reads the replaced tensors, so the same operations see the same inputs.
+    assert torch.equal(moved.gamma, base.gamma) and torch.equal(moved.beta, base.beta)

@@ -2,12 +2,21 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from mm2latent.models.networks import load_network
 from mm2latent.training import metrics as M
-from mm2latent.training.evaluate import evaluate, markdown_table, tiny_fid_feature, write_report
+from mm2latent.training.evaluate import (
+    controlnet_images,
+    evaluate,
+    markdown_table,
+    mm2latent_images,
+    results_table,
+    tiny_fid_feature,
+    write_report,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +96,87 @@ def test_evaluate_on_the_tiny_preset(tiny_pipe, tmp_path):
     assert set(results["mask"]) >= {"fid", "lpips", "ms_ssim", "id", "pixel_accuracy", "miou", "clip_score"}
     assert "pixel_accuracy" not in results["scribble"]
     assert all(0 <= results[m]["ms_ssim"] <= 1 for m in results)
-    json_path, table_path = write_report(results, tmp_path)
-    assert json.loads(json_path.read_text())["results"]["mask"]["num_samples"] == 3
+    json_path, table_path = write_report({"mm2latent (ours)": results}, tmp_path)
+    assert json.loads(json_path.read_text())["rows"]["mm2latent (ours)"]["mask"]["num_samples"] == 3
     table = table_path.read_text()
     assert table == markdown_table(results) and "Text + Mask mIoU↑" in table and "Text + Scribble FID↓" in table
+
+
+def test_evaluation_at_a_resolution_equals_metrics_by_hand_on_downscaled_images(tiny_pipe):
+    """``resolution`` pools output and photo (pSp's face_pool: block means) before LPIPS, MS-SSIM, ID and FID."""
+    from mm2latent.training.data import SyntheticFaceDataset
+
+    dataset = SyntheticFaceDataset(tiny_pipe.generator, 3, 128, 128, ("mask",), seed=0)
+    lpips, arcface = load_network("lpips", "tiny"), load_network("arcface", "tiny")
+    results = evaluate(tiny_pipe, dataset, ("mask",), num_samples=3, seed=5, lpips=lpips, arcface=arcface,
+                       fid_feature=tiny_fid_feature(), show_progress=False, resolution=16)["mask"]
+
+    generate = mm2latent_images(tiny_pipe)
+    positions = np.random.default_rng(5).permutation(3)
+    by_hand = {"lpips": [], "ms_ssim": [], "id": []}
+    fid = M.make_fid(tiny_fid_feature())
+    for i, position in enumerate(positions):
+        image = generate(dataset[(int(position), 0)], "mask", 5 + i)
+        # 64² -> 16²: the mean of each 4x4 block, written out.
+        small = image.reshape(1, 3, 16, 4, 16, 4).mean(dim=(3, 5))
+        photo = dataset[(int(position), 0)]["target"][None].reshape(1, 3, 16, 4, 16, 4).mean(dim=(3, 5))
+        by_hand["lpips"].append(float(lpips(small, photo).mean()))
+        by_hand["ms_ssim"].append(float(M.ms_ssim(small, photo).mean()))
+        by_hand["id"].append(float((arcface.embed(small) * arcface.embed(photo)).sum()))
+        M.fid_update(fid, photo, real=True)
+        M.fid_update(fid, small, real=False)
+    for key, values in by_hand.items():
+        assert results[key] == pytest.approx(float(np.mean(values)), rel=1e-5, abs=1e-6), key
+    assert results["fid"] == pytest.approx(float(fid.compute()), rel=1e-4, abs=1e-5)
+    native = evaluate(tiny_pipe, dataset, ("mask",), num_samples=3, seed=5, lpips=lpips, arcface=arcface,
+                      fid_feature=None, show_progress=False, resolution=None)["mask"]
+    assert native["lpips"] != pytest.approx(results["lpips"])  # the resolution matters
+
+
+def test_identity_pools_large_faces_to_256_first():
+    """pSp: pool to 256², crop rows 35:223 and columns 32:220, pool to 112²."""
+    arcface = load_network("arcface", "tiny")
+    faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    pooled = faces.reshape(2, 3, 256, 2, 256, 2).mean(dim=(3, 5))
+    crop = torch.nn.functional.adaptive_avg_pool2d(pooled[:, :, 35:223, 32:220], 112)
+    expected = arcface(crop)
+    torch.testing.assert_close(M.identity_similarity(arcface, faces, faces.flip(0)),
+                               (expected * expected.flip(0)).sum(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_controlnet_baseline_row(tiny_pipe):
+    """The reference row: the diffusion model's own drawings from the same prompts, inputs and seeds."""
+    from mm2latent.training.data import SyntheticFaceDataset
+
+    dataset = SyntheticFaceDataset(tiny_pipe.generator, 2, 128, 128, ("mask", "scribble"), seed=0)
+    draw = controlnet_images(tiny_pipe, num_steps=2)
+    item = dataset[(0, 0)]
+    mask_image, scribble_image = draw(item, "mask", 0), draw(item, "scribble", 0)
+    assert mask_image.shape == (1, 3, 128, 128) and not torch.equal(mask_image, scribble_image)
+    lpips = load_network("lpips", "tiny")
+    rows = {name: evaluate(tiny_pipe, dataset, ("mask",), num_samples=2, lpips=lpips, fid_feature=None,
+                           show_progress=False, images=images)
+            for name, images in (("ControlNet", draw), ("mm2latent (ours)", None))}
+    assert rows["ControlNet"]["mask"]["lpips"] != rows["mm2latent (ours)"]["mask"]["lpips"]
+    table = results_table(rows).splitlines()
+    assert table[0].startswith("| Method | Text + Mask LPIPS↓ | Text + Mask MS-SSIM↑")
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| ControlNet", "| mm2latent (ours)"]
+
+
+def test_face_parser_input_is_resized_as_the_official_inference_does(testdata):
+    """The official BiSeNet inference resizes with PIL's bilinear filter (antialiased when shrinking); the parser's
+    own resize now matches it: labels agree on >= 99 % of pixels (a plain bilinear resize: much less)."""
+    from PIL import Image
+
+    from mm2latent.inputs.images import image_to_tensor
+
+    parser = load_network("face_parser", "tiny")
+    size = parser.input_size
+    with Image.open(testdata / "photos" / "celebamaskhq_0.jpg") as photo:
+        photo = photo.convert("RGB").resize((8 * size, 8 * size), Image.Resampling.BICUBIC)
+    image = image_to_tensor(photo)
+    official = parser.parse(image_to_tensor(photo.resize((size, size), Image.Resampling.BILINEAR)), size=size)
+    ours = parser.parse(image, size=size)
+    plain = parser.parse(torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear"), size=size)
+    assert (ours == official).float().mean() >= 0.99
+    assert (plain == official).float().mean() < 0.97

@@ -124,6 +124,10 @@ class StyleModulationNetwork(nn.Module, PyTorchModelHubMixin):
         style_dim: latent size of the generator.
         hidden_channels: channels of the scale/shift nets.
         head_channels: channels inside each map2style head.
+        use_attention_outputs: gate F with the attention outputs A (F̂ = F ⊙ A); False is Table 2's
+            "w/o A" ablation (F̂ = F).
+        use_attention_maps: gate F̄ with the word attention maps Ā (F̄̂ = F̄ ⊙ Ā); False is Table 2's
+            "w/o Ā" ablation (F̄̂ = F̄).
     """
 
     def __init__(
@@ -134,8 +138,11 @@ class StyleModulationNetwork(nn.Module, PyTorchModelHubMixin):
         style_dim: int = 512,
         hidden_channels: int = 256,
         head_channels: int = 128,
+        use_attention_outputs: bool = True,
+        use_attention_maps: bool = True,
     ):
         super().__init__()
+        self.use_attention_outputs, self.use_attention_maps = use_attention_outputs, use_attention_maps
         self.block_channels = list(block_channels)
         self.feature_size = feature_size
         total = sum(self.block_channels)
@@ -174,7 +181,7 @@ class StyleModulationNetwork(nn.Module, PyTorchModelHubMixin):
         assert [f.shape[1] for f in features.f] == self.block_channels, "decoder channels differ from config"
         feats = [resize_features(f, size) for f in features.f]
         full = torch.cat(feats, dim=1)  # F
-        gated = full * self.attention_gates(features)  # F̂ = F ⊙ A
+        gated = full * self.attention_gates(features) if self.use_attention_outputs else full  # F̂ = F ⊙ A
         mean_map = torch.stack([f.mean(dim=1, keepdim=True) for f in feats]).mean(dim=0)  # F̄
 
         word_maps = word_attention_maps(features.attn_probs, size)  # [B, T, H, W]
@@ -182,7 +189,7 @@ class StyleModulationNetwork(nn.Module, PyTorchModelHubMixin):
         count = mask.sum(dim=1, keepdim=True)
         # A prompt without words (text-free generation) leaves the global branch ungated.
         attention = torch.where(count > 0, (word_maps * mask).sum(dim=1, keepdim=True) / count.clamp(min=1), 1.0)
-        global_in = mean_map * attention.to(mean_map.dtype)  # F̄̂ = F̄ ⊙ Ā
+        global_in = mean_map * attention.to(mean_map.dtype) if self.use_attention_maps else mean_map  # F̄̂ = F̄ ⊙ Ā
 
         gamma_map = self.alpha_gamma * self.scale_local(gated) + (1 - self.alpha_gamma) * self.scale_global(global_in)
         beta_map = self.alpha_beta * self.shift_local(gated) + (1 - self.alpha_beta) * self.shift_global(global_in)

@@ -6,11 +6,13 @@ photo ``inverter`` (pSp-style encoder for real-photo editing).
     python -m mm2latent.training --config configs/inverter.yaml --set data.root=ffhq/images1024x1024
     python -m mm2latent.training --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
     accelerate launch --multi_gpu --num_processes 8 -m mm2latent.training --config configs/stage1_mapper.yaml
+    python -m mm2latent.training --config configs/stage1_mapper.yaml --dry-run --steps 2   # plan: time, memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -21,18 +23,20 @@ from accelerate.utils import set_seed
 from ..models.networks import load_network
 from ..pipelines.generation import FacePipeline
 from ..pipelines.hub import DEFAULT_COMPONENTS, resolve_component
-from .components import load_training_pipeline
+from .components import load_training_pipeline, module_config
 from .config import TrainingConfig, load_config, parse_overrides
 from .data import prepare
-from .model_card import push_folder, write_model_card
-from .stages import (
+from .idd_cache import (
     CachedDiffusionImages,
-    ControlNetStage,
-    InverterStage,
-    LatentStage,
-    build_dataset,
+    DiffusionImageCache,
     build_idd_cache,
+    cache_settings,
+    modality_combinations,
+    needs_idd_cache,
+    prepare_cache_folder,
 )
+from .model_card import push_folder, write_model_card
+from .stages import ControlNetStage, InverterStage, LatentStage, build_dataset
 from .trainer import Trainer, make_accelerator
 
 logger = logging.getLogger("mm2latent.training")
@@ -103,15 +107,43 @@ def build(config: TrainingConfig, pipe: FacePipeline | None = None, accelerator:
     weights = config.loss
     lpips = load_network("lpips", config.networks.lpips) if weights.lpips else None
     arcface = load_network("arcface", config.networks.arcface) if weights.id else None
+    apply_modulator_switches(config, pipe)
     dataset = build_dataset(config, pipe)
-    if stage == 2:
-        cache = Path(config.output_dir) / "idd_cache"
-        pipe.encoder.to(accelerator.device)
-        build_idd_cache(config, pipe, dataset, cache, accelerator.process_index, accelerator.num_processes)
-        accelerator.wait_for_everyone()
-        dataset = CachedDiffusionImages(dataset, cache, pipe.generator.resolution)
+    if needs_idd_cache(config):
+        dataset = with_idd_cache(config, pipe, dataset, accelerator)
     task = LatentStage(config, pipe, lpips, arcface)
     return Trainer(config, task, dataset, accelerator)
+
+
+def apply_modulator_switches(config: TrainingConfig, pipe: FacePipeline) -> None:
+    """Rebuild T (at identity) when ``config.modulator``'s ablation switches differ from the loaded T's."""
+    current = module_config(pipe.modulator)
+    wanted = {"use_attention_outputs": config.modulator.attention_outputs,
+              "use_attention_maps": config.modulator.attention_maps}
+    if all(current.get(k, True) == v for k, v in wanted.items()):
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        pipe.modulator = type(pipe.modulator)(**{**current, **wanted}).to(pipe.device)
+
+
+def with_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset, accelerator: Accelerator):
+    """The dataset with each sample's cached I^d_0 (``output_dir/idd_cache``), built first where missing.
+
+    The main process checks the cache's settings (refusing or wiping a stale cache); every process then draws
+    its share of the missing entries.
+    """
+    cache_dir = Path(config.output_dir) / "idd_cache"
+    pipe.encoder.to(accelerator.device)
+    pipe.generator.to(accelerator.device)
+    combinations = modality_combinations(config.data.modalities, pipe.encoder.modalities,
+                                         config.data.modality_sampling)
+    if accelerator.is_main_process:
+        prepare_cache_folder(cache_dir, cache_settings(config, pipe, combinations), config.diffusion.idd_stale_cache)
+    accelerator.wait_for_everyone()
+    build_idd_cache(config, pipe, dataset, cache_dir, accelerator.process_index, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    return CachedDiffusionImages(dataset, DiffusionImageCache(cache_dir), pipe.generator.resolution, combinations)
 
 
 def build_inverter(config: TrainingConfig, pipe: FacePipeline | None, accelerator: Accelerator) -> Trainer:
@@ -222,9 +254,20 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and training/config.py)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan the run: time --steps real steps of stage 1 or 2 on full-size random models and "
+                             "report time per step, peak memory and the projected time (training/dry_run.py)")
+    parser.add_argument("--steps", type=int, default=2, help="steps a --dry-run times (default 2)")
     args = parser.parse_args(argv)
     config = load_config(args.config, parse_overrides(args.set))
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.dry_run:
+        from .dry_run import dry_run, format_report
+
+        report = dry_run(config, args.steps)
+        print(format_report(report))
+        print(json.dumps(report))
+        return
     run(config)
 
 

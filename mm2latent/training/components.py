@@ -44,13 +44,13 @@ def load_training_pipeline(source: str, components: dict | None = None, fresh: t
         pipe = FacePipeline.from_pretrained(source, device="cpu", dtype=None)
     pipe.to("cpu", torch.float32)
     if "mapper" in fresh:
-        pipe.mapper = type(pipe.mapper)(**_config_of(pipe.mapper))
+        pipe.mapper = type(pipe.mapper)(**module_config(pipe.mapper))
     if "modulator" in fresh:
-        pipe.modulator = type(pipe.modulator)(**_config_of(pipe.modulator))
+        pipe.modulator = type(pipe.modulator)(**module_config(pipe.modulator))
     return pipe
 
 
-def _config_of(module) -> dict:
+def module_config(module) -> dict:
     """The constructor arguments a PyTorchModelHubMixin module was built with."""
     config = getattr(module, "_hub_mixin_config", None)
     if config is None:

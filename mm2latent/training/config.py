@@ -20,11 +20,12 @@ from typing import Any, Union
 
 import yaml
 
-__all__ = ["STAGES", "ConfigError", "TrainingConfig", "load_config", "parse_overrides"]
+__all__ = ["LOSS_TARGETS", "STAGES", "ConfigError", "TrainingConfig", "load_config", "loss_targets", "parse_overrides"]
 
 #: 0: face-mask (or scribble) ControlNet; 1: M with T frozen at identity; 2: T with M frozen; "inverter": the photo
 #: encoder (pSp / e4e); "mm2latent": the diffusion-free engine (training/engine_stage.py).
 STAGES = (0, 1, 2, "inverter", "mm2latent")
+LOSS_TARGETS = ("auto", "gt", "idd", "both")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,10 @@ class DataConfig:
     split: str = "train"
     modalities: list[str] = field(default_factory=lambda: ["mask", "scribble"])
     modality_sampling: str = "one"  # "one": one random modality per micro-batch; "all": every listed one
+    # EG3D's dataset.json ({"labels": [[file, [25 floats]], ...]}, training/cameras.py): the camera G renders each
+    # photo's sample at (3D generators). With "synthetic" data the samples cycle through its labels.
+    camera_labels: str | None = None
+    caption_template: str = "{caption}"  # rewrites every caption (style transfer: "a Greek statue, {caption}")
     num_workers: int = 4
     num_samples: int = 8  # synthetic only
     truncation: float = 0.7  # synthetic only
@@ -72,9 +77,15 @@ class DiffusionConfig:
     num_inference_steps: int = 50  # the DDIM schedule t is sampled from
     timestep_range: list[int] = field(default_factory=lambda: [0, 999])  # inclusive range of training t (stages 1, 2)
     conditioning_scale: float = 1.0
-    idd_steps: int = 20  # DDIM steps used to make I^d_0 (stage 2 cache)
-    idd_strength: float = 0.8  # I^d_0 starts from the GT latent noised to t = strength * T (1 = pure noise)
+    # I^d_0, the target the diffusion model draws itself (FacePipeline.draw), cached per (image, modalities, caption):
+    idd_steps: int = 20  # DDIM steps of its schedule
+    idd_strength: float = 0.8  # starts from the GT latent noised to t ≈ strength * T (1 = pure noise)
+    # Classifier-free guidance of I^d_0: 7.5 is the default of diffusers' StableDiffusionControlNetPipeline (and of
+    # FacePipeline.draw, so training targets and the training-free mode draw alike); lllyasviel's demos use 9.0.
+    idd_guidance_scale: float = 7.5
+    idd_caption_index: int = 0  # which caption line of an image T sees (and I^d_0 is drawn with) when it is cached
     idd_batch_size: int = 8
+    idd_stale_cache: str = "refuse"  # a cache made with other settings: "refuse" (error naming them) or "rebuild"
 
 
 @dataclass
@@ -86,6 +97,18 @@ class LossConfig:
     id: float = 0.1
     w_reg: float = 0.005
     resolution: int = 256  # LPIPS and ArcFace see images pooled to this size (pSp's face_pool)
+    # What the image terms compare G(w) with. "gt": I^gt in every term; "idd": I^d_0 in every term (style transfer,
+    # paper Section 4); "both": L2 and LPIPS against I^d_0, identity against I^gt (the paper's stage 2);
+    # "auto": stage 1 "gt", stage 2 "both".
+    target: str = "auto"
+
+
+@dataclass
+class ModulatorConfig:
+    """T's Table 2 ablation switches (stages 1 and 2 build T with them; "w/o T" is a stage-1 run's output)."""
+
+    attention_outputs: bool = True  # False: "w/o A", F̂ = F
+    attention_maps: bool = True  # False: "w/o Ā", F̄̂ = F̄
 
 
 @dataclass
@@ -178,6 +201,7 @@ class TrainingConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    modulator: ModulatorConfig = field(default_factory=ModulatorConfig)
     networks: NetworksConfig = field(default_factory=NetworksConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     inverter: InverterConfig = field(default_factory=InverterConfig)
@@ -283,7 +307,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     config = _build(TrainingConfig, values)
     if config.stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(map(repr, STAGES))}, got {config.stage!r}")
+    choices = {"loss.target": (config.loss.target, LOSS_TARGETS),
+               "diffusion.idd_stale_cache": (config.diffusion.idd_stale_cache, ("refuse", "rebuild")),
+               "data.modality_sampling": (config.data.modality_sampling, ("one", "all"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     return config
+
+
+def loss_targets(config: TrainingConfig) -> tuple[str, str]:
+    """(reconstruction target, identity target), each "gt" (I^gt) or "idd" (I^d_0), for stages 1 and 2."""
+    target = config.loss.target
+    if target == "auto":
+        target = "gt" if config.stage == 1 else "both"
+    return {"gt": ("gt", "gt"), "idd": ("idd", "idd"), "both": ("idd", "gt")}[target]
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..inputs.conditions import CELEBAMASK_CLASSES, edges_from_photo, mask_to_color, parse_mask
 from ..inputs.images import image_to_tensor
+from ..models.generator import is_3d
 
 PART_NAMES = CELEBAMASK_CLASSES[1:]  # g_mask.py's label_list: class id = position + 1
 IMAGES_PER_FOLDER = 2000
@@ -183,11 +184,13 @@ class FaceDataset(Dataset):
         modalities: which conditions to return ("mask", "scribble").
         seed: seeds the caption choice.
         caption_index: always use this caption line instead of a random one (stage 2, evaluation).
+        camera_labels: {photo file name: EG3D label [25]} (``cameras.read_dataset_json``): items then carry
+            ``camera``, the label G renders at (training with EG3D).
     """
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 512, target_size: int = 1024,
                  condition_size: int = 512, modalities: tuple[str, ...] = ("mask", "scribble"), seed: int = 0,
-                 caption_index: int | None = None):
+                 caption_index: int | None = None, camera_labels: dict[str, torch.Tensor] | None = None):
         self.root = Path(root)
         info = json.loads((self.root / "dataset.json").read_text())
         if info.get("_format") != PREPARED_FORMAT:
@@ -196,6 +199,12 @@ class FaceDataset(Dataset):
         self.ids = [int(line) for line in (self.root / f"{split}.txt").read_text().split()]
         self.image_size, self.target_size, self.condition_size = image_size, target_size, condition_size
         self.modalities, self.seed, self.caption_index = tuple(modalities), seed, caption_index
+        self.camera_labels = camera_labels
+        if camera_labels is not None:
+            missing = [i for i in self.ids if _image_file(self.image_dir, i).name not in camera_labels]
+            if missing:
+                raise ValueError(f"the camera labels have no entry for {len(missing)} photos of the {split} split "
+                                 f"(e.g. {_image_file(self.image_dir, missing[0]).name})")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -227,6 +236,8 @@ class FaceDataset(Dataset):
             with Image.open(self.root / "scribbles" / f"{image_id}.png") as scribble:
                 controls["scribble"] = scribble_control(scribble, self.condition_size)
         item.update(controls=controls, caption=caption, index=position, image_id=image_id)
+        if self.camera_labels is not None:
+            item["camera"] = self.camera_labels[_image_file(self.image_dir, image_id).name]
         return item
 
 
@@ -248,14 +259,27 @@ class SyntheticFaceDataset(Dataset):
     """
 
     def __init__(self, generator, num_samples: int = 8, image_size: int = 128, condition_size: int = 128,
-                 modalities: tuple[str, ...] = ("mask", "scribble"), seed: int = 0, truncation: float = 0.7):
+                 modalities: tuple[str, ...] = ("mask", "scribble"), seed: int = 0, truncation: float = 0.7,
+                 cameras: torch.Tensor | None = None):
         self.modalities, self.seed = tuple(modalities), seed
+        # A 3D generator renders sample i at camera i (cycling through ``cameras``, default the frontal one); the
+        # camera is also the mapping's conditioning label, as EG3D's own samples are made.
+        self.cameras = None
+        if is_3d(generator):
+            cameras = generator.default_camera()[None] if cameras is None else torch.as_tensor(cameras).float()
+            self.cameras = cameras[torch.arange(num_samples) % cameras.shape[0]]
         with torch.no_grad():
-            z = torch.randn(num_samples, generator.style_dim, generator=torch.Generator().manual_seed(seed))
+            z_dim = getattr(generator, "z_dim", generator.style_dim)
+            z = torch.randn(num_samples, z_dim, generator=torch.Generator().manual_seed(seed))
             ref = next(generator.parameters())
-            w = generator.truncate(generator.mapping(z.to(ref.device, ref.dtype)), truncation)
+            if self.cameras is None:
+                w = generator.truncate(generator.mapping(z.to(ref.device, ref.dtype)), truncation)
+                self.targets = generator.synthesis(w).float().clamp(-1, 1).cpu()
+            else:
+                cameras = self.cameras.to(ref.device)
+                w = generator.truncate(generator.mapping(z.to(ref.device, ref.dtype), cameras), truncation)
+                self.targets = generator.synthesis(w, camera=cameras).float().clamp(-1, 1).cpu()
             self.latents = w.float().cpu()
-            self.targets = generator.synthesis(w).float().clamp(-1, 1).cpu()
         self.pixel_values = torch.nn.functional.interpolate(self.targets, size=(image_size, image_size),
                                                             mode="bilinear", align_corners=False)
         self.controls = []
@@ -284,9 +308,12 @@ class SyntheticFaceDataset(Dataset):
         position, epoch = key if isinstance(key, tuple) else (key, 0)
         words = _rng(self.seed, position, 0).choice(len(SYNTHETIC_WORDS), size=2, replace=False)
         caption = "a face with " + " and ".join(SYNTHETIC_WORDS[i] for i in sorted(words))
-        return {"pixel_values": self.pixel_values[position], "target": self.targets[position],
+        item = {"pixel_values": self.pixel_values[position], "target": self.targets[position],
                 "controls": dict(self.controls[position]), "caption": caption, "index": position,
                 "image_id": position}
+        if self.cameras is not None:
+            item["camera"] = self.cameras[position]
+        return item
 
 
 class PhotoFolderDataset(Dataset):
@@ -320,6 +347,33 @@ class PhotoFolderDataset(Dataset):
             pixels = image_to_tensor(photo.convert("RGB"), self.size)[0]
         return {"pixel_values": pixels, "target": pixels, "controls": {}, "caption": "", "index": position,
                 "image_id": position}
+
+
+class TemplatedCaptions(Dataset):
+    """A dataset whose captions are rewritten by a template, e.g. ``"a Greek statue, {caption}"`` (style transfer:
+    T sees the styled caption and I^d_0 is drawn with it).
+
+    Args:
+        base: the dataset.
+        template: a ``str.format`` template with a ``{caption}`` field.
+    """
+
+    def __init__(self, base: Dataset, template: str):
+        if "{caption}" not in template:
+            raise ValueError(f"data.caption_template must contain {{caption}}, got {template!r}")
+        self.base, self.template = base, template
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.base.ids
+
+    def __getitem__(self, key) -> dict:
+        item = self.base[key]
+        item["caption"] = self.template.format(caption=item["caption"]).strip(" ,")
+        return item
 
 
 class StepBatchSampler(Sampler):
@@ -375,7 +429,10 @@ def collate(items: list[dict]) -> dict:
     batch["caption"] = [item["caption"] for item in items]
     batch["index"] = torch.tensor([item["index"] for item in items])
     batch["image_id"] = torch.tensor([item["image_id"] for item in items])
-    if "idd" in items[0]:
-        batch["idd"] = torch.stack([item["idd"] for item in items])
+    if "camera" in items[0]:  # EG3D labels [B, 25]: G renders each sample at its photo's camera
+        batch["camera"] = torch.stack([item["camera"] for item in items])
+    if "idd" in items[0]:  # I^d_0 per visual-input combination, and the cache keys they came from
+        batch["idd"] = {name: torch.stack([item["idd"][name] for item in items]) for name in items[0]["idd"]}
+        batch["idd_key"] = {name: [item["idd_key"][name] for item in items] for name in items[0]["idd_key"]}
     return batch
 

@@ -1,24 +1,28 @@
-"""The paper's Table 1 on sampled mask/scribble–text pairs of the test split.
+"""The paper's Table 1 (and Table 2's ablations) on sampled mask/scribble–text pairs of the test split.
 
     python -m mm2latent.training.evaluate --model runs/stage2_modulator/final --data data/celebamask-hq-prepared \
-        --num-samples 2000 --output eval/
+        --num-samples 2000 --controlnet-baseline --output eval/
+    python -m mm2latent.training.evaluate --runs full=runs/stage2/final "w/o A=runs/stage2_no_a/final" \
+        "w/o T=runs/stage1_mapper/final" --data data/celebamask-hq-prepared --output eval/table2
 
 For every sampled test image and modality, the model generates a face from (caption, mask or scribble)
 and is compared with the ground-truth photo: FID (set level), LPIPS, MS-SSIM, ArcFace identity
-similarity; for masks, pixel accuracy and mIoU of the face parser's mask of the output against the
-input mask; CLIP score of output vs caption (transformers' CLIP). Writes ``metrics.json`` and
-``table1.md``.
+similarity — at 256² like the paper's Table 1 (``--resolution``; pSp's pooling) — ; for masks, pixel accuracy
+and mIoU of the face parser's mask of the output against the input mask; CLIP score of output vs caption
+(transformers' CLIP). ``--controlnet-baseline`` adds the reference row: the images SD-1.5 with the same
+ControlNet draws itself from the same prompts, inputs and seeds. Writes ``metrics.json`` and ``table1.md``
+(``table2.md`` with ``--runs``), one row per method.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -34,9 +38,38 @@ COLUMNS = {  # key -> (header, higher is better)
 MODALITY_TITLES = {"mask": "Text + Mask", "scribble": "Text + Scribble"}
 
 
+#: (item, modality, seed) -> the generated image [1, 3, H, W] in [-1, 1].
+ImageSource = Callable[[dict, str, int], torch.Tensor]
+
+
 def _pil_inputs(item: dict, modality: str):
     control = (item["controls"][modality].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(control) if modality == "mask" else Image.fromarray(control[..., 0])
+
+
+def mm2latent_images(pipe: FacePipeline, mode: str = "fast") -> ImageSource:
+    """The method's images: the pipeline called with the item's caption, its visual input and the seed."""
+    def generate(item: dict, modality: str, seed: int) -> torch.Tensor:
+        out = pipe(item["caption"], seed=seed, mode=mode, **{modality: _pil_inputs(item, modality)})
+        return torch.cat([image_to_tensor(i) for i in out.images])
+
+    return generate
+
+
+def controlnet_images(pipe: FacePipeline, num_steps: int = 50, guidance_scale: float = 7.5) -> ImageSource:
+    """Table 1's ControlNet row: what SD-1.5 with the modality's ControlNet draws itself from seeded noise.
+
+    ``FacePipeline.draw`` is the computation of diffusers' ``StableDiffusionControlNetPipeline`` with a DDIM
+    scheduler (classifier-free guidance, the unconditional pass batched) on the same networks, prompts, inputs and
+    seeds as the method's images; 50 steps and guidance 7.5 are that pipeline's defaults.
+    """
+    def generate(item: dict, modality: str, seed: int) -> torch.Tensor:
+        control = item["controls"][modality][None].to(pipe.device, pipe.encoder.dtype)
+        drawing = pipe.draw(pipe.encode_prompts([item["caption"]]), {modality: control}, pipe.prepare_noise([seed]),
+                            num_steps=num_steps, guidance_scale=guidance_scale)
+        return drawing.images.float()
+
+    return generate
 
 
 @torch.no_grad()
@@ -53,6 +86,8 @@ def evaluate(
     clip: M.CLIPScorer | None = None,
     mode: str = "fast",
     show_progress: bool = True,
+    resolution: int | None = M.PAPER_RESOLUTION,
+    images: ImageSource | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per modality, averaged over ``num_samples`` seeded pairs (FID over the whole set).
 
@@ -67,7 +102,12 @@ def evaluate(
         clip: a ``CLIPScorer``, or None to skip the CLIP score.
         mode: the pipeline's generation mode.
         show_progress: tqdm bar.
+        resolution: LPIPS, MS-SSIM, ID and FID compare output and photo at this size (``metrics.to_resolution``:
+            pSp's average pooling); None: at the output's size. The face parser reads the full-size output.
+        images: where the images come from (default :func:`mm2latent_images` of ``pipe`` in ``mode``;
+            :func:`controlnet_images` for the baseline row).
     """
+    images = images or mm2latent_images(pipe, mode)
     positions = np.random.default_rng(seed).permutation(len(dataset))[:num_samples]
     results: dict[str, dict[str, float]] = {}
     for modality in modalities:
@@ -76,17 +116,17 @@ def evaluate(
         fid = M.make_fid(fid_feature) if fid_feature is not None else None
         for i, position in enumerate(tqdm(positions, desc=f"evaluate {modality}", disable=not show_progress)):
             item = dataset[(int(position), 0)]
-            visual = {modality: _pil_inputs(item, modality)}
-            out = pipe(item["caption"], seed=seed + i, mode=mode, **visual)
-            image = torch.cat([image_to_tensor(i) for i in out.images]).to(pipe.device)
-            target = item["target"][None].to(pipe.device)
-            if target.shape[-1] != image.shape[-1]:
-                target = F.interpolate(target, size=image.shape[-2:], mode="bilinear", antialias=True)
-            scores = {"ms_ssim": M.ms_ssim(image.cpu(), target.cpu())}
+            image = images(item, modality, seed + i).to(pipe.device).float()
+            target = item["target"][None].to(pipe.device).float()
+            if resolution:
+                output, photo = M.to_resolution(image, resolution), M.to_resolution(target, resolution)
+            else:
+                output, photo = image, M.to_resolution(target, image.shape[-1])
+            scores = {"ms_ssim": M.ms_ssim(output.cpu(), photo.cpu())}
             if lpips is not None:
-                scores["lpips"] = M.lpips_distance(lpips, image, target)
+                scores["lpips"] = M.lpips_distance(lpips, output, photo)
             if arcface is not None:
-                scores["id"] = M.identity_similarity(arcface, image, target)
+                scores["id"] = M.identity_similarity(arcface, output, photo)
             if clip is not None:
                 scores["clip_score"] = clip(image, [item["caption"]])
             for key, value in scores.items():
@@ -94,12 +134,12 @@ def evaluate(
             if modality == "mask" and face_parser is not None:
                 from ..inputs.conditions import parse_mask
 
-                ids = torch.from_numpy(parse_mask(visual["mask"], require_face=False).astype(np.int64))
+                ids = torch.from_numpy(parse_mask(_pil_inputs(item, "mask"), require_face=False).astype(np.int64))
                 predicted = face_parser.parse(image, size=ids.shape[-1])[0].cpu()
                 confusion += M.confusion_matrix(predicted, ids)
             if fid is not None:
-                M.fid_update(fid, target, real=True)
-                M.fid_update(fid, image, real=False)
+                M.fid_update(fid, photo, real=True)
+                M.fid_update(fid, output, real=False)
         row = {key: float(np.mean(values)) for key, values in sums.items()}
         if modality == "mask" and face_parser is not None:
             row.update(M.mask_scores(confusion))
@@ -110,23 +150,38 @@ def evaluate(
     return results
 
 
+def results_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Table 1's layout: one row per method (or Table 2 ablation), the metric columns grouped by input modality."""
+    columns = []
+    for results in rows.values():
+        for modality, row in results.items():
+            for key in COLUMNS:
+                if key in row and (modality, key) not in columns:
+                    columns.append((modality, key))
+    headers = ["Method"] + [f"{MODALITY_TITLES.get(m, m)} {COLUMNS[k][0]}" for m, k in columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for method, results in rows.items():
+        cells = [method]
+        for modality, key in columns:
+            value = results.get(modality, {}).get(key)
+            cells.append("–" if value is None else f"{value:.2f}" if key == "fid" else f"{value:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def markdown_table(results: dict[str, dict[str, float]], method: str = "mm2latent (ours)") -> str:
-    """Table 1's layout: one row per method, the metric columns grouped by input modality."""
-    headers, cells = ["Method"], [method]
-    for modality, row in results.items():
-        for key, (title, _) in COLUMNS.items():
-            if key in row:
-                headers.append(f"{MODALITY_TITLES.get(modality, modality)} {title}")
-                cells.append(f"{row[key]:.4f}" if key != "fid" else f"{row[key]:.2f}")
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), "| " + " | ".join(cells) + " |", ""])
+    """One method's results as Table 1."""
+    return results_table({method: results})
 
 
-def write_report(results: dict, output: str | Path, settings: dict | None = None) -> tuple[Path, Path]:
+def write_report(rows: dict[str, dict], output: str | Path, settings: dict | None = None,
+                 table_name: str = "table1.md") -> tuple[Path, Path]:
+    """``metrics.json`` ({"rows": {method: results}, "settings"}) and the markdown table of the rows."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps({"results": results, "settings": settings or {}}, indent=2) + "\n")
-    (output / "table1.md").write_text(markdown_table(results))
-    return output / "metrics.json", output / "table1.md"
+    (output / "metrics.json").write_text(json.dumps({"rows": rows, "settings": settings or {}}, indent=2) + "\n")
+    (output / table_name).write_text(results_table(rows))
+    return output / "metrics.json", output / table_name
 
 
 def tiny_fid_feature() -> M.FIDFeatures:
@@ -134,12 +189,23 @@ def tiny_fid_feature() -> M.FIDFeatures:
     return M.FIDFeatures(build_tiny_network("arcface"), 32, 112)
 
 
+def parse_runs(items: list[str]) -> dict[str, str]:
+    """["label=folder", ...] -> {label: folder} (a bare folder is its own label)."""
+    runs = {}
+    for item in items:
+        label, sep, model = item.partition("=")
+        runs[label if sep else item] = model if sep else item
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
     from .data import FaceDataset
 
     parser = argparse.ArgumentParser(prog="python -m mm2latent.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder, Hub repo, or 'tiny'")
+    parser.add_argument("--model", help="pipeline folder, Hub repo, or 'tiny' (one row: Table 1)")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="LABEL=MODEL",
+                        help="several pipelines, one row each (Table 2's ablations)")
     parser.add_argument("--data", required=True, help="folder written by `python -m mm2latent.training prepare`")
     parser.add_argument("--split", default="test")
     parser.add_argument("--output", default="eval")
@@ -147,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modalities", nargs="+", default=["mask", "scribble"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="fast", choices=["fast", "quality"])
+    parser.add_argument("--resolution", type=int, default=M.PAPER_RESOLUTION,
+                        help="LPIPS, MS-SSIM, ID and FID at this size (Table 1: 256); 0 = the output's size")
+    parser.add_argument("--controlnet-baseline", action="store_true",
+                        help="add Table 1's ControlNet row (the first model's diffusion networks draw the images)")
+    parser.add_argument("--baseline-steps", type=int, default=50)
+    parser.add_argument("--baseline-guidance", type=float, default=7.5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--lpips", default=None, help="LPIPS weights: default repo, folder, org/name or 'tiny'")
     parser.add_argument("--arcface", default=None, help="IR-SE50 weights: default repo, folder, org/name or 'tiny'")
@@ -156,22 +228,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", default=None,
                         help="CLIP weights: default openai/clip-vit-base-patch32, a folder, org/name or 'tiny'")
     args = parser.parse_args(argv)
+    runs = parse_runs(args.runs)
+    if args.model:
+        runs = {"mm2latent (ours)": args.model, **runs}
+    if not runs:
+        parser.error("give --model or --runs")
 
-    pipe = FacePipeline.from_pretrained(args.model, device=args.device)
-    pipe.show_progress = False
-    device = pipe.device
-    dataset = FaceDataset(args.data, args.split, image_size=pipe.encoder.image_size, target_size=pipe.resolution,
-                          condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed)
-    fid_feature = {"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature]
-    clip = None if args.no_clip else M.CLIPScorer(args.clip, device)
-    results = evaluate(
-        pipe, dataset, tuple(args.modalities), args.num_samples, args.seed,
-        lpips=load_network("lpips", args.lpips, device), arcface=load_network("arcface", args.arcface, device),
-        face_parser=load_network("face_parser", args.face_parser, device) if "mask" in args.modalities else None,
-        fid_feature=fid_feature, clip=clip, mode=args.mode,
-    )
-    paths = write_report(results, args.output, vars(args))
-    print(markdown_table(results))
+    metric_nets = None
+    rows: dict[str, dict] = {}
+    for label, model in runs.items():
+        pipe = FacePipeline.from_pretrained(model, device=args.device)
+        pipe.show_progress = False
+        device = pipe.device
+        if metric_nets is None:
+            metric_nets = dict(
+                lpips=load_network("lpips", args.lpips, device), arcface=load_network("arcface", args.arcface, device),
+                face_parser=load_network("face_parser", args.face_parser, device) if "mask" in args.modalities else None,
+                fid_feature={"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature],
+                clip=None if args.no_clip else M.CLIPScorer(args.clip, device))
+        dataset = FaceDataset(args.data, args.split, image_size=pipe.encoder.image_size, target_size=pipe.resolution,
+                              condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed)
+        settings = dict(modalities=tuple(args.modalities), num_samples=args.num_samples, seed=args.seed,
+                        resolution=args.resolution or None, **metric_nets)
+        if args.controlnet_baseline and not rows:  # the first model's diffusion networks draw the reference row
+            images = controlnet_images(pipe, args.baseline_steps, args.baseline_guidance)
+            rows["ControlNet"] = evaluate(pipe, dataset, images=images, **settings)
+        rows[label] = evaluate(pipe, dataset, mode=args.mode, **settings)
+        del pipe
+    table_name = "table2.md" if args.runs else "table1.md"
+    paths = write_report(rows, args.output, vars(args), table_name)
+    print(results_table(rows))
     print("wrote", *paths)
 
 

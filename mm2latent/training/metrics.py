@@ -15,6 +15,20 @@ from torch import nn
 
 from ..inputs.conditions import NUM_CLASSES
 
+#: pSp computes identity on faces pooled to 256² (then crops and pools to ArcFace's 112²); Table 1 is at 256².
+PAPER_RESOLUTION = 256
+
+
+def to_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images at ``size``²: adaptive average pooling when shrinking by a whole factor (pSp's ``face_pool``, e.g.
+    1024² -> 256² averages 4x4 blocks), bilinear with antialiasing otherwise; unchanged at that size."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    if height == width and height > size and height % size == 0:
+        return F.adaptive_avg_pool2d(images, size)
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
 
 def lpips_distance(lpips: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-pair LPIPS distance, [B]."""
@@ -43,8 +57,12 @@ def ms_ssim(images: torch.Tensor, targets: torch.Tensor, kernel_size: int = 11, 
 
 
 def identity_similarity(arcface: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of ArcFace embeddings (pSp's crop), [B]."""
-    return (arcface.embed(images) * arcface.embed(targets)).sum(dim=1)
+    """Cosine similarity of ArcFace embeddings as pSp computes it, [B]: faces larger than 256² pooled to 256²,
+    rows 35:223 and columns 32:220 cropped, pooled to 112² (``arcface.embed``)."""
+    def prepared(x: torch.Tensor) -> torch.Tensor:
+        return to_resolution(x, PAPER_RESOLUTION) if x.shape[-1] > PAPER_RESOLUTION else x
+
+    return (arcface.embed(prepared(images)) * arcface.embed(prepared(targets))).sum(dim=1)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:

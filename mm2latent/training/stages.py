@@ -1,8 +1,9 @@
 """What each stage trains and how its loss is computed (the trainer in ``trainer.py`` runs any of them).
 
-* :class:`LatentStage` — stage 1 (M; T frozen at identity, target I^gt) and stage 2 (T; M frozen,
-  targets I^d_0 for L2/LPIPS and I^gt for identity). t is drawn from the DDIM schedule inside
-  ``diffusion.timestep_range``; z_t is the VAE latent of I^gt noised to t.
+* :class:`LatentStage` — stage 1 (M; T frozen at identity, target I^gt) and stage 2 (T; M frozen in float32,
+  targets I^d_0 for L2/LPIPS and I^gt for identity); ``loss.target`` switches the targets (style transfer,
+  Table 2). Each sample's t is drawn from the DDIM schedule inside ``diffusion.timestep_range``; z_t is the VAE
+  latent of I^gt noised to t. I^d_0 comes from the cache of ``idd_cache.py``.
 * :class:`ControlNetStage` — stage 0, the ControlNet's denoising loss (diffusers' recipe).
 * :class:`InverterStage` — the photo encoder (pSp / e4e) for real-photo editing, with the same pSp objective
   (:class:`~.losses.LatentLoss`) as stages 1 and 2.
@@ -23,11 +24,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..inputs.images import tensor_to_pil
 from ..models.diffusion_encoder import DiffusionEncoder, PromptBatch
+from ..models.generator import is_3d
 from ..pipelines.generation import FacePipeline
-from .config import TrainingConfig
-from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset
+from .cameras import read_dataset_json
+from .config import ConfigError, TrainingConfig, loss_targets
+from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset, TemplatedCaptions
+from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
 
 
@@ -51,7 +55,7 @@ def choose_controls(controls: dict[str, torch.Tensor], available: list[str], sam
 
 
 def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Dataset:
-    """The training dataset named by ``config.data`` at the model's sizes."""
+    """The training dataset named by ``config.data`` at the model's sizes (captions through ``data.caption_template``)."""
     data = config.data
     if data.kind == "photos":
         if not data.root:
@@ -60,37 +64,48 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
     encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
+    labels = read_dataset_json(data.camera_labels) if data.camera_labels else None
     if data.kind == "synthetic":
-        return SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
-                                    seed=config.seed, truncation=data.truncation)
-    if data.kind != "celebamask":
-        raise ValueError(f"data.kind must be 'celebamask' or 'synthetic', got {data['kind']!r}")
-    if not data.root:
+        cameras = torch.stack([labels[name] for name in sorted(labels)]) if labels else None
+        dataset = SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
+                                       seed=config.seed, truncation=data.truncation, cameras=cameras)
+    elif data.kind != "celebamask":
+        raise ValueError(f"data.kind must be 'celebamask', 'synthetic' or 'photos', got {data.kind!r}")
+    elif not data.root:
         raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
-    target = generator.resolution if generator is not None else size
-    return FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
-                       modalities=tuple(data.modalities), seed=config.seed,
-                       caption_index=0 if config.stage == 2 else None)
+    else:
+        target = generator.resolution if generator is not None else size
+        dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
+                              modalities=tuple(data.modalities), seed=config.seed,
+                              caption_index=config.diffusion.idd_caption_index
+                              if config.stage == 2 or needs_idd_cache(config) else None, camera_labels=labels)
+    return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
-class CachedDiffusionImages(Dataset):
-    """Adds I^d_0 (``idd``, [3, R, R] in [-1, 1]) from the stage-2 cache to every item of a dataset."""
+class FullPrecision(nn.Module):
+    """Runs a frozen network in float32 with autocast off: stage 2's M gives the same w^m as at inference.
 
-    def __init__(self, base: Dataset, cache_dir: str | Path, size: int):
-        self.base, self.cache_dir, self.size = base, Path(cache_dir), size
+    Under ``mixed_precision: bf16`` autocast would otherwise run M's convolutions (and add ``latent_avg``) in
+    bfloat16, so T would learn to modulate a slightly different w^m from the one inference produces.
+    """
 
-    def __len__(self) -> int:
-        return len(self.base)
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
 
-    def __getitem__(self, key):
-        item = self.base[key]
-        with Image.open(self.cache_dir / f"{int(item['image_id'])}.png") as image:
-            item["idd"] = image_to_tensor(image, self.size)[0]
-        return item
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type, enabled=False):
+            return self.module(*(a.float() for a in args))
 
 
 class LatentStage:
     """Stage 1 (train M) or stage 2 (train T) on a frozen E and G.
+
+    Every sample of a micro-batch gets its own t (uniform over the DDIM timesteps in ``diffusion.timestep_range``)
+    and z_t is its VAE latent noised to that t. The image terms compare G(w) with I^gt or the cached I^d_0 as
+    ``loss.target`` says (:func:`~.config.loss_targets`); I^d_0 is the entry drawn under the micro-batch's visual
+    inputs and the sample's caption.
 
     Args:
         config: the full training config.
@@ -103,74 +118,111 @@ class LatentStage:
         self.config, self.pipe, self.stage = config, pipe, config.stage
         assert self.stage in (1, 2)
         self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
+        self.recon_target, self.id_target = loss_targets(config)
         self.model = pipe.mapper if self.stage == 1 else pipe.modulator
         self.model.requires_grad_(True).train()
         if self.stage == 1:
             pipe.modulator.reset_to_identity()
+        self.frozen_mapper = FullPrecision(pipe.mapper) if self.stage == 2 else None
         diffusion = config.diffusion
         scheduler = pipe.encoder.make_scheduler()
         scheduler.set_timesteps(diffusion.num_inference_steps)
         low, high = diffusion.timestep_range
-        self.timesteps = [int(t) for t in scheduler.timesteps if low <= int(t) <= high]
-        if not self.timesteps:
-            raise ValueError(f"no DDIM timestep of a {diffusion['num_inference_steps']}-step schedule in {low}..{high}")
+        self.timesteps = torch.tensor([int(t) for t in scheduler.timesteps if low <= int(t) <= high])
+        if not len(self.timesteps):
+            raise ValueError(f"no DDIM timestep of a {diffusion.num_inference_steps}-step schedule in {low}..{high}")
         self.scheduler = scheduler
+        self.drawn_timesteps: list[int] = []  # since the last pop_timesteps (the trainer logs their histogram)
+        self.last_target_keys: list[str] | None = None  # the I^d_0 cache keys of the last micro-batch
+        self.last_idd: torch.Tensor | None = None  # and its I^d_0 (the sample grid shows it)
 
     @property
     def name(self) -> str:
         return "mapper" if self.stage == 1 else "modulator"
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Frozen networks to ``device`` in ``weight_dtype``; the trained one stays float32."""
+        """Frozen networks to ``device`` in ``weight_dtype`` (a frozen M in float32); the trained one float32."""
         pipe = self.pipe
         pipe.encoder.to(device, weight_dtype)
         pipe.generator.to(device)  # G stays float32: gradients flow through it to w
-        (pipe.modulator if self.stage == 1 else pipe.mapper).to(device, weight_dtype)
+        if self.stage == 1:
+            pipe.modulator.to(device, weight_dtype)
+        else:
+            pipe.mapper.to(device, torch.float32)
         self.model.to(device, torch.float32)
         for net in (self.loss_fn.lpips, self.loss_fn.arcface):
             if net is not None:
                 net.to(device)
 
-    def features(self, batch: dict, generator: torch.Generator):
-        """One frozen U-Net pass on z_t: (features, word masks)."""
+    def pop_timesteps(self) -> list[int]:
+        """The t drawn since the last call (one per sample)."""
+        drawn, self.drawn_timesteps = self.drawn_timesteps, []
+        return drawn
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """One t per sample, uniform over the training timesteps: [B] (long)."""
+        return self.timesteps[torch.randint(len(self.timesteps), (batch_size,), generator=generator)]
+
+    def features(self, batch: dict, controls: dict[str, torch.Tensor], generator: torch.Generator):
+        """One frozen U-Net pass on z_t, t drawn per sample: (features, word masks, t)."""
         encoder, diffusion = self.pipe.encoder, self.config.diffusion
         device, dtype = encoder.device, encoder.dtype
-        controls = choose_controls(batch["controls"], list(encoder.controlnets),
-                                   self.config.data.modality_sampling, generator)
         controls = {k: v.to(device, dtype) for k, v in controls.items()}
         prompts = self.pipe.encode_prompts(batch["caption"])
         with torch.no_grad():
             z0 = encoder.encode_images(batch["pixel_values"].to(device), generator=generator)
-            t = self.timesteps[int(torch.randint(len(self.timesteps), (1,), generator=generator))]
+            t = self.sample_timesteps(z0.shape[0], generator)
             noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
-            z_t = self.scheduler.add_noise(z0, noise, torch.tensor([t], device=device))
-            features, _ = encoder.extract(z_t, t, prompts.embeds, controls, diffusion.conditioning_scale)
-        return features, prompts.word_mask
+            z_t = self.scheduler.add_noise(z0, noise, t.to(device))
+            features, _ = encoder.extract(z_t, t.to(device), prompts.embeds, controls, diffusion.conditioning_scale)
+        self.drawn_timesteps.extend(t.tolist())
+        return features, prompts.word_mask, t
 
     def latents(self, features, word_mask, model: nn.Module) -> torch.Tensor:
-        """w for this stage: w^m with T at identity (stage 1) or w^m ⊙ w^γ + w^β with M frozen (stage 2)."""
+        """w for this stage: w^m with T at identity (stage 1) or w^m ⊙ w^γ + w^β with M frozen in float32 (stage 2)."""
         if self.stage == 1:
             w, _, _ = self.pipe.latents_from_features(features, word_mask, mapper=model, modulator=None)
         else:
-            w, _, _ = self.pipe.latents_from_features(features, word_mask, modulator=model)
+            w, _, _ = self.pipe.latents_from_features(features, word_mask, mapper=self.frozen_mapper, modulator=model)
         return w.float()
+
+    def render(self, w: torch.Tensor, batch: dict) -> torch.Tensor:
+        """G(w); a 3D generator renders each sample at its ground-truth camera (``batch["camera"]``)."""
+        generator = self.pipe.generator
+        if not is_3d(generator):
+            return generator.synthesis(w)
+        if "camera" not in batch:
+            raise ConfigError("training with a 3D generator renders each sample at its photo's camera: set "
+                              "data.camera_labels to EG3D's dataset.json (training/cameras.py writes one)")
+        return generator.synthesis(w, camera=batch["camera"].to(w.device))
+
+    def targets(self, batch: dict, modalities: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction target, identity target) of a micro-batch whose visual inputs are ``modalities``."""
+        images = {"gt": batch["target"]}
+        self.last_target_keys, self.last_idd = None, None
+        if "idd" in (self.recon_target, self.id_target):
+            name = combination_name(modalities)
+            images["idd"] = self.last_idd = batch["idd"][name]
+            self.last_target_keys = list(batch["idd_key"][name])
+        return images[self.recon_target].to(device), images[self.id_target].to(device)
 
     def loss(self, batch: dict, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(loss, logged terms, generated images) of one micro-batch."""
-        features, word_mask = self.features(batch, generator)
+        controls = choose_controls(batch["controls"], list(self.pipe.encoder.controlnets),
+                                   self.config.data.modality_sampling, generator)
+        features, word_mask, t = self.features(batch, controls, generator)
         w = self.latents(features, word_mask, model)
-        images = self.pipe.generator.synthesis(w)
-        device = images.device
-        target = batch["target"].to(device)
-        recon_target = target if self.stage == 1 else batch["idd"].to(device)
-        total, logs = self.loss_fn(images, recon_target, target, w, self.pipe.generator.latent_avg)
+        images = self.render(w, batch)
+        recon_target, id_target = self.targets(batch, list(controls), images.device)
+        total, logs = self.loss_fn(images, recon_target, id_target, w, self.pipe.generator.latent_avg)
+        logs["t/mean"] = float(t.float().mean())
         return total, logs, images.detach()
 
     def sample_grid(self, batch: dict, images: torch.Tensor) -> Image.Image:
-        """Rows: target | output (| I^d_0 in stage 2)."""
+        """Rows: target | output (| I^d_0 of the last visual inputs, when the run uses it)."""
         rows = [batch["target"], images.cpu()]
-        if "idd" in batch:
-            rows.append(batch["idd"])
+        if self.last_idd is not None:
+            rows.append(self.last_idd)
         return image_grid(rows)
 
     def export(self, model: nn.Module, folder: Path) -> Path:
@@ -185,44 +237,6 @@ class LatentStage:
         for module in (pipe.encoder, pipe.generator, pipe.mapper, pipe.modulator):
             module.to("cpu", torch.float32)
         return pipe.save_pretrained(folder)
-
-
-@torch.no_grad()
-def build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Dataset, cache_dir: Path, rank: int = 0,
-                    world_size: int = 1) -> None:
-    """Precompute I^d_0 for this rank's share of the dataset (skips files already there).
-
-    I^d_0 of a sample is DDIM-denoised (``idd_steps``) from its VAE latent noised to
-    t ≈ ``idd_strength``·T (seeded by the image id), under its fixed caption and all its visual inputs,
-    then VAE-decoded and resized to G's resolution.
-    """
-    encoder, diffusion = pipe.encoder, config.diffusion
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    scheduler = encoder.make_scheduler()
-    scheduler.set_timesteps(diffusion.idd_steps, device=encoder.device)
-    start = min(len(scheduler.timesteps) - 1, int(round(len(scheduler.timesteps) * (1 - diffusion.idd_strength))))
-    timesteps = scheduler.timesteps[start:]
-    # Ids come from the dataset's id list: loading every item just to read its id would decode all photos.
-    todo = [i for i in range(rank, len(dataset), world_size)
-            if not (cache_dir / f"{int(dataset.ids[i])}.png").is_file()]
-    size = pipe.generator.resolution
-    for chunk in range(0, len(todo), diffusion.idd_batch_size):
-        items = [dataset[i] for i in todo[chunk:chunk + diffusion.idd_batch_size]]
-        pixels = torch.stack([it["pixel_values"] for it in items]).to(encoder.device, encoder.dtype)
-        controls = {m: torch.stack([it["controls"][m] for it in items]).to(encoder.device, encoder.dtype)
-                    for m in items[0]["controls"] if m in encoder.controlnets}
-        embeds = encode_captions(encoder, [it["caption"] for it in items]).embeds
-        seeds = [torch.Generator().manual_seed(config.seed * 1_000_003 + int(it["image_id"])) for it in items]
-        z0 = torch.cat([encoder.encode_images(p[None], generator=g) for p, g in zip(pixels, seeds)])
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in seeds]).to(z0.device, z0.dtype)
-        latents = scheduler.add_noise(z0, noise, timesteps[:1]) if diffusion.idd_strength < 1 else noise
-        for t in timesteps:
-            _, noise_pred = encoder.extract(latents, t, embeds, controls, diffusion.conditioning_scale)
-            latents = scheduler.step(noise_pred, t, latents).prev_sample
-        images = F.interpolate(encoder.decode_latents(latents).float(), size=(size, size), mode="bilinear",
-                               align_corners=False, antialias=True)
-        for item, image in zip(items, tensor_to_pil(images)):
-            image.save(cache_dir / f"{int(item['image_id'])}.png")
 
 
 class ControlNetStage:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(stage.model, optimizer, lr_scheduler)
         self.step = 0
         self.history: list[dict] = []
+        self.timestep_counts: Counter[int] = Counter()  # t drawn since the last logged histogram (stages 1, 2)
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
@@ -148,12 +150,15 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if hasattr(self.stage, "pop_timesteps"):
+                self.timestep_counts.update(self.stage.pop_timesteps())
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
             logs_this_call.append({"step": self.step, **logs})
             progress.update(1)
             if self.step % train.log_every == 0 or self.step == max_steps:
                 progress.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")})
                 acc.log(logs, step=self.step)
+                self._log_timestep_histogram()
             if train.sample_every and self.step % train.sample_every == 0 and acc.is_main_process:
                 self._save_samples(batch, images)
             if train.checkpoint_every and self.step % train.checkpoint_every == 0:
@@ -175,7 +180,25 @@ class Trainer:
             _, terms, _ = self.stage.loss(batch, self.model, step_generator(seed, i, 0))
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v / steps
+        if hasattr(self.stage, "pop_timesteps"):
+            self.stage.pop_timesteps()  # fixed evaluation draws are not training's t
         return totals
+
+    def _log_timestep_histogram(self) -> None:
+        """The t drawn since the last log: one line of ``logs/timesteps.jsonl``, and a TensorBoard histogram."""
+        counts, self.timestep_counts = self.timestep_counts, Counter()
+        if not counts or not self.accelerator.is_main_process:
+            return
+        path = self.output_dir / "logs" / "timesteps.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": self.step, "counts": {str(t): n for t, n in sorted(counts.items())}}) + "\n")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                values = np.repeat(np.array(list(counts), dtype=np.int64), list(counts.values()))
+                tracker.writer.add_histogram("train/timesteps", values, self.step)
 
     def _save_samples(self, batch: dict, images) -> None:
         grid = self.stage.sample_grid(batch, images)

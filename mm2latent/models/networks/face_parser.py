@@ -165,7 +165,10 @@ class BiSeNet(nn.Module, PyTorchModelHubMixin):
         needs no remapping.
         """
         size = size or images.shape[-1]
-        x = F.interpolate(images.float(), size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        # Antialiased, as the official inference's PIL bilinear resize is: without it 1024² inputs agree with the
+        # official labels on 86.8 % of pixels, with it on 99.3 %.
+        x = F.interpolate(images.float(), size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                          antialias=True)
         x = ((x + 1) / 2 - self.mean) / self.std
         logits = F.interpolate(self(x), size=(size, size), mode="bilinear", align_corners=False)
         order = torch.from_numpy(np.argsort(FACE_PARSER_TO_CELEBAMASK)).to(logits.device)

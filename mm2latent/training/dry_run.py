@@ -1,0 +1,146 @@
+"""Plan a real run: N real training steps of stage 1 or 2 on full-size models with random weights.
+
+    python -m mm2latent.training --config configs/stage1_mapper.yaml --dry-run --steps 2
+
+The pipeline is the ``full-random`` preset (SD-1.5 U-Net, both ControlNets, VAE and text encoder, 1024² StyleGAN2,
+M and T at their real sizes; timings do not depend on weight values) and the loss networks are full-size random
+LPIPS-VGG and IR-SE50; the data are the generator's own renders (no dataset needed). I^d_0, where the run compares
+with it, is stood in for by the photo: the cache is made before training and is not part of a step's cost.
+The report gives the time per optimizer step (the mean after the first, which includes warm-up), the peak memory
+(CUDA: the allocator's peak; CPU: the process's peak resident set) and the configured run's projected time on
+this device (``train.max_steps`` x time per step, one process).
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..models.networks import NETWORKS, build_tiny_network
+from ..pipelines.generation import FacePipeline
+from .config import ConfigError, TrainingConfig
+from .data import SyntheticFaceDataset
+from .idd_cache import cache_key, combination_name, modality_combinations, needs_idd_cache
+from .stages import LatentStage
+from .trainer import Trainer, make_accelerator
+
+__all__ = ["PhotoAsDiffusionImage", "dry_run", "format_report"]
+
+
+class PhotoAsDiffusionImage(Dataset):
+    """Gives every item its own photo as I^d_0 for every visual-input combination (dry runs only)."""
+
+    def __init__(self, base: Dataset, combinations: list[tuple[str, ...]]):
+        self.base, self.combinations = base, combinations
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> dict:
+        item = self.base[key]
+        item["idd"] = {combination_name(c): item["target"] for c in self.combinations}
+        item["idd_key"] = {combination_name(c): cache_key(item["image_id"], c, item["caption"])
+                           for c in self.combinations}
+        return item
+
+
+def loss_networks(config: TrainingConfig, tiny: bool) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """LPIPS and ArcFace for the loss weights in use: toy ones for the tiny preset, else full-size random."""
+    def make(kind: str) -> torch.nn.Module:
+        net = build_tiny_network(kind) if tiny else NETWORKS[kind][0]()
+        return net.eval().requires_grad_(False)
+
+    return (make("lpips") if config.loss.lpips else None, make("arcface") if config.loss.id else None)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak since the last reset; CPU: the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None) -> dict:
+    """Run ``steps`` optimizer steps of ``config``'s stage on full-size random models; return the measurements.
+
+    Args:
+        config: the run to plan (stage 1 or 2; its batch size, accumulation, precision and loss weights are used).
+        steps: optimizer steps to time (>= 2 gives a warm mean).
+        pipeline: the models to time: default ``full-random``; ``tiny`` for a smoke test.
+    """
+    if config.stage not in (1, 2):
+        raise ConfigError(f"--dry-run plans stages 1 and 2, got stage {config.stage!r}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    pipeline = pipeline or ("tiny" if config.pipeline == "tiny" else "full-random")
+    run = copy.deepcopy(config)
+    run.output_dir = tempfile.mkdtemp(prefix="mm2latent-dry-run-")
+    train = run.train
+    train.max_steps, train.log_with, train.checkpoint_every, train.sample_every = steps, None, 0, 0
+    train.resume, train.progress, run.data.num_workers = None, False, 0
+
+    load_start = time.perf_counter()
+    pipe = FacePipeline.from_pretrained(pipeline, device="cpu", dtype=torch.float32)
+    pipe.show_progress = False
+    lpips, arcface = loss_networks(run, tiny=pipeline == "tiny")
+    accelerator = make_accelerator(run)
+    size = pipe.encoder.image_size
+    # One batch of renders is enough: the sampler cycles through the dataset.
+    dataset = SyntheticFaceDataset(pipe.generator.to(accelerator.device), train.batch_size, size, size,
+                                   tuple(run.data.modalities), seed=run.seed, truncation=run.data.truncation)
+    if needs_idd_cache(run):
+        dataset = PhotoAsDiffusionImage(dataset, modality_combinations(run.data.modalities, pipe.encoder.modalities,
+                                                                       run.data.modality_sampling))
+    trainer = Trainer(run, LatentStage(run, pipe, lpips, arcface), dataset, accelerator)
+    load_seconds = time.perf_counter() - load_start
+
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_seconds = []
+    for step in range(1, steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        trainer.train(max_steps=step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
+    per_step = sum(step_seconds[1:]) / (steps - 1) if steps > 1 else step_seconds[0]
+    return {
+        "stage": config.stage,
+        "pipeline": pipeline,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "mixed_precision": train.mixed_precision,
+        "batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "threads": torch.get_num_threads(),
+        "load_seconds": load_seconds,
+        "step_seconds": step_seconds,
+        "seconds_per_step": per_step,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "max_steps": config.train.max_steps,
+        "projected_hours": per_step * config.train.max_steps / 3600,
+        "last_losses": {k: v for k, v in trainer.history[-1].items() if k.startswith("loss/")},
+        "output_dir": str(Path(run.output_dir)),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The measurements as the lines the CLI prints."""
+    return "\n".join([
+        f"stage {report['stage']} dry run on {report['device']} ({report['pipeline']} models, "
+        f"{report['mixed_precision']} mixed precision, {report['threads']} threads)",
+        f"  batch {report['batch_size']} x accumulation {report['gradient_accumulation_steps']}; "
+        f"models built in {report['load_seconds']:.1f} s",
+        f"  step times: {', '.join(f'{s:.2f} s' for s in report['step_seconds'])}",
+        f"  time per step: {report['seconds_per_step']:.2f} s (mean after the first step)",
+        f"  peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"  projected: {report['max_steps']} steps -> {report['projected_hours']:.1f} h on this device",
+    ])

@@ -1,0 +1,88 @@
+"""Training with EG3D: camera labels from EG3D's dataset.json, G rendered at each sample's camera."""
+
+import pytest
+import torch
+
+from mm2latent import FacePipeline
+from mm2latent.training.cameras import write_dataset_json
+from mm2latent.training.cli import build
+from mm2latent.training.config import ConfigError, load_config
+from mm2latent.training.data import collate
+
+
+@pytest.fixture(scope="module")
+def eg3d_pipe():
+    pipe = FacePipeline.from_pretrained("tiny-eg3d", device="cpu")
+    pipe.show_progress = False
+    return pipe
+
+
+def eg3d_config(tmp_path, labels):
+    return load_config(None, {
+        "stage": 1, "seed": 0, "pipeline": "tiny-eg3d", "output_dir": str(tmp_path / "run"),
+        "data": {"kind": "synthetic", "num_samples": 2, "modalities": ["scribble"], "num_workers": 0,
+                 "camera_labels": str(labels)},
+        "train": {"batch_size": 2, "max_steps": 1, "log_with": None, "checkpoint_every": 0, "sample_every": 0,
+                  "resume": None, "progress": False},
+        "loss": {"lpips": 0.0, "id": 0.0},
+    })
+
+
+def test_stage1_step_renders_each_sample_at_its_label(eg3d_pipe, tmp_path):
+    import copy
+
+    cameras = eg3d_pipe.generator.camera_labels([[-30.0, 0.0], [30.0, 10.0]])
+    labels = write_dataset_json({"a.png": cameras[0], "b.png": cameras[1]}, tmp_path / "dataset.json")
+    trainer = build(eg3d_config(tmp_path, labels), copy.deepcopy(eg3d_pipe))
+    batch = collate([trainer.dataset[(p, 0)] for p in range(2)])
+    torch.testing.assert_close(batch["camera"], cameras)  # the labels of dataset.json, in file-name order
+
+    logs = trainer.train()
+    assert len(logs) == 1 and logs[0]["loss/l2"] > 0
+
+    generator = trainer.stage.pipe.generator
+    w = generator.latent_avg.expand(2, generator.num_ws, -1).clone()  # one latent, two cameras
+    with torch.no_grad():
+        images = trainer.stage.render(w, batch)
+        expected = generator.synthesis(w, camera=cameras)
+    assert not torch.allclose(images[0], images[1], atol=1e-3)  # the same face seen from two cameras
+    torch.testing.assert_close(images, expected)
+
+
+def test_3d_training_without_labels_says_what_to_set(eg3d_pipe, tmp_path):
+    import copy
+
+    config = eg3d_config(tmp_path, "unused")
+    config.data.camera_labels = None
+    trainer = build(config, copy.deepcopy(eg3d_pipe))
+    batch = collate([trainer.dataset[(p, 0)] for p in range(2)])
+    batch.pop("camera")  # what a photo dataset without labels gives
+    with pytest.raises(ConfigError, match="data.camera_labels"):
+        trainer.stage.render(torch.zeros(2, eg3d_pipe.generator.num_ws, eg3d_pipe.generator.style_dim), batch)
+
+
+def test_prepared_photos_carry_their_dataset_json_label(testdata, tmp_path):
+    """A prepared CelebAMask-HQ folder + EG3D's dataset.json: each item's camera is its photo's label (by file
+    name); a photo without one is named in the error."""
+    import shutil
+
+    from PIL import Image
+
+    from mm2latent.models.camera import camera_label
+    from mm2latent.training.data import FaceDataset, prepare
+
+    root, masks = tmp_path / "raw", tmp_path / "masks"
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    masks.mkdir()
+    for i, name in enumerate(sorted(p.name for p in (testdata / "masks").glob("*.png"))[:2]):
+        shutil.copy(testdata / "masks" / name, masks / f"{i}.png")
+        with Image.open(testdata / "photos" / f"ffhq_{i}.jpg") as photo:
+            photo.resize((64, 64), Image.Resampling.BILINEAR).save(root / "CelebA-HQ-img" / f"{i}.jpg")
+    prepared = prepare(root, tmp_path / "prepared", mask_dir=masks, mask_size=32, scribble_size=32, test_fraction=0)
+    labels = {"0.jpg": camera_label(-20.0, 5.0), "1.jpg": camera_label(25.0, -5.0)}
+    dataset = FaceDataset(prepared, "train", 16, 16, 16, modalities=("mask",), camera_labels=labels)
+    by_id = {dataset[(p, 0)]["image_id"]: dataset[(p, 0)]["camera"] for p in range(2)}
+    torch.testing.assert_close(by_id[0], labels["0.jpg"])
+    torch.testing.assert_close(by_id[1], labels["1.jpg"])
+    with pytest.raises(ValueError, match="1.jpg"):
+        FaceDataset(prepared, "train", 16, 16, 16, modalities=("mask",), camera_labels={"0.jpg": labels["0.jpg"]})
