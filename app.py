@@ -30,6 +30,7 @@ from mm2latent.ui.security import (
     limit_image_decoding,
 )
 from mm2latent.ui.settings import Settings
+from mm2latent.ui.three_d import ThreeDHandlers, build_3d_tab, load_3d_pipeline
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -51,6 +52,9 @@ def run_pipeline(**request):
 
 
 HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE)
+MODEL_3D = load_3d_pipeline(SETTINGS)  # None when MM2LATENT_3D_MODEL_REPO=off
+HANDLERS_3D = None if MODEL_3D is None else ThreeDHandlers(MODEL_3D.pipe, settings=SETTINGS, store=STORE,
+                                                           gpu=gpu_task(duration=SETTINGS.gpu_duration))
 RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
 
@@ -168,6 +172,8 @@ def build_demo() -> gr.Blocks:
                     sketch = build_sketch_tab()
                     build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
                                    session_ttl_s=SETTINGS.session_ttl_s)
+                    if MODEL_3D is not None:
+                        build_3d_tab(MODEL_3D, HANDLERS_3D, prompt, mask["canvas"], sketch["canvas"])
                 settings = build_settings()
             with gr.Column(scale=5):
                 out = build_outputs()

@@ -198,6 +198,37 @@ def checked_truncation(value: Any) -> float:
     return checked_number(value, "Truncation ψ", 0.0, 2.0)
 
 
+def checked_prompt(prompt: Any, limit: int) -> str:
+    """The prompt, stripped; refused when it is not text or longer than ``limit`` characters."""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise user_error("The prompt must be text")
+    if len(prompt) > limit:
+        raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
+                         "(the text encoder reads only about the first 60 words anyway). Your text is still in "
+                         "the box")
+    return prompt.strip()
+
+
+def visual_input(kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
+    """(mask ids, scribble image) from a ``"mask"`` or ``"sketch"`` canvas; refuses when there is nothing to go on."""
+    if kind == "mask":
+        mask, scribble = mask_from_canvas(canvas), None
+        empty = mask is None
+    else:
+        strokes = strokes_from_canvas(canvas)
+        mask, scribble = None, (scribble_to_image(strokes) if strokes is not None else None)
+        empty = strokes is None
+    if empty and not prompt:
+        what = "pick a template or paint a mask" if kind == "mask" else "draw a sketch"
+        raise user_error(f"Nothing to generate from: the canvas is empty and so is the prompt. Describe the "
+                         f"face, {what}, or both")
+    if empty:
+        gr.Info("The canvas is empty, so the face follows the text alone.")
+    return mask, scribble
+
+
 def stroke_radius(width: str) -> int:
     """Pixels added around photo edges for a stroke width choice (thin 0, medium 1, thick 3)."""
     return STROKE_WIDTHS.get(width, STROKE_WIDTHS[DEFAULT_STROKE]) // 4
@@ -317,7 +348,7 @@ class SpaceHandlers:
     def _generate(self, kind: str, prompt: Any, canvas: Any, mode: str, steps: Any, feature_steps: str,
                   combine: str, seed: Any, randomize_seed: bool, truncation: Any, num_images: Any,
                   show_diffusion: bool, progress: Callable | None = None) -> tuple:
-        prompt = self._checked_prompt(prompt)
+        prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
         if mode not in MODES:
             raise user_error(f"Mode must be one of: {', '.join(MODES)}")
         if combine not in COMBINE_CHOICES:
@@ -326,7 +357,7 @@ class SpaceHandlers:
         num_images = checked_int(num_images, "The number of images", 1, self.settings.max_images)
         truncation = checked_truncation(truncation)
         feature = parse_feature_steps(feature_steps, steps) if mode == "quality" else None
-        mask, scribble = self._visual_input(kind, canvas, prompt)
+        mask, scribble = visual_input(kind, canvas, prompt)
         seed = resolve_seed(seed, bool(randomize_seed))
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
@@ -340,35 +371,6 @@ class SpaceHandlers:
                           feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
                           return_intermediates=True, return_diffusion_image=bool(show_diffusion))
         return self._present(kind, output, time.perf_counter() - started)
-
-    def _checked_prompt(self, prompt: Any) -> str:
-        if prompt is None:
-            return ""
-        if not isinstance(prompt, str):
-            raise user_error("The prompt must be text")
-        limit = self.settings.max_prompt_chars
-        if len(prompt) > limit:
-            raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
-                             "(the text encoder reads only about the first 60 words anyway). Your text is still in "
-                             "the box")
-        return prompt.strip()
-
-    def _visual_input(self, kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
-        """(mask ids, scribble image) from the canvas; refuses when there is nothing to go on."""
-        if kind == "mask":
-            mask, scribble = mask_from_canvas(canvas), None
-            empty = mask is None
-        else:
-            strokes = strokes_from_canvas(canvas)
-            mask, scribble = None, (scribble_to_image(strokes) if strokes is not None else None)
-            empty = strokes is None
-        if empty and not prompt:
-            what = "pick a template or paint a mask" if kind == "mask" else "draw a sketch"
-            raise user_error(f"Nothing to generate from: the canvas is empty and so is the prompt. Describe the "
-                             f"face, {what}, or both")
-        if empty:
-            gr.Info("The canvas is empty, so the face follows the text alone.")
-        return mask, scribble
 
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:
         """Gallery, seed, summary, attention overlays, files and the diffusion preview of one run."""
