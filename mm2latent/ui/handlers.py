@@ -26,7 +26,14 @@ import numpy as np
 from PIL import ImageOps
 
 from ..errors import MM2LatentError
-from ..inputs.conditions import edges_from_photo, has_face, parse_mask, parse_scribble, scribble_to_image
+from ..inputs.conditions import (
+    edges_from_photo,
+    has_face,
+    load_image,
+    parse_mask,
+    parse_scribble,
+    scribble_to_image,
+)
 from ..inputs.templates import dilate
 from ..pipelines.generation import COMBINE, MAX_SEED, MAX_STEPS, MODES
 from .canvases import (
@@ -34,9 +41,11 @@ from .canvases import (
     DEFAULT_STROKE,
     STROKE_WIDTHS,
     TEMPLATE_CHOICES,
+    canvas_picture,
     describe_mask,
     mask_canvas,
     mask_from_canvas,
+    matching_template,
     sketch_canvas,
     strokes_from_canvas,
     template_canvas,
@@ -229,6 +238,13 @@ def visual_input(kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None
     return mask, scribble
 
 
+def kept_words_note(warning: str, kept_words: list[str], shown_words: int = 8) -> str:
+    """The library's truncation warning with what the text encoder kept: its word count and last words."""
+    tail = " ".join(kept_words[-shown_words:])
+    ellipsis = "…" if len(kept_words) > shown_words else ""
+    return plain(f"{warning.rstrip('.')}: the first {len(kept_words)} words, up to “{ellipsis}{tail}”")
+
+
 def stroke_radius(width: str) -> int:
     """Pixels added around photo edges for a stroke width choice (thin 0, medium 1, thick 3)."""
     return STROKE_WIDTHS.get(width, STROKE_WIDTHS[DEFAULT_STROKE]) // 4
@@ -297,6 +313,32 @@ class SpaceHandlers:
         progress(0, desc="Finding the photo's edges")
         edges = call_reporting_warnings(edges_from_photo, path, size=CANVAS_SIZE)
         return sketch_canvas(dilate(edges, stroke_radius(stroke_width)))
+
+    @friendly_errors("reading the uploaded mask")
+    def check_mask_upload(self, file: str | None) -> None:
+        """Refuse a mask upload that cannot be read, before anything replaces the visitor's canvas."""
+        call_reporting_warnings(parse_mask, self._uploaded_path(file, "a mask image"), require_face=False)
+
+    @friendly_errors("reading the uploaded sketch")
+    def check_sketch_upload(self, file: str | None) -> None:
+        """Refuse a sketch upload that cannot be read, before anything replaces the visitor's canvas."""
+        parse_scribble(self._uploaded_path(file, "a sketch image"), size=CANVAS_SIZE)
+
+    @friendly_errors("reading the uploaded photo")
+    def check_photo_upload(self, file: str | None) -> None:
+        """Refuse a photo that cannot be read, before anything replaces the visitor's sketch."""
+        load_image(self._uploaded_path(file, "a photo"))
+
+    @friendly_errors("matching the canvas to a template")
+    def template_on_canvas(self, canvas: Any) -> str | None:
+        """The template the mask canvas shows, for the template choice (None: it shows none of them)."""
+        picture = canvas_picture(canvas)
+        if picture is None:
+            return None
+        try:
+            return matching_template(parse_mask(picture, require_face=False))
+        except MM2LatentError:  # not a readable mask: no template
+            return None
 
     @staticmethod
     def _uploaded_path(file: Any, what: str) -> str:
@@ -375,6 +417,9 @@ class SpaceHandlers:
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:
         """Gallery, seed, summary, attention overlays, files and the diffusion preview of one run."""
         settings = output.settings
+        for warning in output.warnings:  # e.g. the prompt was cut to the 77 tokens CLIP reads
+            truncation_note = "tokens" in warning and output.attention_words
+            gr.Warning(kept_words_note(warning, output.attention_words) if truncation_note else plain(warning))
         saved = save_run(self.store.new_folder(), output.images, output.latents.numpy(), output.seeds, settings,
                          file_stem(settings.get("prompt", ""), kind))
         gallery = [(str(path), f"seed {seed}") for path, seed in zip(saved.pngs, output.seeds)]
