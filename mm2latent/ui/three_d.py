@@ -43,6 +43,7 @@ YAW_LIMIT = 60.0
 PITCH_LIMIT = 30.0
 TURNTABLE_FPS = 24
 DEFAULT_TURNTABLE_FRAMES = 24
+IMAGE_HEIGHT = 280  # px: small models' 64² faces and 16² depth maps are shown scaled up
 
 
 @dataclass
@@ -253,16 +254,16 @@ def build_3d_tab(model: Loaded3DModel, handlers: ThreeDHandlers, prompt, mask_ca
         button = gr.Button("Generate 3D face", variant="primary", elem_id="generate-3d")
         with gr.Row(equal_height=False):
             image = gr.Image(label="Face", type="filepath", format="png", interactive=False, elem_id="image-3d",
-                             buttons=["download"])
+                             buttons=["download"], height=IMAGE_HEIGHT)
             depth = gr.Image(label="Depth map", type="filepath", format="png", interactive=False,
-                             elem_id="depth-image-3d")
+                             elem_id="depth-image-3d", height=IMAGE_HEIGHT)
         summary = gr.Markdown(elem_id="summary-3d")
         with gr.Row():
             frames = gr.Slider(4, max_frames, value=min(DEFAULT_TURNTABLE_FRAMES, max_frames), step=1,
                                label="Turntable frames", info=f"{TURNTABLE_FPS} per second")
             turntable = gr.Button("Turntable video", elem_id="turntable")
         video = gr.Video(label="Turntable", format="mp4", interactive=False, autoplay=True, loop=True,
-                         elem_id="video-3d")
+                         elem_id="video-3d", height=IMAGE_HEIGHT)
         files = gr.File(label="Downloads: PNG with settings and camera, depth map, W+ latents (.npy)",
                         file_count="multiple", interactive=False, elem_id="downloads-3d")
         face = gr.State(None)
