@@ -217,15 +217,16 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
     gr.on([mask["template"].input, mask["reload"].click], HANDLERS.load_template, inputs=mask["template"],
           outputs=mask["canvas"], api_name="load_template", concurrency_limit=None)
     # Uploads are checked by an event without outputs first: a damaged file is a toast, and nothing covers or
-    # replaces the visitor's canvas.
-    mask["upload"].upload(HANDLERS.check_mask_upload, inputs=mask["upload"], **quick).success(
+    # replaces the visitor's canvas. (Queued: errors of unqueued events reach the page as a bare HTTP 500.)
+    check = {"api_visibility": "private", "concurrency_id": "uploads", "concurrency_limit": 2}
+    mask["upload"].upload(HANDLERS.check_mask_upload, inputs=mask["upload"], **check).success(
         HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
         api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2).success(
         HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], **quick)
-    sketch["upload"].upload(HANDLERS.check_sketch_upload, inputs=sketch["upload"], **quick).success(
+    sketch["upload"].upload(HANDLERS.check_sketch_upload, inputs=sketch["upload"], **check).success(
         HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"], api_name="upload_sketch",
         concurrency_id="uploads", concurrency_limit=2)
-    sketch["photo"].upload(HANDLERS.check_photo_upload, inputs=sketch["photo"], **quick).success(
+    sketch["photo"].upload(HANDLERS.check_photo_upload, inputs=sketch["photo"], **check).success(
         HANDLERS.sketch_from_photo, inputs=[sketch["photo"], sketch["stroke"]], outputs=sketch["canvas"],
         api_name="sketch_from_photo", concurrency_id="uploads", concurrency_limit=2)
     # A new brush re-creates the editor's tools; re-selecting the brush lets the visitor draw straight on.

@@ -90,6 +90,8 @@ CSS = """
    were cut off (at 1400 px and on phones). Fill the width with as many columns as fit, wrapping the rest. */
 #attention .grid-container, #diffusion .grid-container {
   grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)) !important; }
+/* The 3D tab's face and depth map fill their boxes (small models render 64² faces and 16² depth maps). */
+#image-3d img, #depth-image-3d img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .mm2l-swatch { width: 14px; height: 14px; border-radius: 3px; border: 1px solid #8886;
                display: inline-block; }
 """

@@ -274,7 +274,8 @@ def build_3d_tab(model: Loaded3DModel, handlers: ThreeDHandlers, prompt, mask_ca
                          show_depth],
                  outputs=[image, depth, seed, summary, files, face], api_name="generate_3d",
                  **{**events, "trigger_mode": "once"})
-    gr.on([yaw.release, pitch.release, show_depth.input], handlers.render_view,
+    # `input`: a drag and a typed angle both re-render; always_last renders only the latest of a fast drag.
+    gr.on([yaw.input, pitch.input, show_depth.input], handlers.render_view,
           inputs=[face, yaw, pitch, show_depth], outputs=[image, depth, files], api_name="render_view",
           show_progress="minimal", **events)
     turntable.click(handlers.turntable, inputs=[face, frames], outputs=video, api_name="turntable", **events)
