@@ -27,6 +27,7 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 90_000
 HAIR_RGB = (0, 0, 204)
 GLASSES_RGB = (204, 204, 0)
+HAT_RGB = (255, 51, 153)
 MOVES_PER_STROKE = 4
 
 
@@ -239,8 +240,10 @@ def open_space(browser, space_url, width: int, height: int):
 
 
 def editor_clip(page, left=0.3, top=0.35, width=0.4, height=0.15) -> dict:
-    """A small box of the mask editor: screenshots of it are cheap, so polls see changes soon."""
-    box = page.locator("#mask-editor canvas").first.bounding_box()
+    """A small box of the mask editor in the viewport now: screenshots of it are cheap, so polls see changes soon."""
+    canvas = page.locator("#mask-editor canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
     return {"x": box["x"] + left * box["width"], "y": box["y"] + top * box["height"],
             "width": width * box["width"], "height": height * box["height"]}
 
@@ -266,13 +269,12 @@ def test_attention_shows_every_word_label_without_clipping(browser, space_url, s
 
 
 def test_template_appears_on_the_canvas_quickly(page, shots):
-    clip = editor_clip(page)
     timings = []
     for name, shows_glasses in (("glasses", True), ("long hair", False), ("glasses", True)):
         started = time.monotonic()
         page.locator("#template").get_by_text(name, exact=True).click()
-        wait_until(lambda want=shows_glasses: (pixels_near(page.screenshot(clip=clip), GLASSES_RGB) > 100) == want,
-                   f"the {name} template")
+        wait_until(lambda want=shows_glasses: (pixels_near(page.screenshot(clip=editor_clip(page)), GLASSES_RGB)
+                                               > 100) == want, f"the {name} template")
         timings.append(time.monotonic() - started)
     (shots / "template-timings.txt").write_text(" ".join(f"{t:.2f}" for t in timings) + "\n")
     print(f"template shown after {', '.join(f'{t:.1f} s' for t in timings)}")
@@ -303,8 +305,8 @@ def test_template_choice_follows_an_example(page):
     checked = page.locator("#template input:checked")
     assert checked.get_attribute("value") == "short hair"
     page.get_by_text("This smiling man wears a hat and has a mustache.").click()
-    clip = editor_clip(page, top=0.05, height=0.2)
-    wait_until(lambda: pixels_near(page.screenshot(clip=clip), (0, 102, 204)) > 100, "the example's hat")
+    wait_until(lambda: pixels_near(page.screenshot(clip=editor_clip(page, top=0.05, height=0.2)), HAT_RGB)
+               > 100, "the example's hat")
     wait_until(lambda: checked.count() == 1 and checked.get_attribute("value") == "hat", "the choice to say hat")
 
 
