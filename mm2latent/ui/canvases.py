@@ -162,6 +162,21 @@ def strokes_from_canvas(value: Any) -> np.ndarray | None:
     return strokes if strokes.any() else None
 
 
+def matching_template(ids: np.ndarray, min_agreement: float = 0.999) -> str | None:
+    """The template (one of :data:`TEMPLATE_CHOICES`) a class-id map shows, or None when it shows none of them.
+
+    ``min_agreement``: the share of pixels that must match (a browser's resampling may move a few edge pixels).
+    """
+    ids = np.asarray(ids, dtype=np.uint8)
+    if ids.shape != (CANVAS_SIZE, CANVAS_SIZE):
+        ids = np.asarray(Image.fromarray(ids).resize((CANVAS_SIZE, CANVAS_SIZE), Image.Resampling.NEAREST))
+    for name in TEMPLATE_CHOICES:
+        template = blank_mask(CANVAS_SIZE) if name == BLANK_CANVAS else template_mask(name, CANVAS_SIZE)
+        if (template == ids).mean() >= min_agreement:
+            return name
+    return None
+
+
 def describe_mask(ids: np.ndarray) -> str:
     """'skin, hair, nose, ...' ordered by area, for messages."""
     counts = np.bincount(np.asarray(ids).ravel(), minlength=len(CELEBAMASK_CLASSES))

@@ -26,7 +26,14 @@ import numpy as np
 from PIL import ImageOps
 
 from ..errors import MM2LatentError
-from ..inputs.conditions import edges_from_photo, has_face, parse_mask, parse_scribble, scribble_to_image
+from ..inputs.conditions import (
+    edges_from_photo,
+    has_face,
+    load_image,
+    parse_mask,
+    parse_scribble,
+    scribble_to_image,
+)
 from ..inputs.templates import dilate
 from ..pipelines.generation import COMBINE, MAX_SEED, MAX_STEPS, MODES
 from .canvases import (
@@ -34,9 +41,11 @@ from .canvases import (
     DEFAULT_STROKE,
     STROKE_WIDTHS,
     TEMPLATE_CHOICES,
+    canvas_picture,
     describe_mask,
     mask_canvas,
     mask_from_canvas,
+    matching_template,
     sketch_canvas,
     strokes_from_canvas,
     template_canvas,
@@ -198,6 +207,44 @@ def checked_truncation(value: Any) -> float:
     return checked_number(value, "Truncation ψ", 0.0, 2.0)
 
 
+def checked_prompt(prompt: Any, limit: int) -> str:
+    """The prompt, stripped; refused when it is not text or longer than ``limit`` characters."""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise user_error("The prompt must be text")
+    if len(prompt) > limit:
+        raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
+                         "(the text encoder reads only about the first 60 words anyway). Your text is still in "
+                         "the box")
+    return prompt.strip()
+
+
+def visual_input(kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
+    """(mask ids, scribble image) from a ``"mask"`` or ``"sketch"`` canvas; refuses when there is nothing to go on."""
+    if kind == "mask":
+        mask, scribble = mask_from_canvas(canvas), None
+        empty = mask is None
+    else:
+        strokes = strokes_from_canvas(canvas)
+        mask, scribble = None, (scribble_to_image(strokes) if strokes is not None else None)
+        empty = strokes is None
+    if empty and not prompt:
+        what = "pick a template or paint a mask" if kind == "mask" else "draw a sketch"
+        raise user_error(f"Nothing to generate from: the canvas is empty and so is the prompt. Describe the "
+                         f"face, {what}, or both")
+    if empty:
+        gr.Info("The canvas is empty, so the face follows the text alone.")
+    return mask, scribble
+
+
+def kept_words_note(warning: str, kept_words: list[str], shown_words: int = 8) -> str:
+    """The library's truncation warning with what the text encoder kept: its word count and last words."""
+    tail = " ".join(kept_words[-shown_words:])
+    ellipsis = "…" if len(kept_words) > shown_words else ""
+    return plain(f"{warning.rstrip('.')}: the first {len(kept_words)} words, up to “{ellipsis}{tail}”")
+
+
 def stroke_radius(width: str) -> int:
     """Pixels added around photo edges for a stroke width choice (thin 0, medium 1, thick 3)."""
     return STROKE_WIDTHS.get(width, STROKE_WIDTHS[DEFAULT_STROKE]) // 4
@@ -267,6 +314,32 @@ class SpaceHandlers:
         edges = call_reporting_warnings(edges_from_photo, path, size=CANVAS_SIZE)
         return sketch_canvas(dilate(edges, stroke_radius(stroke_width)))
 
+    @friendly_errors("reading the uploaded mask")
+    def check_mask_upload(self, file: str | None) -> None:
+        """Refuse a mask upload that cannot be read, before anything replaces the visitor's canvas."""
+        call_reporting_warnings(parse_mask, self._uploaded_path(file, "a mask image"), require_face=False)
+
+    @friendly_errors("reading the uploaded sketch")
+    def check_sketch_upload(self, file: str | None) -> None:
+        """Refuse a sketch upload that cannot be read, before anything replaces the visitor's canvas."""
+        parse_scribble(self._uploaded_path(file, "a sketch image"), size=CANVAS_SIZE)
+
+    @friendly_errors("reading the uploaded photo")
+    def check_photo_upload(self, file: str | None) -> None:
+        """Refuse a photo that cannot be read, before anything replaces the visitor's sketch."""
+        load_image(self._uploaded_path(file, "a photo"))
+
+    @friendly_errors("matching the canvas to a template")
+    def template_on_canvas(self, canvas: Any) -> str | None:
+        """The template the mask canvas shows, for the template choice (None: it shows none of them)."""
+        picture = canvas_picture(canvas)
+        if picture is None:
+            return None
+        try:
+            return matching_template(parse_mask(picture, require_face=False))
+        except MM2LatentError:  # not a readable mask: no template
+            return None
+
     @staticmethod
     def _uploaded_path(file: Any, what: str) -> str:
         if file is None:
@@ -317,7 +390,7 @@ class SpaceHandlers:
     def _generate(self, kind: str, prompt: Any, canvas: Any, mode: str, steps: Any, feature_steps: str,
                   combine: str, seed: Any, randomize_seed: bool, truncation: Any, num_images: Any,
                   show_diffusion: bool, progress: Callable | None = None) -> tuple:
-        prompt = self._checked_prompt(prompt)
+        prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
         if mode not in MODES:
             raise user_error(f"Mode must be one of: {', '.join(MODES)}")
         if combine not in COMBINE_CHOICES:
@@ -326,7 +399,7 @@ class SpaceHandlers:
         num_images = checked_int(num_images, "The number of images", 1, self.settings.max_images)
         truncation = checked_truncation(truncation)
         feature = parse_feature_steps(feature_steps, steps) if mode == "quality" else None
-        mask, scribble = self._visual_input(kind, canvas, prompt)
+        mask, scribble = visual_input(kind, canvas, prompt)
         seed = resolve_seed(seed, bool(randomize_seed))
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
@@ -341,38 +414,12 @@ class SpaceHandlers:
                           return_intermediates=True, return_diffusion_image=bool(show_diffusion))
         return self._present(kind, output, time.perf_counter() - started)
 
-    def _checked_prompt(self, prompt: Any) -> str:
-        if prompt is None:
-            return ""
-        if not isinstance(prompt, str):
-            raise user_error("The prompt must be text")
-        limit = self.settings.max_prompt_chars
-        if len(prompt) > limit:
-            raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
-                             "(the text encoder reads only about the first 60 words anyway). Your text is still in "
-                             "the box")
-        return prompt.strip()
-
-    def _visual_input(self, kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
-        """(mask ids, scribble image) from the canvas; refuses when there is nothing to go on."""
-        if kind == "mask":
-            mask, scribble = mask_from_canvas(canvas), None
-            empty = mask is None
-        else:
-            strokes = strokes_from_canvas(canvas)
-            mask, scribble = None, (scribble_to_image(strokes) if strokes is not None else None)
-            empty = strokes is None
-        if empty and not prompt:
-            what = "pick a template or paint a mask" if kind == "mask" else "draw a sketch"
-            raise user_error(f"Nothing to generate from: the canvas is empty and so is the prompt. Describe the "
-                             f"face, {what}, or both")
-        if empty:
-            gr.Info("The canvas is empty, so the face follows the text alone.")
-        return mask, scribble
-
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:
         """Gallery, seed, summary, attention overlays, files and the diffusion preview of one run."""
         settings = output.settings
+        for warning in output.warnings:  # e.g. the prompt was cut to the 77 tokens CLIP reads
+            truncation_note = "tokens" in warning and output.attention_words
+            gr.Warning(kept_words_note(warning, output.attention_words) if truncation_note else plain(warning))
         saved = save_run(self.store.new_folder(), output.images, output.latents.numpy(), output.seeds, settings,
                          file_stem(settings.get("prompt", ""), kind))
         gallery = [(str(path), f"seed {seed}") for path, seed in zip(saved.pngs, output.seeds)]

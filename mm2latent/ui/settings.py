@@ -18,6 +18,9 @@
 | ``MM2LATENT_SESSION_TTL`` | 1800 | seconds a visitor's inverted photo is kept between Invert and Edit |
 | ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
 | ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
+| ``MM2LATENT_3D_MODEL_REPO`` | ``tiny-eg3d`` | 3D (EG3D) model for the 3D tab; ``off`` hides the tab; falls back to ``tiny-eg3d`` |
+| ``MM2LATENT_3D_MODEL_REVISION`` | (none) | Hub revision of that repo |
+| ``MM2LATENT_TURNTABLE_MAX_FRAMES`` | 48 | most frames of a turntable video (4..240) |
 | ``MM2LATENT_SERVER_NAME`` / ``MM2LATENT_SERVER_PORT`` | Gradio's defaults | where to listen |
 """
 
@@ -35,6 +38,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_IMAGES_LIMIT = 16  # the pipeline's own limit
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+THREE_D_OFF = {"off", "none", "0", "false", "no"}
+DEFAULT_3D_MODEL_REPO = "tiny-eg3d"
 
 
 class SettingsError(ValueError):
@@ -59,6 +64,9 @@ class Settings:
     session_ttl_s: int = 1800
     gpu_duration: int = 60
     load_vae: bool = True
+    model_3d_repo: str | None = DEFAULT_3D_MODEL_REPO  # None: no 3D tab
+    model_3d_revision: str | None = None
+    turntable_max_frames: int = 48
     server_name: str | None = None
     server_port: int | None = None
 
@@ -84,6 +92,9 @@ class Settings:
             session_ttl_s=env.integer("SESSION_TTL", defaults.session_ttl_s, 60, 30 * 86400),
             gpu_duration=env.integer("GPU_DURATION", defaults.gpu_duration, 1, 3600),
             load_vae=env.flag("LOAD_VAE", defaults.load_vae),
+            model_3d_repo=env.optional_text("3D_MODEL_REPO", defaults.model_3d_repo, THREE_D_OFF),
+            model_3d_revision=env.text("3D_MODEL_REVISION"),
+            turntable_max_frames=env.integer("TURNTABLE_MAX_FRAMES", defaults.turntable_max_frames, 4, 240),
             server_name=env.text("SERVER_NAME"),
             server_port=env.integer("SERVER_PORT", None, 1, 65535),
         )
@@ -102,6 +113,13 @@ class _Reader:
     def text(self, name: str) -> str | None:
         value = self.environ.get(PREFIX + name, "").strip()
         return value or None
+
+    def optional_text(self, name: str, default: str | None, off: set[str]) -> str | None:
+        """Text, ``default`` when unset or empty, None when it says off (``off``, ``none``, ``0``...)."""
+        value = self.text(name)
+        if value is None:
+            return default
+        return None if value.lower() in off else value
 
     def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
         value = self.text(name)

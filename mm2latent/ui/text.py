@@ -115,6 +115,12 @@ CSS = """
 #mm2l-banner p { margin: 0; }
 .mm2l-legend { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 0.85em; line-height: 1.6; }
 .mm2l-legend-item { display: inline-flex; align-items: center; gap: 5px; white-space: nowrap; }
+/* Gradio sizes a gallery's grid as `columns` fixed 100px tracks, wider than a narrow panel: its last columns
+   were cut off (at 1400 px and on phones). Fill the width with as many columns as fit, wrapping the rest. */
+#attention .grid-container, #diffusion .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)) !important; }
+/* The 3D tab's face and depth map fill their boxes (small models render 64² faces and 16² depth maps). */
+#image-3d img, #depth-image-3d img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .mm2l-swatch { width: 14px; height: 14px; border-radius: 3px; border: 1px solid #8886;
                display: inline-block; }
 """

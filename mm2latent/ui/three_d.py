@@ -1,0 +1,283 @@
+"""The 3D tab: a face from an EG3D pipeline, turned with yaw and pitch sliders, as a turntable video.
+
+The Space may hold a 3D-aware pipeline next to the 2D one (``MM2LATENT_3D_MODEL_REPO``, see
+``settings.py``). A visitor generates a face once from the prompt and the mask or sketch canvas; its W+
+latent is kept in the session (``gr.State``), so moving the camera, asking for the depth map or a
+turntable re-renders that same face without running the diffusion encoder again.
+
+Endpoints: ``/generate_3d``, ``/render_view`` and ``/turntable`` (the last two act on the face the
+caller's session generated last).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from .handlers import (
+    checked_int,
+    checked_number,
+    checked_prompt,
+    checked_truncation,
+    friendly_errors,
+    resolve_seed,
+    user_error,
+    visual_input,
+)
+from .outputs import OutputStore, describe_run, file_stem, save_latents
+from .security import WholeNumber
+from .settings import DEFAULT_3D_MODEL_REPO, Settings
+
+log = logging.getLogger("mm2latent.space")
+
+#: Where the visual input of a 3D face comes from: a canvas of the 2D tabs, or none.
+SOURCES = ("mask", "sketch", "text only")
+# The camera range EG3D's FFHQ training cameras cover well; beyond it faces smear.
+YAW_LIMIT = 60.0
+PITCH_LIMIT = 30.0
+TURNTABLE_FPS = 24
+DEFAULT_TURNTABLE_FRAMES = 24
+IMAGE_HEIGHT = 280  # px: small models' 64² faces and 16² depth maps are shown scaled up
+
+
+@dataclass
+class Loaded3DModel:
+    pipe: Any  # FacePipeline with a 3D generator (imported lazily: torch is slow to import)
+    banner: str | None  # Markdown note shown in the tab, or None
+    requested: str
+    problem: str | None = None
+
+
+def load_3d_pipeline(settings: Settings) -> Loaded3DModel | None:
+    """The 3D pipeline named by ``settings.model_3d_repo``: None when 3D is off, ``tiny-eg3d`` when the named
+    model cannot be had or is 2D (logged, with a note in the tab), so the Space starts offline too."""
+    if settings.model_3d_repo is None:
+        return None
+    from ..models.generator import is_3d
+    from ..pipelines.generation import FacePipeline
+
+    requested, problem, pipe = settings.model_3d_repo, None, None
+    if requested != DEFAULT_3D_MODEL_REPO:
+        try:
+            pipe = FacePipeline.from_pretrained(requested, revision=settings.model_3d_revision,
+                                                device=settings.device, dtype=settings.dtype,
+                                                load_vae=settings.load_vae)
+            if not is_3d(pipe.generator):
+                problem, pipe = f"its generator ({type(pipe.generator).__name__}) is 2D", None
+        except Exception as error:  # offline, no token, damaged files: keep the Space up
+            problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            log.warning("Could not use %r as the 3D model (%s); the 3D tab runs the untrained '%s' preset.",
+                        requested, problem, DEFAULT_3D_MODEL_REPO)
+    if pipe is None:
+        pipe = FacePipeline.from_pretrained(DEFAULT_3D_MODEL_REPO, device=settings.device, dtype=settings.dtype)
+    pipe.show_progress = True  # tqdm bars feed gr.Progress(track_tqdm=True)
+    log.info("Loaded 3D model %s (trained=%s) on %s", pipe.name, pipe.trained, pipe.device)
+    return Loaded3DModel(pipe=pipe, banner=None if pipe.trained else untrained_3d_banner(requested, problem),
+                         requested=requested, problem=problem)
+
+
+def untrained_3d_banner(requested: str, problem: str | None) -> str:
+    why = (f"`{requested}` could not be used as the 3D model ({problem.split(':')[0]})." if problem else
+           f"`{requested}` holds untrained weights.")
+    return (f"⚠️ **Untrained 3D demo.** {why} This tab runs the `{DEFAULT_3D_MODEL_REPO}` preset: the cameras, "
+            "depth and videos work, but the pictures are noise, not faces. Set `MM2LATENT_3D_MODEL_REPO` to "
+            "trained EG3D weights (or `off` to hide this tab) and restart.")
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+
+def checked_camera(yaw: Any, pitch: Any) -> tuple[float, float]:
+    return (checked_number(yaw, "Yaw", -YAW_LIMIT, YAW_LIMIT),
+            checked_number(pitch, "Pitch", -PITCH_LIMIT, PITCH_LIMIT))
+
+
+def checked_face(face: Any) -> dict:
+    """The session's face (``generate_3d``'s state) or a plain-worded refusal."""
+    if not isinstance(face, dict) or "latents" not in face:
+        raise user_error("Generate a face first (the “Generate 3D face” button); the camera sliders, the depth "
+                         "map and the turntable then show that face")
+    return face
+
+
+def describe_camera(yaw: float, pitch: float) -> str:
+    return f"yaw {yaw:g}°, pitch {pitch:g}°"
+
+
+class ThreeDHandlers:
+    """Event handlers of the 3D tab, bound to one 3D pipeline.
+
+    Args:
+        pipe: a :class:`~mm2latent.pipelines.generation.FacePipeline` whose generator is 3D.
+        settings: the Space settings (prompt length, most turntable frames).
+        store: where output files are written.
+        gpu: decorator for the calls that need the accelerator (``gpu_task`` in ``app.py``); default none.
+    """
+
+    def __init__(self, pipe, settings: Settings | None = None, store: OutputStore | None = None,
+                 gpu: Callable[[Callable], Callable] | None = None):
+        from ..pipelines.views import render_turntable
+
+        self.pipe = pipe
+        self.settings = settings or Settings()
+        self.store = store or OutputStore()
+        decorate = gpu or (lambda function: function)
+        self.run = decorate(pipe.__call__)
+        self.render = decorate(pipe.render_outputs)
+        self.render_turntable = decorate(render_turntable)
+
+    @friendly_errors("generating the 3D face")
+    def generate_3d(self, prompt: str, source: str, mask: Any, sketch: Any, seed: Any = 0,
+                    randomize_seed: bool = True, truncation: float = 1.0, yaw: float = 0.0, pitch: float = 0.0,
+                    show_depth: bool = False, progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """A face from the prompt and the mask or sketch canvas, seen from (yaw, pitch).
+
+        Returns the image (PNG with the settings and camera), the depth map (or None), the seed, a
+        summary, the files to download and the face (the session state the other 3D events read).
+        """
+        prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
+        if source not in SOURCES:
+            raise user_error(f"Draw from must be one of: {', '.join(SOURCES)}")
+        yaw, pitch = checked_camera(yaw, pitch)
+        truncation = checked_truncation(truncation)
+        if source == "text only":
+            if not prompt:
+                raise user_error("Text only needs a prompt: describe the face, or draw from the mask or sketch")
+            mask_ids, scribble = None, None
+        else:
+            mask_ids, scribble = visual_input(source, mask if source == "mask" else sketch, prompt)
+        seed = resolve_seed(seed, bool(randomize_seed))
+        started = time.perf_counter()
+        progress(0, desc="Generating")
+        output = self.run(prompt=prompt, mask=mask_ids, scribble=scribble, seed=seed, truncation=truncation,
+                          camera=(yaw, pitch), return_depth=bool(show_depth))
+        for warning in output.warnings:
+            gr.Warning(warning)
+        # The latents are already truncated: every later view renders them with ψ = 1 (the same face).
+        face = {"latents": output.latents.numpy(), "settings": output.settings, "seed": seed,
+                "stem": file_stem(prompt, "3d")}
+        depth = output.depth[0] if output.depth is not None else None
+        image_path, depth_path, files = self._save_view(face, output.images[0], depth, yaw, pitch)
+        summary = (describe_run(output.settings, [seed], time.perf_counter() - started, str(self.pipe.device))
+                   + f" &nbsp;·&nbsp; {describe_camera(yaw, pitch)}")
+        return image_path, depth_path, seed, summary, files, face
+
+    @friendly_errors("turning the face")
+    def render_view(self, face: Any, yaw: float = 0.0, pitch: float = 0.0, show_depth: bool = False,
+                    progress=gr.Progress(track_tqdm=True)) -> tuple:
+        """The session's face from another camera (no new encoding): image, depth map (or None), files."""
+        from ..inputs.images import tensor_to_pil
+
+        face = checked_face(face)
+        yaw, pitch = checked_camera(yaw, pitch)
+        progress(0, desc="Rendering")
+        rendered = self.render(self._latents(face), camera=(yaw, pitch), return_depth=bool(show_depth))
+        depth = rendered.depth[0] if rendered.depth is not None else None
+        return self._save_view(face, tensor_to_pil(rendered.images)[0], depth, yaw, pitch)
+
+    @friendly_errors("rendering the turntable")
+    def turntable(self, face: Any, frames: Any = DEFAULT_TURNTABLE_FRAMES,
+                  progress=gr.Progress(track_tqdm=True)) -> str:
+        """An MP4 (H.264) of the camera circling the session's face, at 24 frames per second."""
+        face = checked_face(face)
+        frames = checked_int(frames, "Frames", 4, self.settings.turntable_max_frames)
+        progress(0, desc="Rendering the turntable")
+        path = self.store.new_folder() / f"{face['stem']}-seed{face['seed']}-turntable.mp4"
+        return str(self.render_turntable(self.pipe, self._latents(face), path, num_frames=frames,
+                                         fps=TURNTABLE_FPS))
+
+    @staticmethod
+    def _latents(face: dict):
+        import torch
+
+        return torch.from_numpy(np.asarray(face["latents"], dtype=np.float32))
+
+    def _save_view(self, face: dict, image, depth, yaw: float, pitch: float) -> tuple[str, str | None, list[str]]:
+        """The view as a PNG whose metadata holds the camera, the depth map beside it, and the latents."""
+        from ..inputs.metadata import save_png
+        from ..pipelines.views import depth_to_image
+
+        settings = {**face["settings"], "camera": [yaw, pitch], "return_depth": depth is not None}
+        folder = self.store.new_folder()
+        stem = f"{face['stem']}-seed{face['seed']}-yaw{yaw:g}-pitch{pitch:g}"
+        image_path = folder / f"{stem}.png"
+        save_png(image, image_path, settings)
+        files = [str(image_path)]
+        depth_path = None
+        if depth is not None:
+            depth_path = folder / f"{stem}-depth.png"
+            save_png(depth_to_image(depth), depth_path, {**settings, "content": "depth (near is white)"})
+            files.append(str(depth_path))
+        files.append(str(save_latents(folder / f"{face['stem']}-seed{face['seed']}-wplus.npy", face["latents"])))
+        return str(image_path), None if depth_path is None else str(depth_path), files
+
+
+# --------------------------------------------------------------------------------------------
+# The tab
+# --------------------------------------------------------------------------------------------
+
+
+def build_3d_tab(model: Loaded3DModel, handlers: ThreeDHandlers, prompt, mask_canvas, sketch_canvas,
+                 concurrency_id: str = "generate") -> dict:
+    """The "3D" tab (call inside ``gr.Tabs``): reads the shared prompt and the mask and sketch canvases.
+
+    Registers ``/generate_3d``, ``/render_view`` and ``/turntable``; returns the tab's components.
+    """
+    max_frames = handlers.settings.turntable_max_frames
+    with gr.Tab("3D", id="3d") as tab:
+        gr.Markdown(model.banner or "", visible=model.banner is not None, elem_id="mm2l-3d-banner")
+        gr.Markdown("A face from the prompt and the mask or sketch, seen from any angle: generate it once, then "
+                    "turn it with the sliders or make a turntable video. The same face is kept while you turn it.")
+        with gr.Row():
+            source = gr.Radio(list(SOURCES), value="mask", label="Draw from", elem_id="source-3d",
+                              info="the canvas of the mask or sketch tab, or the prompt alone")
+            show_depth = gr.Checkbox(False, label="Show the depth map", info="near is white", elem_id="depth-3d")
+        with gr.Row():
+            yaw = gr.Slider(-YAW_LIMIT, YAW_LIMIT, value=0, step=1, label="Yaw (°)", elem_id="yaw",
+                            info="positive moves the camera to your right")
+            pitch = gr.Slider(-PITCH_LIMIT, PITCH_LIMIT, value=0, step=1, label="Pitch (°)", elem_id="pitch",
+                              info="positive looks from below")
+        with gr.Row():
+            seed = WholeNumber(0, precision=0, label="Seed", info="0 to 4294967295", elem_id="seed-3d")
+            randomize = gr.Checkbox(True, label="Random seed", elem_id="randomize-3d")
+            truncation = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Truncation ψ",
+                                   info="lower = closer to the average face")
+        button = gr.Button("Generate 3D face", variant="primary", elem_id="generate-3d")
+        with gr.Row(equal_height=False):
+            image = gr.Image(label="Face", type="filepath", format="png", interactive=False, elem_id="image-3d",
+                             buttons=["download"], height=IMAGE_HEIGHT)
+            depth = gr.Image(label="Depth map", type="filepath", format="png", interactive=False,
+                             elem_id="depth-image-3d", height=IMAGE_HEIGHT)
+        summary = gr.Markdown(elem_id="summary-3d")
+        with gr.Row():
+            frames = gr.Slider(4, max_frames, value=min(DEFAULT_TURNTABLE_FRAMES, max_frames), step=1,
+                               label="Turntable frames", info=f"{TURNTABLE_FPS} per second")
+            turntable = gr.Button("Turntable video", elem_id="turntable")
+        video = gr.Video(label="Turntable", format="mp4", interactive=False, autoplay=True, loop=True,
+                         elem_id="video-3d", height=IMAGE_HEIGHT)
+        files = gr.File(label="Downloads: PNG with settings and camera, depth map, W+ latents (.npy)",
+                        file_count="multiple", interactive=False, elem_id="downloads-3d")
+        face = gr.State(None)
+
+    events = {"concurrency_id": concurrency_id, "trigger_mode": "always_last"}
+    button.click(handlers.generate_3d,
+                 inputs=[prompt, source, mask_canvas, sketch_canvas, seed, randomize, truncation, yaw, pitch,
+                         show_depth],
+                 outputs=[image, depth, seed, summary, files, face], api_name="generate_3d",
+                 **{**events, "trigger_mode": "once"})
+    # `input`: a drag and a typed angle both re-render; always_last renders only the latest of a fast drag.
+    gr.on([yaw.input, pitch.input, show_depth.input], handlers.render_view,
+          inputs=[face, yaw, pitch, show_depth], outputs=[image, depth, files], api_name="render_view",
+          show_progress="minimal", **events)
+    turntable.click(handlers.turntable, inputs=[face, frames], outputs=video, api_name="turntable", **events)
+    return {"tab": tab, "source": source, "yaw": yaw, "pitch": pitch, "depth": show_depth, "button": button,
+            "image": image, "depth_image": depth, "video": video, "files": files, "face": face}
