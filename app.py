@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from mm2latent.ui import canvases, text
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
-from mm2latent.ui.loading import load_pipeline
+from mm2latent.ui.loading import load_fast_engine, load_pipeline
 from mm2latent.ui.outputs import GradioCacheLimit, OutputStore
 from mm2latent.ui.photo_tab import build_edit_tab
 from mm2latent.ui.returned_files import ReturnableCanvas
@@ -51,7 +51,18 @@ def run_pipeline(**request):
     return MODEL.pipe(**request)
 
 
-HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE)
+FAST_ENGINE = load_fast_engine(SETTINGS, MODEL)  # the MM2Latent engine beside the main model, or None
+
+
+@gpu_task(duration=SETTINGS.gpu_duration)
+def run_fast_engine(**request):
+    """The engine selector's second engine (MM2Latent: no diffusion model)."""
+    return FAST_ENGINE(**request)
+
+
+HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE,
+                         engines=None if FAST_ENGINE is None else {FAST_ENGINE.engine: run_fast_engine})
+ENGINE_LABELS = {"ddgi": "diffusion features (DDGI)", "mm2latent": "fast (MM2Latent, no diffusion model)"}
 MODEL_3D = load_3d_pipeline(SETTINGS)  # None when MM2LATENT_3D_MODEL_REPO=off
 HANDLERS_3D = None if MODEL_3D is None else ThreeDHandlers(MODEL_3D.pipe, settings=SETTINGS, store=STORE,
                                                            gpu=gpu_task(duration=SETTINGS.gpu_duration))
@@ -139,7 +150,13 @@ def build_settings() -> list:
         show_diffusion = gr.Checkbox(False, label="Also show the diffusion image",
                                      info="what the diffusion model itself draws; slower: full denoising and a "
                                      "VAE decode")
-    return [mode, steps, feature_steps, combine, seed, randomize, truncation, num_images, show_diffusion]
+    # Shown when a second engine is loaded (MM2LATENT_FAST_ENGINE_REPO); its value is what the API's `engine` takes.
+    engine = gr.Radio([(ENGINE_LABELS.get(name, name), name) for name in HANDLERS.engine_choices],
+                      value=MODEL.pipe.engine, label="Engine", elem_id="engine",
+                      visible=len(HANDLERS.engine_choices) > 1,
+                      info="diffusion features: the paper's method · fast: text and mask/sketch codes mapped "
+                      "straight to W+ (mode, steps and the diffusion image do not apply)")
+    return [mode, steps, feature_steps, combine, seed, randomize, truncation, num_images, show_diffusion, engine]
 
 
 def build_outputs() -> dict:
@@ -256,7 +273,7 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
                          api_name="generate_from_mask", **generation)
     sketch["button"].click(HANDLERS.generate_from_sketch, inputs=[prompt, sketch["canvas"], *settings],
                            api_name="generate_from_sketch", **generation)
-    show_diffusion = settings[-1]
+    show_diffusion = settings[8]
     show_diffusion.change(lambda show: gr.Gallery(visible=show), inputs=show_diffusion, outputs=outputs[-1],
                           api_name="show_diffusion_preview", **quick)
     prompt.submit(HANDLERS.generate_from_active_tab,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from mm2latent.errors import EmptyMaskError
 from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
+from mm2latent.inputs.metadata import read_png_settings
 from mm2latent.inputs.templates import template_mask, template_sketch
 from mm2latent.ui import canvases, examples, outputs
 from mm2latent.ui.loading import load_order, load_pipeline
@@ -773,3 +774,15 @@ def test_api_survives_fifty_rapid_clicks(space, files):
     assert all("queue" in message.lower() for message in refused), refused[:3]
     gallery, *_ = generate(Client(space[0], verbose=False), "/generate_from_mask", "Still here?", template)
     assert len(gallery) == 1
+
+
+def test_api_engine_selector_reaches_the_fast_engine(client, files):
+    """On the offline tiny demo both engines are loaded: `engine` picks one through the same endpoint."""
+    engines = {}
+    for engine in ("ddgi", "mm2latent"):
+        gallery, seed, summary, attention, downloads, diffusion = generate(
+            client, "/generate_from_mask", "She is smiling.", canvas(files["palette"]), seed=7,
+            randomize_seed=False, engine=engine)
+        engines[engine] = np.load(next(path for path in downloads if path.endswith(".npy")))
+        assert read_png_settings(gallery[0]["image"])["engine"] == engine
+    assert not np.allclose(engines["ddgi"], engines["mm2latent"])

@@ -264,14 +264,22 @@ class SpaceHandlers:
             in ``app.py``); default ``pipe`` itself.
         settings: the Space settings.
         store: where output files are written.
+        engines: further engines a visitor may choose: engine name ("mm2latent") -> its ``run`` callable (the
+            engine selector); ``pipe``'s own engine always runs through ``run``.
     """
 
     def __init__(self, pipe, run: Callable | None = None, settings: Settings | None = None,
-                 store: OutputStore | None = None):
+                 store: OutputStore | None = None, engines: dict[str, Callable] | None = None):
         self.pipe = pipe
         self.run = run or pipe
         self.settings = settings or Settings()
         self.store = store or OutputStore()
+        self.engines = {**(engines or {}), pipe.engine: self.run}
+
+    @property
+    def engine_choices(self) -> list[str]:
+        """The engines a visitor can choose, the main model's first."""
+        return [self.pipe.engine, *sorted(set(self.engines) - {self.pipe.engine})]
 
     # ---------------------------------------------------------------- canvases
     @friendly_errors("loading the template")
@@ -351,30 +359,32 @@ class SpaceHandlers:
     def generate_from_mask(self, prompt: str, mask: Any, mode: str = "fast", steps: int = 20,
                            feature_steps: str = "all", combine: str = "mean", seed: Any = 0,
                            randomize_seed: bool = True, truncation: float = 1.0, num_images: int = 1,
-                           show_diffusion: bool = False, progress=gr.Progress(track_tqdm=True)) -> tuple:
+                           show_diffusion: bool = False, engine: str | None = None,
+                           progress=gr.Progress(track_tqdm=True)) -> tuple:
         """Faces from a prompt and the mask editor's picture."""
         return self._generate("mask", prompt, mask, mode, steps, feature_steps, combine, seed, randomize_seed,
-                              truncation, num_images, show_diffusion, progress)
+                              truncation, num_images, show_diffusion, progress, engine)
 
     @friendly_errors("generating from the sketch")
     def generate_from_sketch(self, prompt: str, sketch: Any, mode: str = "fast", steps: int = 20,
                              feature_steps: str = "all", combine: str = "mean", seed: Any = 0,
                              randomize_seed: bool = True, truncation: float = 1.0, num_images: int = 1,
-                             show_diffusion: bool = False, progress=gr.Progress(track_tqdm=True)) -> tuple:
+                             show_diffusion: bool = False, engine: str | None = None,
+                             progress=gr.Progress(track_tqdm=True)) -> tuple:
         """Faces from a prompt and the sketchpad's strokes."""
         return self._generate("sketch", prompt, sketch, mode, steps, feature_steps, combine, seed,
-                              randomize_seed, truncation, num_images, show_diffusion, progress)
+                              randomize_seed, truncation, num_images, show_diffusion, progress, engine)
 
     @friendly_errors("generating")
     def generate_from_active_tab(self, tab: str, prompt: str, mask: Any, sketch: Any, mode: str = "fast",
                                  steps: int = 20, feature_steps: str = "all", combine: str = "mean",
                                  seed: Any = 0, randomize_seed: bool = True, truncation: float = 1.0,
-                                 num_images: int = 1, show_diffusion: bool = False,
+                                 num_images: int = 1, show_diffusion: bool = False, engine: str | None = None,
                                  progress=gr.Progress(track_tqdm=True)) -> tuple:
         """Enter in the prompt box: generate from whichever tab is open."""
         kind, canvas = ("sketch", sketch) if tab == "sketch" else ("mask", mask)
         return self._generate(kind, prompt, canvas, mode, steps, feature_steps, combine, seed, randomize_seed,
-                              truncation, num_images, show_diffusion, progress)
+                              truncation, num_images, show_diffusion, progress, engine)
 
     @friendly_errors("running the example")
     def example_from_mask(self, prompt: str, mask: Any, progress=gr.Progress(track_tqdm=True)) -> tuple:
@@ -389,7 +399,11 @@ class SpaceHandlers:
 
     def _generate(self, kind: str, prompt: Any, canvas: Any, mode: str, steps: Any, feature_steps: str,
                   combine: str, seed: Any, randomize_seed: bool, truncation: Any, num_images: Any,
-                  show_diffusion: bool, progress: Callable | None = None) -> tuple:
+                  show_diffusion: bool, progress: Callable | None = None, engine: str | None = None) -> tuple:
+        engine = engine or self.pipe.engine
+        run = self.engines.get(engine) if isinstance(engine, str) else None
+        if run is None:
+            raise user_error(f"Engine must be one of: {', '.join(self.engine_choices)}")
         prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
         if mode not in MODES:
             raise user_error(f"Mode must be one of: {', '.join(MODES)}")
@@ -401,6 +415,11 @@ class SpaceHandlers:
         feature = parse_feature_steps(feature_steps, steps) if mode == "quality" else None
         mask, scribble = visual_input(kind, canvas, prompt)
         seed = resolve_seed(seed, bool(randomize_seed))
+        if engine == "mm2latent":  # no diffusion model: one mode, no diffusion image (the library refuses both)
+            if mode != "fast" or show_diffusion:
+                gr.Info("The fast engine (MM2Latent) has no diffusion model: it ignores the mode, the steps and the "
+                        "diffusion image.")
+            mode, feature, show_diffusion = "fast", None, False
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
                        "(MM2LATENT_LOAD_VAE=0); showing the faces only.")
@@ -409,7 +428,7 @@ class SpaceHandlers:
         started = time.perf_counter()
         if progress is not None:
             progress(0, desc="Generating")
-        output = self.run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
+        output = run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
                           feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
                           return_intermediates=True, return_diffusion_image=bool(show_diffusion))
         return self._present(kind, output, time.perf_counter() - started)

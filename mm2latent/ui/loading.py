@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .settings import Settings
+from .settings import AUTO_FAST_ENGINE, TINY_FAST_ENGINE, Settings
 from .text import model_banner
 
 log = logging.getLogger("mm2latent.space")
@@ -92,3 +92,39 @@ def load_pipeline(settings: Settings, load: Callable[..., object] | None = None)
              len(failures))
     banner = model_banner(settings.model_repo, pipe.name, pipe.trained, [(f.model, f.reason) for f in failures])
     return LoadedModel(editor=editor, banner=banner, requested=settings.model_repo, failures=failures)
+
+
+def load_fast_engine(settings: Settings, main: LoadedModel, load: Callable[..., object] | None = None):
+    """The MM2Latent-engine pipeline offered beside the main model (the Space's engine selector), or None.
+
+    ``settings.fast_engine_repo``: None (off) → None; ``"auto"`` → ``tiny-mm2latent`` when the main model is a tiny
+    preset (the offline demo shows both engines), else None; a repo or folder → that model. Nothing is offered when
+    the main model already runs the MM2Latent engine, or when the named model cannot be loaded or is not an
+    MM2Latent model (logged: the Space keeps running on its main model).
+
+    Args:
+        settings: the Space settings.
+        main: the main model, as :func:`load_pipeline` returned it.
+        load: ``load(name, **options) -> pipeline`` (default ``FacePipeline.from_pretrained``).
+    """
+    requested = settings.fast_engine_repo
+    if requested == AUTO_FAST_ENGINE:
+        requested = TINY_FAST_ENGINE if main.pipe.name.startswith("tiny") else None
+    if requested is None or main.pipe.engine == "mm2latent":
+        return None
+    if load is None:
+        from ..pipelines.generation import FacePipeline
+
+        load = FacePipeline.from_pretrained
+    try:
+        pipe = load(requested, device=settings.device, dtype=settings.dtype)
+    except Exception as error:  # keep the Space up on its main model
+        log.warning("Could not load the MM2Latent engine %r (%s: %s); no engine selector.", requested,
+                    type(error).__name__, error)
+        return None
+    if pipe.engine != "mm2latent":
+        log.warning("%r runs the %s engine, not MM2Latent; no engine selector.", requested, pipe.engine)
+        return None
+    pipe.show_progress = True
+    log.info("Engine selector: %s (MM2Latent, trained=%s) beside %s", pipe.name, pipe.trained, main.pipe.name)
+    return pipe

@@ -228,7 +228,9 @@ def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str
     """One Markdown line: the seed of each image and how it was made."""
     seed_text = ", ".join(f"`{seed}`" for seed in seeds)
     noun = "Seed" if len(seeds) == 1 else "Seeds"
-    if settings.get("mode") == "fast":
+    if settings.get("engine") == "mm2latent":
+        how = "MM2Latent engine (no diffusion model)"
+    elif settings.get("mode") == "fast":
         how = "fast mode (one U-Net pass)"
     else:
         how = f"quality mode ({settings.get('num_steps')} steps, features from {len(settings.get('feature_steps', []))})"

@@ -18,6 +18,7 @@
 | ``MM2LATENT_SESSION_TTL`` | 1800 | seconds a visitor's inverted photo is kept between Invert and Edit |
 | ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
 | ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
+| ``MM2LATENT_FAST_ENGINE_REPO`` | ``auto`` | an MM2Latent-engine model offered beside the main one (engine selector); ``auto``: ``tiny-mm2latent`` when the main model is a tiny preset, none otherwise; ``off``: none |
 | ``MM2LATENT_3D_MODEL_REPO`` | ``tiny-eg3d`` | 3D (EG3D) model for the 3D tab; ``off`` hides the tab; falls back to ``tiny-eg3d`` |
 | ``MM2LATENT_3D_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_TURNTABLE_MAX_FRAMES`` | 48 | most frames of a turntable video (4..240) |
@@ -40,6 +41,10 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 THREE_D_OFF = {"off", "none", "0", "false", "no"}
 DEFAULT_3D_MODEL_REPO = "tiny-eg3d"
+#: ``MM2LATENT_FAST_ENGINE_REPO=auto``: the offline demo shows both engines; a real model gets a second engine only
+#: when one is named (a toy engine beside trained weights would only mislead).
+AUTO_FAST_ENGINE = "auto"
+TINY_FAST_ENGINE = "tiny-mm2latent"
 
 
 class SettingsError(ValueError):
@@ -64,6 +69,7 @@ class Settings:
     session_ttl_s: int = 1800
     gpu_duration: int = 60
     load_vae: bool = True
+    fast_engine_repo: str | None = AUTO_FAST_ENGINE  # None: no engine selector
     model_3d_repo: str | None = DEFAULT_3D_MODEL_REPO  # None: no 3D tab
     model_3d_revision: str | None = None
     turntable_max_frames: int = 48
@@ -92,6 +98,7 @@ class Settings:
             session_ttl_s=env.integer("SESSION_TTL", defaults.session_ttl_s, 60, 30 * 86400),
             gpu_duration=env.integer("GPU_DURATION", defaults.gpu_duration, 1, 3600),
             load_vae=env.flag("LOAD_VAE", defaults.load_vae),
+            fast_engine_repo=env.optional_text("FAST_ENGINE_REPO", defaults.fast_engine_repo, THREE_D_OFF),
             model_3d_repo=env.optional_text("3D_MODEL_REPO", defaults.model_3d_repo, THREE_D_OFF),
             model_3d_revision=env.text("3D_MODEL_REVISION"),
             turntable_max_frames=env.integer("TURNTABLE_MAX_FRAMES", defaults.turntable_max_frames, 4, 240),
