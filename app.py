@@ -47,8 +47,11 @@ CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files)
 
 @gpu_task(duration=SETTINGS.gpu_duration)
 def run_pipeline(**request):
-    """The one call that needs the accelerator; returns CPU data (PIL images, CPU tensors)."""
-    return MODEL.pipe(**request)
+    """The one call that needs the accelerator; returns CPU data (PIL images, CPU tensors).
+
+    The edit pipeline generates too, and also runs the training-free mode ("invert") that public weights need.
+    """
+    return MODEL.editor(**request)
 
 
 FAST_ENGINE = load_fast_engine(SETTINGS, MODEL)  # the MM2Latent engine beside the main model, or None
@@ -61,6 +64,7 @@ def run_fast_engine(**request):
 
 
 HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE,
+                         default_mode=MODEL.editor.default_mode,
                          engines=None if FAST_ENGINE is None else {FAST_ENGINE.engine: run_fast_engine})
 ENGINE_LABELS = {"ddgi": "diffusion features (DDGI)", "mm2latent": "fast (MM2Latent, no diffusion model)"}
 MODEL_3D = load_3d_pipeline(SETTINGS)  # None when MM2LATENT_3D_MODEL_REPO=off
@@ -130,8 +134,11 @@ def build_settings() -> list:
     """The Advanced settings accordion; returns its inputs in handler order."""
     with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
         with gr.Row():
-            mode = gr.Radio(["fast", "quality"], value="fast", label="Mode",
-                            info="fast: one U-Net pass · quality: several DDIM steps, latents combined")
+            mode = gr.Radio([("fast", "fast"), ("quality", "quality"), ("training-free", "invert")],
+                            value=HANDLERS.default_mode, label="Mode",
+                            info="fast: one U-Net pass · quality: several DDIM steps, latents combined · "
+                            "training-free: the diffusion model draws, the photo encoder inverts (public weights; "
+                            "slow: full denoising)")
             steps = gr.Slider(1, 50, value=20, step=1, label="Steps",
                               info="DDIM steps in quality mode and for the diffusion preview")
         with gr.Row():

@@ -101,3 +101,26 @@ def test_the_setting_reads_off_and_names():
     assert Settings.from_env({}).fast_engine_repo == "auto"
     assert Settings.from_env({"MM2LATENT_FAST_ENGINE_REPO": "off"}).fast_engine_repo is None
     assert Settings.from_env({"MM2LATENT_FAST_ENGINE_REPO": "org/fast"}).fast_engine_repo == "org/fast"
+
+
+def test_training_free_mode_in_the_space(tmp_path):
+    """On public weights (untrained M, T) the Space runs the edit pipeline's training-free mode, examples too."""
+    from mm2latent import FaceEditPipeline
+    from mm2latent.ui.handlers import SpaceHandlers
+
+    editor = FaceEditPipeline.from_pretrained("tiny", device="cpu")
+    editor.generation.show_progress = False
+    assert editor.default_mode == "invert"  # untrained M and T with a photo encoder: the public preset's case
+    handlers = SpaceHandlers(editor.generation, run=editor, settings=Settings(model_repo="tiny"),
+                             default_mode=editor.default_mode, store=outputs.OutputStore(tmp_path))
+    picture = canvases.template_canvas("glasses")
+    gallery, seed, summary, attention, files, diffusion = handlers.generate_from_mask(
+        PROMPT, picture, mode="invert", steps=2, seed=3, randomize_seed=False)
+    assert read_png_settings(gallery[0][0])["mode"] == "invert" and "training-free" in summary
+    expected = editor(PROMPT, mask=canvases.mask_from_canvas(picture), seed=3, mode="invert", num_steps=2)
+    np.testing.assert_array_equal(np.load(next(p for p in files if p.endswith(".npy")))[0],
+                                  expected.latents[0].numpy())
+    example = handlers.example_from_mask(PROMPT, picture)
+    assert read_png_settings(example[0][0][0])["mode"] == "invert"
+    with pytest.raises(ValueError, match="default_mode"):
+        SpaceHandlers(editor.generation, default_mode="slow")

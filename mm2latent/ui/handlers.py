@@ -266,10 +266,16 @@ class SpaceHandlers:
         store: where output files are written.
         engines: further engines a visitor may choose: engine name ("mm2latent") -> its ``run`` callable (the
             engine selector); ``pipe``'s own engine always runs through ``run``.
+        default_mode: the mode examples run in and the settings start at ("fast" with trained M and T; "invert",
+            the training-free mode, on public weights whose M and T are untrained).
     """
 
     def __init__(self, pipe, run: Callable | None = None, settings: Settings | None = None,
-                 store: OutputStore | None = None, engines: dict[str, Callable] | None = None):
+                 store: OutputStore | None = None, engines: dict[str, Callable] | None = None,
+                 default_mode: str = "fast"):
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
+        self.default_mode = default_mode
         self.pipe = pipe
         self.run = run or pipe
         self.settings = settings or Settings()
@@ -388,13 +394,13 @@ class SpaceHandlers:
 
     @friendly_errors("running the example")
     def example_from_mask(self, prompt: str, mask: Any, progress=gr.Progress(track_tqdm=True)) -> tuple:
-        """Examples use fast mode, one image and a fixed seed, so their cached results are reproducible."""
-        return self._generate("mask", prompt, mask, "fast", 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1, False,
+        """Examples use the default mode, one image and a fixed seed, so their cached results are reproducible."""
+        return self._generate("mask", prompt, mask, self.default_mode, 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1, False,
                               progress)
 
     @friendly_errors("running the example")
     def example_from_sketch(self, prompt: str, sketch: Any, progress=gr.Progress(track_tqdm=True)) -> tuple:
-        return self._generate("sketch", prompt, sketch, "fast", 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1,
+        return self._generate("sketch", prompt, sketch, self.default_mode, 20, "all", "mean", EXAMPLE_SEED, False, 1.0, 1,
                               False, progress)
 
     def _generate(self, kind: str, prompt: Any, canvas: Any, mode: str, steps: Any, feature_steps: str,

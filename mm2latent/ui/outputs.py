@@ -232,6 +232,8 @@ def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str
         how = "MM2Latent engine (no diffusion model)"
     elif settings.get("mode") == "fast":
         how = "fast mode (one U-Net pass)"
+    elif settings.get("mode") == "invert":
+        how = f"training-free mode ({settings.get('num_steps')} diffusion steps, inverted by the photo encoder)"
     else:
         how = f"quality mode ({settings.get('num_steps')} steps, features from {len(settings.get('feature_steps', []))})"
     visual = ["sketch" if name == "scribble" else name for name in settings.get("inputs", [])]
