@@ -55,7 +55,8 @@ def test_api_section_uses_one_local_url_and_every_endpoint():
     assert len(snippets) >= 2
     assert code.count("Client(") == 1 and f'Client("{README_URL}")' in code
     for endpoint in ("/load_template", "/upload_mask", "/generate_from_mask", "/generate_from_sketch",
-                     "/upload_sketch", "/sketch_from_photo", "/invert_photo", "/edit_photo"):
+                     "/upload_sketch", "/sketch_from_photo", "/invert_photo", "/edit_photo", "/generate_3d",
+                     "/render_view", "/turntable"):
         assert f'api_name="{endpoint}"' in code, endpoint
 
 
@@ -85,3 +86,10 @@ def test_readme_snippets_run_verbatim_against_a_live_app(space_url, snippet_fold
     assert np.load(npy, allow_pickle=False).shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
     assert "Method: guided" in namespace["info"] and "T is untrained" in namespace["info"]
     assert "meaningless" in namespace["identity"] and -1.0 <= float(namespace["identity"].split()[0]) <= 1.0
+    # The engine selector and the 3D tab: the fast engine made the face; the 3D face turned and made a video.
+    assert read_png_settings(namespace["fast_gallery"][0]["image"])["engine"] == "mm2latent"
+    assert namespace["fast_seed"] == 7
+    assert read_png_settings(namespace["view_3d"])["camera"] == [30, 0]
+    assert read_png_settings(namespace["side_view"])["camera"] == [-30, 5]
+    video = namespace["video"]
+    assert str(video["video"] if isinstance(video, dict) else video).endswith(".mp4")
