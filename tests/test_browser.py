@@ -298,7 +298,7 @@ def test_attention_shows_every_word_label_without_clipping(browser, space_url, s
 def test_template_appears_on_the_canvas_quickly(page, shots):
     canvas = page.locator("#mask-editor canvas").first
     uploads = []  # the editor exporting its content (seconds each in software WebGL) shows up as uploads
-    page.on("request", lambda request: uploads.append(request.url) if "/upload" in request.url else None)
+    page.on("request", lambda request: uploads.append(request.url) if "/gradio_api/upload" in request.url else None)
     timings = []
     for name, shows_glasses in (("glasses", True), ("long hair", False), ("glasses", True)):
         started = time.monotonic()
