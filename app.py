@@ -7,6 +7,7 @@ environment variables (see ``mm2latent/ui/settings.py``). Run with ``python app.
 
 from mm2latent.ui.gpu import gpu_task  # isort: skip  (imports `spaces` before torch, as ZeroGPU requires)
 
+import json
 import logging
 import os
 import re
@@ -72,6 +73,17 @@ HANDLERS_3D = None if MODEL_3D is None else ThreeDHandlers(MODEL_3D.pipe, settin
                                                            gpu=gpu_task(duration=SETTINGS.gpu_duration))
 RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
+
+
+def template_loader_js(urls: dict[str, str]) -> str:
+    """A page function that takes a template's name and returns the mask editor's value showing it."""
+    return f"""(name) => {{
+  const url = {json.dumps(urls)}[name];
+  if (!url) return undefined;
+  const picture = {{path: "template.png", url: url, orig_name: "template.png", mime_type: "image/png",
+                   meta: {{_type: "gradio.FileData"}}}};
+  return {{background: picture, layers: [], composite: picture}};
+}}"""
 
 
 def slug(name: str) -> str:
@@ -253,8 +265,13 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
                   "show_progress_on": outputs[0]}
     quick = {"queue": False, "api_visibility": "private"}
 
-    gr.on([mask["template"].input, mask["reload"].click], HANDLERS.load_template, inputs=mask["template"],
-          outputs=mask["canvas"], api_name="load_template", concurrency_limit=None)
+    # The page sets a template itself: any server event that outputs to the mask editor makes the page export
+    # the editor's whole content (software WebGL read-back + PNG encode, seconds) on every status update.
+    gr.on([mask["template"].input, mask["reload"].click], None, inputs=mask["template"], outputs=mask["canvas"],
+          js=template_loader_js(canvases.template_data_urls()), api_visibility="private", queue=False)
+    # The same pictures for API callers; no trigger on the page.
+    gr.on([], HANDLERS.load_template, inputs=mask["template"], outputs=mask["canvas"], api_name="load_template",
+          concurrency_limit=None)
     # Uploads are checked by an event without outputs first: a damaged file is a toast, and nothing covers or
     # replaces the visitor's canvas. (Queued: errors of unqueued events reach the page as a bare HTTP 500.)
     check = {"api_visibility": "private", "concurrency_id": "uploads", "concurrency_limit": 2}

@@ -8,7 +8,9 @@ transparent areas = background) is the library's.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from typing import Any
 
@@ -105,6 +107,21 @@ def template_canvas(name: str) -> dict[str, Any]:
     """Mask editor value for one of :data:`TEMPLATE_CHOICES`."""
     ids = blank_mask(CANVAS_SIZE) if name == BLANK_CANVAS else template_mask(name, CANVAS_SIZE)
     return mask_canvas(ids)
+
+
+def template_data_urls() -> dict[str, str]:
+    """Each of :data:`TEMPLATE_CHOICES` as the PNG data URL of its colour map, for the page to show by itself.
+
+    The mask editor exports its whole content (WebGL read-back + PNG encode, in software without a GPU)
+    whenever the page updates the loading status of an event involving it, so a template sent by the server
+    takes seconds to appear; set from these URLs in the page, it appears at once.
+    """
+    urls = {}
+    for name in TEMPLATE_CHOICES:
+        buffer = io.BytesIO()
+        template_canvas(name)["background"].save(buffer, format="PNG", optimize=True)
+        urls[name] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return urls
 
 
 def strokes_to_paper(strokes: np.ndarray) -> Image.Image:
