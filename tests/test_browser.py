@@ -312,7 +312,7 @@ def test_template_appears_on_the_canvas_quickly(page, shots):
     appearing = timings[::2]  # the glasses drawn; in between, their disappearance is no full new picture
     if max(appearing) > TEMPLATE_TARGET_S:
         pytest.xfail(f"a template takes {max(appearing):.1f} s to show (target {TEMPLATE_TARGET_S} s): the "
-                     "page is busy rendering the editor after a new value, see NOTES_template.md")
+                     "page is busy rendering the editor after a new value, see README (The Space)")
 
 
 def test_damaged_upload_is_a_toast_and_leaves_the_painted_mask(page, shots, tmp_path):

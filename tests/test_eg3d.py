@@ -2,7 +2,7 @@
 
 Equality with NVlabs/eg3d's own code (same weights, latents, camera, noise: bit-identical images,
 raw images and depths on the CPU) was checked outside the test suite, against their repository;
-see NOTES_eg3d.md. These tests pin the conventions and the behaviour that check relies on.
+see README (3D-aware faces). These tests pin the conventions and the behaviour that check relies on.
 """
 
 from __future__ import annotations
