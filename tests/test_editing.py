@@ -120,8 +120,9 @@ def test_identity_similarity_is_the_arcface_cosine(edit_pipe, inversion):
 
 def test_photo_mask_is_the_parsers_argmax_in_celebamask_order(edit_pipe, inversion):
     parser = edit_pipe.face_parser
+    # Downscaled with antialiasing, as the official inference's PIL resize does (not a plain bilinear sample).
     x = F.interpolate(image_to_tensor(inversion.aligned), size=(parser.input_size,) * 2, mode="bilinear",
-                      align_corners=False)
+                      align_corners=False, antialias=True)
     with torch.no_grad():
         logits = parser(((x + 1) / 2 - parser.mean) / parser.std)
     logits = F.interpolate(logits, size=(512, 512), mode="bilinear", align_corners=False)

@@ -105,7 +105,7 @@ def canvas_of(file: dict) -> dict:
 
 
 def generation(picture, seed=0, randomize=True, truncation=1.0) -> list:
-    return ["A face.", picture, "fast", 20, "all", "mean", seed, randomize, truncation, 1, False]
+    return ["A face.", picture, "fast", 20, "all", "mean", seed, randomize, truncation, 1, False, "ddgi"]
 
 
 # Every endpoint that takes a file, with the request that puts `file` where the file goes.
@@ -308,12 +308,12 @@ def test_every_bad_request_carries_a_message(space, client, tmp_path):
     uploaded = handle_file(str(damaged))
     raw = {  # (endpoint, JSON body as sent, words the message must hold)
         "seed 'abc'": ("generate_from_mask", generation(None, seed="abc", randomize=False), "seed must be"),
-        "seed NaN": ("generate_from_mask", '{"data": ["A face.", null, "fast", 20, "all", "mean", NaN, false, 1.0, 1, false]}',
+        "seed NaN": ("generate_from_mask", '{"data": ["A face.", null, "fast", 20, "all", "mean", NaN, false, 1.0, 1, false, "ddgi"]}',
                      "seed must be"),
-        "seed 1e400": ("generate_from_mask", '{"data": ["A face.", null, "fast", 20, "all", "mean", 1e400, false, 1.0, 1, false]}',
+        "seed 1e400": ("generate_from_mask", '{"data": ["A face.", null, "fast", 20, "all", "mean", 1e400, false, 1.0, 1, false, "ddgi"]}',
                        "seed must be"),
         "400-digit seed": ("generate_from_sketch", '{"data": ["A face.", null, "fast", 20, "all", "mean", 1' + "0" * 399
-                           + ', false, 1.0, 1, false]}', "seed must be"),
+                           + ', false, 1.0, 1, false, "ddgi"]}', "seed must be"),
         "seed 1.5": ("generate_from_mask", generation(None, seed=1.5, randomize=False), "1.5 is not"),
         "edit seed 1.5": ("edit_photo", [None, 0, "x", None, False, 1.0, "all", "modulate", 1.5, 0], "seed must be"),
         "truncation 'abc'": ("generate_from_mask", generation(None, truncation="abc"), "'abc'"),
