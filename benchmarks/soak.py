@@ -94,7 +94,7 @@ def prompt_for(index: int) -> str:
 
 def request_for(index: int) -> list:
     blank = {"background": None, "layers": [], "composite": None, "id": None}
-    return [prompt_for(index), blank, "fast", 20, "all", "mean", index, False, 1.0, 1, False]
+    return [prompt_for(index), blank, "fast", 20, "all", "mean", index, False, 1.0, 1, False, "ddgi"]
 
 
 def fresh_session_call(url: str, data: list) -> None:
