@@ -68,9 +68,11 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.mode == "invert" or (args.mode is None and name == "public"):
             pipe = FaceEditPipeline.from_pretrained(name, device=args.device)
             extra = {"refine_steps": args.refine_steps}
+            mode = args.mode  # None: the edit pipeline's default_mode (invert on untrained M and T)
         else:
             pipe = FacePipeline.from_pretrained(name, device=args.device, load_vae=False)
             extra = {}
+            mode = args.mode or "fast"
         bar.update()
         if not pipe.trained:
             print(f"Note: '{name}' has untrained weights; the faces are a demo of the mechanics only.", file=sys.stderr)
@@ -78,9 +80,9 @@ def run_generate(args: argparse.Namespace) -> int:
         # Camera options only when asked for: on a 2D model they are an error, not silently ignored.
         camera = None if args.yaw is None and args.pitch is None else (args.yaw or 0.0, args.pitch or 0.0)
         options = {"camera": camera, "conditioning_camera": args.conditioning_camera, "return_depth": args.save_depth}
-        extra.update({name: value for name, value in options.items() if value not in (None, False)})
+        extra.update({key: value for key, value in options.items() if value not in (None, False)})
         output = pipe(args.prompt, mask=args.mask, scribble=args.scribble, seed=args.seed,
-                      mode=args.mode or getattr(pipe, "default_mode", "fast"), guidance_scale=args.guidance,
+                      mode=mode, guidance_scale=args.guidance,
                       num_steps=args.steps, feature_steps=args.feature_steps, truncation=args.truncation,
                       num_images=args.num_images, **extra)
         bar.update()

@@ -34,6 +34,16 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
+def tiny_mm2latent_pipe():
+    """The MM2Latent engine's tiny preset (no diffusion model), shared by the engine and Space tests."""
+    from mm2latent import FacePipeline
+
+    pipe = FacePipeline.from_pretrained("tiny-mm2latent", device="cpu")
+    pipe.show_progress = False
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def mask_path(testdata) -> Path:
     return testdata / "masks" / "celebamaskhq_0_index.png"
 

@@ -18,23 +18,14 @@ PROMPT = "She has long wavy blonde hair and is smiling."
 
 
 @pytest.fixture(scope="module")
-def fast_pipe():
-    from mm2latent import FacePipeline
-
-    pipe = FacePipeline.from_pretrained("tiny-mm2latent", device="cpu")
-    pipe.show_progress = False
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def two_engines(tiny_pipe, fast_pipe, tmp_path_factory):
+def two_engines(tiny_pipe, tiny_mm2latent_pipe, tmp_path_factory):
     from mm2latent.ui.handlers import SpaceHandlers
 
-    return SpaceHandlers(tiny_pipe, settings=Settings(model_repo="tiny"), engines={"mm2latent": fast_pipe},
+    return SpaceHandlers(tiny_pipe, settings=Settings(model_repo="tiny"), engines={"mm2latent": tiny_mm2latent_pipe},
                          store=outputs.OutputStore(tmp_path_factory.mktemp("engine-runs")))
 
 
-def test_the_selected_engine_makes_the_faces(two_engines, tiny_pipe, fast_pipe):
+def test_the_selected_engine_makes_the_faces(two_engines, tiny_pipe, tiny_mm2latent_pipe):
     assert two_engines.engine_choices == ["ddgi", "mm2latent"]
     picture = canvases.template_canvas("long hair")
     results = {}
@@ -45,13 +36,13 @@ def test_the_selected_engine_makes_the_faces(two_engines, tiny_pipe, fast_pipe):
         assert read_png_settings(gallery[0][0])["engine"] == engine  # the PNG says which engine made it
     assert ("MM2Latent engine" in summary) and not attention  # no cross-attention maps without a diffusion model
     ids = canvases.mask_from_canvas(picture)
-    expected = fast_pipe(PROMPT, mask=ids, seed=5)
+    expected = tiny_mm2latent_pipe(PROMPT, mask=ids, seed=5)
     np.testing.assert_array_equal(results["mm2latent"][0], expected.latents[0].numpy())
     np.testing.assert_array_equal(results["ddgi"][0], tiny_pipe(PROMPT, mask=ids, seed=5).latents[0].numpy())
     assert results["ddgi"].shape == results["mm2latent"].shape  # same generator, same W+
 
 
-def test_diffusion_only_settings_do_not_break_the_fast_engine(two_engines, fast_pipe):
+def test_diffusion_only_settings_do_not_break_the_fast_engine(two_engines, tiny_mm2latent_pipe):
     """Quality mode or the diffusion image with the fast engine: a note, then the engine's one mode."""
     gallery, *_, files, diffusion = two_engines.generate_from_sketch(
         PROMPT, canvases.sketch_canvas(template_sketch("short hair")), mode="quality", steps=3, seed=2,

@@ -23,13 +23,6 @@ PROMPT = "She has long wavy blonde hair and is smiling."
 
 
 @pytest.fixture(scope="module")
-def engine_pipe():
-    pipe = FacePipeline.from_pretrained("tiny-mm2latent", device="cpu")
-    pipe.show_progress = False
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def engine_editor():
     editor = FaceEditPipeline.from_pretrained("tiny-mm2latent", device="cpu")
     editor.generation.show_progress = False
@@ -43,19 +36,19 @@ def pixels(image) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- the switch
 
 
-def test_presets_pick_the_engine_class(engine_pipe, tiny_pipe):
-    assert isinstance(engine_pipe, MM2LatentPipeline) and engine_pipe.engine == "mm2latent"
+def test_presets_pick_the_engine_class(tiny_mm2latent_pipe, tiny_pipe):
+    assert isinstance(tiny_mm2latent_pipe, MM2LatentPipeline) and tiny_mm2latent_pipe.engine == "mm2latent"
     assert type(tiny_pipe) is FacePipeline and tiny_pipe.engine == "ddgi"
     # No diffusion model in the MM2Latent preset.
-    assert set(engine_pipe.components()) == {"generator", "mm2latent_engine"}
+    assert set(tiny_mm2latent_pipe.components()) == {"generator", "mm2latent_engine"}
     # An engine's own class refuses a model of the other engine.
     with pytest.raises(InvalidSettingError, match="ddgi engine"):
         MM2LatentPipeline.from_pretrained("tiny", device="cpu")
 
 
-def test_mm2latent_manifest_round_trips_the_engine(engine_pipe, mask_path, sketch_path, tmp_path):
-    expected = engine_pipe(PROMPT, mask=mask_path, scribble=sketch_path, seed=4, num_images=2)
-    folder = engine_pipe.save_pretrained(tmp_path / "mm2latent")
+def test_mm2latent_manifest_round_trips_the_engine(tiny_mm2latent_pipe, mask_path, sketch_path, tmp_path):
+    expected = tiny_mm2latent_pipe(PROMPT, mask=mask_path, scribble=sketch_path, seed=4, num_images=2)
+    folder = tiny_mm2latent_pipe.save_pretrained(tmp_path / "mm2latent")
     manifest = json.loads((folder / "mm2latent.json").read_text())
     assert manifest["engine"] == "mm2latent"
     assert set(manifest["components"]) == {"generator", "mm2latent_engine"}
@@ -87,8 +80,8 @@ def test_ddgi_manifest_with_and_without_engine_loads_ddgi(tiny_pipe, mask_path, 
         FacePipeline.from_pretrained(folder, device="cpu")
 
 
-def test_mm2latent_manifest_needs_its_engine_component(engine_pipe, tmp_path):
-    folder = engine_pipe.save_pretrained(tmp_path / "incomplete")
+def test_mm2latent_manifest_needs_its_engine_component(tiny_mm2latent_pipe, tmp_path):
+    folder = tiny_mm2latent_pipe.save_pretrained(tmp_path / "incomplete")
     manifest_file = folder / "mm2latent.json"
     manifest = json.loads(manifest_file.read_text())
     del manifest["components"]["mm2latent_engine"]
@@ -100,23 +93,23 @@ def test_mm2latent_manifest_needs_its_engine_component(engine_pipe, tmp_path):
 # ---------------------------------------------------------------------------------------------- the call
 
 
-def test_same_call_same_output_type(engine_pipe, tiny_pipe, mask_path):
-    mm2latent = engine_pipe(PROMPT, mask=mask_path, seed=7, truncation=0.8, num_images=2)
+def test_same_call_same_output_type(tiny_mm2latent_pipe, tiny_pipe, mask_path):
+    mm2latent = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=7, truncation=0.8, num_images=2)
     ddgi = tiny_pipe(PROMPT, mask=mask_path, seed=7, truncation=0.8, num_images=2)
     assert type(mm2latent) is type(ddgi)
     assert mm2latent.seeds == ddgi.seeds == [7, 8]
-    assert mm2latent.latents.shape == (2, engine_pipe.generator.num_ws, engine_pipe.generator.style_dim)
-    assert [im.size for im in mm2latent.images] == [(engine_pipe.resolution,) * 2] * 2
+    assert mm2latent.latents.shape == (2, tiny_mm2latent_pipe.generator.num_ws, tiny_mm2latent_pipe.generator.style_dim)
+    assert [im.size for im in mm2latent.images] == [(tiny_mm2latent_pipe.resolution,) * 2] * 2
     assert set(mm2latent.condition_images) == {"mask"}
 
 
-def test_same_seed_same_output_and_what_the_seed_changes(engine_pipe, mask_path):
-    first = engine_pipe(PROMPT, mask=mask_path, seed=11)
-    second = engine_pipe(PROMPT, mask=mask_path, seed=11)
+def test_same_seed_same_output_and_what_the_seed_changes(tiny_mm2latent_pipe, mask_path):
+    first = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=11)
+    second = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=11)
     assert torch.equal(first.latents, second.latents)
     assert np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
-    other = engine_pipe(PROMPT, mask=mask_path, seed=12)
-    ranges = layer_ranges(engine_pipe.generator.num_ws)
+    other = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=12)
+    ranges = layer_ranges(tiny_mm2latent_pipe.generator.num_ws)
     kept = ranges["coarse"] + ranges["middle"]
     # The seed moves the fine layers only; the layout layers are the mapper's alone.
     assert torch.equal(first.latents[:, kept], other.latents[:, kept])
@@ -138,52 +131,52 @@ def test_seed_variation_zero_makes_the_seed_irrelevant(mask_path):
     assert torch.equal(single, direct)
 
 
-def test_inputs_change_the_latent(engine_pipe, mask_path, other_mask_path, sketch_path):
-    base = engine_pipe(PROMPT, mask=mask_path, seed=3).latents
-    other_mask = engine_pipe(PROMPT, mask=other_mask_path, seed=3).latents
-    other_prompt = engine_pipe("He has a beard and short black hair.", mask=mask_path, seed=3).latents
-    with_sketch = engine_pipe(PROMPT, mask=mask_path, scribble=sketch_path, seed=3).latents
-    text_only = engine_pipe(PROMPT, seed=3).latents
-    mask_only = engine_pipe("", mask=mask_path, seed=3).latents
+def test_inputs_change_the_latent(tiny_mm2latent_pipe, mask_path, other_mask_path, sketch_path):
+    base = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=3).latents
+    other_mask = tiny_mm2latent_pipe(PROMPT, mask=other_mask_path, seed=3).latents
+    other_prompt = tiny_mm2latent_pipe("He has a beard and short black hair.", mask=mask_path, seed=3).latents
+    with_sketch = tiny_mm2latent_pipe(PROMPT, mask=mask_path, scribble=sketch_path, seed=3).latents
+    text_only = tiny_mm2latent_pipe(PROMPT, seed=3).latents
+    mask_only = tiny_mm2latent_pipe("", mask=mask_path, seed=3).latents
     for other in (other_mask, other_prompt, with_sketch, text_only, mask_only):
         assert (base - other).abs().max() > 1e-4
 
 
-def test_batches_match_single_calls(engine_pipe, mask_path, other_mask_path):
+def test_batches_match_single_calls(tiny_mm2latent_pipe, mask_path, other_mask_path):
     from mm2latent.pipelines.request import GenerationRequest
 
-    batch = engine_pipe(PROMPT, mask=mask_path, seed=20, num_images=3)
-    single = engine_pipe(PROMPT, mask=mask_path, seed=21)
+    batch = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=20, num_images=3)
+    single = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=21)
     torch.testing.assert_close(batch.latents[1], single.latents[0], atol=1e-5, rtol=1e-5)
     # Requests with different prompts (one empty: the null text token) and masks share one mapper pass.
     requests = [GenerationRequest.create(PROMPT, mask_path, seed=5), GenerationRequest.create("", other_mask_path, seed=6)]
-    outputs = engine_pipe.generate_batch(requests)
+    outputs = tiny_mm2latent_pipe.generate_batch(requests)
     for request, output in zip(requests, outputs):
-        alone = engine_pipe.generate(request)
+        alone = tiny_mm2latent_pipe.generate(request)
         torch.testing.assert_close(output.latents, alone.latents, atol=1e-5, rtol=1e-5)
     assert outputs[1].settings["prompt"] == ""
 
 
-def test_truncation_pulls_toward_the_mean(engine_pipe, mask_path):
-    full = engine_pipe(PROMPT, mask=mask_path, seed=9).latents
-    zero = engine_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.0).latents
-    half = engine_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.5).latents
-    avg = engine_pipe.generator.latent_avg.float()
+def test_truncation_pulls_toward_the_mean(tiny_mm2latent_pipe, mask_path):
+    full = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=9).latents
+    zero = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.0).latents
+    half = tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=9, truncation=0.5).latents
+    avg = tiny_mm2latent_pipe.generator.latent_avg.float()
     torch.testing.assert_close(zero, avg.expand_as(zero))
     torch.testing.assert_close(half, avg + 0.5 * (full - avg), atol=1e-5, rtol=1e-5)
 
 
-def test_settings_and_png_metadata_record_the_engine(engine_pipe, tiny_pipe, mask_path, tmp_path):
-    for pipe, engine in ((engine_pipe, "mm2latent"), (tiny_pipe, "ddgi")):
+def test_settings_and_png_metadata_record_the_engine(tiny_mm2latent_pipe, tiny_pipe, mask_path, tmp_path):
+    for pipe, engine in ((tiny_mm2latent_pipe, "mm2latent"), (tiny_pipe, "ddgi")):
         out = pipe(PROMPT, mask=mask_path, seed=1)
         assert out.settings["engine"] == engine
         path = tmp_path / f"{engine}.png"
         save_png(out.images[0], path, out.settings)
         assert read_png_settings(path)["engine"] == engine
-    settings = engine_pipe(PROMPT, seed=1).settings
+    settings = tiny_mm2latent_pipe(PROMPT, seed=1).settings
     # Settings the MM2Latent engine does not read are not recorded as if they had been used.
     assert not set(DIFFUSION_SETTINGS) & set(settings)
-    assert settings["seed_variation"] == engine_pipe.seed_variation
+    assert settings["seed_variation"] == tiny_mm2latent_pipe.seed_variation
 
 
 @pytest.mark.parametrize(
@@ -197,18 +190,18 @@ def test_settings_and_png_metadata_record_the_engine(engine_pipe, tiny_pipe, mas
         ({"camera": (10, 0)}, InvalidSettingError, "2D"),
     ],
 )
-def test_diffusion_only_settings_are_refused(engine_pipe, kwargs, error, words):
+def test_diffusion_only_settings_are_refused(tiny_mm2latent_pipe, kwargs, error, words):
     kwargs = {"prompt": PROMPT, **kwargs}
     with pytest.raises(error, match=words):
-        engine_pipe(**kwargs)
+        tiny_mm2latent_pipe(**kwargs)
 
 
-def test_empty_sketch_is_ignored_with_a_warning(engine_pipe, mask_path):
+def test_empty_sketch_is_ignored_with_a_warning(tiny_mm2latent_pipe, mask_path):
     blank = np.zeros((64, 64), np.uint8)
     with pytest.warns(UserWarning, match="no strokes"):
-        out = engine_pipe(PROMPT, mask=mask_path, scribble=blank, seed=1)
+        out = tiny_mm2latent_pipe(PROMPT, mask=mask_path, scribble=blank, seed=1)
     assert set(out.condition_images) == {"mask"}
-    assert torch.equal(out.latents, engine_pipe(PROMPT, mask=mask_path, seed=1).latents)
+    assert torch.equal(out.latents, tiny_mm2latent_pipe(PROMPT, mask=mask_path, seed=1).latents)
 
 
 # ---------------------------------------------------------------------------------------------- editing
