@@ -33,6 +33,7 @@ from .config import ConfigError, TrainingConfig, loss_targets
 from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset, TemplatedCaptions
 from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
+from .prepare_3d import prepared_camera_labels
 
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -64,7 +65,9 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
     encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
-    labels = read_dataset_json(data.camera_labels) if data.camera_labels else None
+    # A `prepare --generator eg3d` folder carries its cameras.json: used unless data.camera_labels names a file.
+    camera_file = data.camera_labels or (prepared_camera_labels(data.root) if data.kind == "celebamask" else None)
+    labels = read_dataset_json(camera_file) if camera_file else None
     if data.kind == "synthetic":
         cameras = torch.stack([labels[name] for name in sorted(labels)]) if labels else None
         dataset = SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
