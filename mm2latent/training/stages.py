@@ -120,6 +120,8 @@ class LatentStage:
     def __init__(self, config: TrainingConfig, pipe: FacePipeline, lpips: nn.Module | None, arcface: nn.Module | None):
         self.config, self.pipe, self.stage = config, pipe, config.stage
         assert self.stage in (1, 2)
+        if arcface is not None and is_3d(pipe.generator):
+            arcface.face_crop = "eg3d"  # L_ID crops EG3D's framing (networks/arcface.py FACE_CROPS)
         self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
         self.recon_target, self.id_target = loss_targets(config)
         self.model = pipe.mapper if self.stage == 1 else pipe.modulator
