@@ -26,7 +26,14 @@ from ..models.networks import NETWORKS, build_tiny_network
 from ..pipelines.generation import FacePipeline
 from .config import ConfigError, TrainingConfig
 from .data import SyntheticFaceDataset
-from .idd_cache import cache_key, combination_name, modality_combinations, needs_idd_cache
+from .idd_cache import (
+    cache_key,
+    combination_name,
+    draw_targets,
+    modality_combinations,
+    needs_idd_cache,
+    plan_idd_cache,
+)
 from .stages import LatentStage
 from .trainer import Trainer, make_accelerator
 
@@ -99,6 +106,7 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
                                                                        run.data.modality_sampling))
     trainer = Trainer(run, LatentStage(run, pipe, lpips, arcface), dataset, accelerator)
     load_seconds = time.perf_counter() - load_start
+    cache_plan = plan_cache(run, pipe, dataset) if needs_idd_cache(run) else None
 
     device = accelerator.device
     if device.type == "cuda":
@@ -129,7 +137,39 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
         "projected_hours": per_step * config.train.max_steps / 3600,
         "last_losses": {k: v for k, v in trainer.history[-1].items() if k.startswith("loss/")},
         "output_dir": str(Path(run.output_dir)),
+        "idd_cache": cache_plan,
     }
+
+
+# CelebAMask-HQ's training split (90 % of 30 000 photos) and Multi-Modal CelebA-HQ's captions per photo: what the
+# cache plan assumes when data.root is not a prepared folder.
+ASSUMED_TRAIN_IMAGES = 27000
+ASSUMED_CAPTIONS_PER_IMAGE = 10
+
+
+def plan_cache(config: TrainingConfig, pipe: FacePipeline, dataset) -> dict:
+    """The I^d_0 cache of ``config``'s data: entries, disk and hours (one entry drawn and timed here)."""
+    combinations = modality_combinations(config.data.modalities, pipe.encoder.modalities,
+                                         config.data.modality_sampling)
+    start = time.perf_counter()
+    draw_targets(config, pipe, [dataset[(0, 0)]], combinations[0])
+    seconds = time.perf_counter() - start
+    per_image = config.diffusion.idd_captions_per_image
+    root = Path(config.data.root) if config.data.root else None
+    if root is not None and (root / "train.txt").is_file():
+        from .data import FaceDataset
+
+        real = FaceDataset(root, config.data.split, captions_per_image=per_image,
+                           caption_index=config.diffusion.idd_caption_index if per_image is None else None)
+        num_images, source = len(real), str(root)
+        captions = sum(len(real.candidate_captions(p)) for p in range(len(real))) / num_images if num_images else 0.0
+    else:
+        num_images, source = ASSUMED_TRAIN_IMAGES, "assumed: CelebAMask-HQ train split, 10 captions per image"
+        captions = 1 if per_image is None else (ASSUMED_CAPTIONS_PER_IMAGE if per_image == 0
+                                                else min(per_image, ASSUMED_CAPTIONS_PER_IMAGE))
+    plan = plan_idd_cache(num_images, captions, len(combinations), pipe.generator.resolution, seconds)
+    return {**plan, "num_images": num_images, "captions_per_image": captions, "combinations": len(combinations),
+            "seconds_per_entry": seconds, "source": source}
 
 
 def format_report(report: dict) -> str:
@@ -143,4 +183,9 @@ def format_report(report: dict) -> str:
         f"  time per step: {report['seconds_per_step']:.2f} s (mean after the first step)",
         f"  peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB",
         f"  projected: {report['max_steps']} steps -> {report['projected_hours']:.1f} h on this device",
-    ])
+    ] + ([] if not report.get("idd_cache") else [
+        f"  I^d_0 cache: {report['idd_cache']['num_images']} images x {report['idd_cache']['captions_per_image']:.1f} "
+        f"captions x {report['idd_cache']['combinations']} input combinations = {report['idd_cache']['entries']} "
+        f"entries, ~{report['idd_cache']['bytes'] / 2**30:.1f} GiB, {report['idd_cache']['hours']:.1f} h to draw "
+        f"on this device ({report['idd_cache']['seconds_per_entry']:.2f} s per entry; {report['idd_cache']['source']})",
+    ]))

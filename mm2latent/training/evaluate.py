@@ -43,7 +43,7 @@ MODALITY_TITLES = {"mask": "Text + Mask", "scribble": "Text + Scribble"}
 ImageSource = Callable[[dict, str, int], torch.Tensor]
 
 
-def _pil_inputs(item: dict, modality: str):
+def pil_inputs(item: dict, modality: str):
     control = (item["controls"][modality].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(control) if modality == "mask" else Image.fromarray(control[..., 0])
 
@@ -53,7 +53,7 @@ def mm2latent_images(pipe: FacePipeline, mode: str = "fast") -> ImageSource:
     generator renders each at the item's own camera (``item["camera"]``, the photo's label), as training does."""
     def generate(item: dict, modality: str, seed: int) -> torch.Tensor:
         view = {"camera": item["camera"]} if "camera" in item else {}
-        out = pipe(item["caption"], seed=seed, mode=mode, **{modality: _pil_inputs(item, modality)}, **view)
+        out = pipe(item["caption"], seed=seed, mode=mode, **{modality: pil_inputs(item, modality)}, **view)
         return torch.cat([image_to_tensor(i) for i in out.images])
 
     return generate
@@ -143,7 +143,7 @@ def evaluate(
             if modality == "mask" and face_parser is not None:
                 from ..inputs.conditions import parse_mask
 
-                ids = torch.from_numpy(parse_mask(_pil_inputs(item, "mask"), require_face=False).astype(np.int64))
+                ids = torch.from_numpy(parse_mask(pil_inputs(item, "mask"), require_face=False).astype(np.int64))
                 predicted = face_parser.parse(image, size=ids.shape[-1])[0].cpu()
                 confusion += M.confusion_matrix(predicted, ids)
             if fid is not None:
@@ -168,7 +168,7 @@ def multiview_grid(pipe: FacePipeline, dataset, modality: str = "mask", num_face
     for position in range(min(num_faces, len(dataset))):
         item = dataset[(position, 0)]
         out = pipe(item["caption"], seed=seed + position, camera=item["camera"],
-                   **{modality: _pil_inputs(item, modality)})
+                   **{modality: pil_inputs(item, modality)})
         views = pipe.render_views(out.latents.to(pipe.device), yaws=list(yaws)).images[0]
         size = views.shape[-1]
         photo = torch.nn.functional.interpolate(item["target"][None].float(), size=(size, size), mode="bilinear",

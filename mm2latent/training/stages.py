@@ -81,7 +81,10 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
         dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
                               modalities=tuple(data.modalities), seed=config.seed,
                               caption_index=config.diffusion.idd_caption_index
-                              if config.stage == 2 or needs_idd_cache(config) else None, camera_labels=labels)
+                              if (config.stage == 2 or needs_idd_cache(config))
+                              and config.diffusion.idd_captions_per_image is None else None,
+                              camera_labels=labels, captions_per_image=config.diffusion.idd_captions_per_image
+                              if config.stage == 2 or needs_idd_cache(config) else None)
     return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
