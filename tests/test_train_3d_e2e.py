@@ -17,15 +17,15 @@ from mm2latent.training.evaluate import main as evaluate_main
 # Real photos with their masks (masks of other faces stand in for the FFHQ photos: the path, not the pairing,
 # is under test). Photos are shrunk to 256² so dlib and the crops stay quick.
 PHOTOS = [("celebamaskhq_0.jpg", "celebamaskhq_0_index.png"), ("celebamaskhq_1.jpg", "celebamaskhq_1_index.png"),
-          ("ffhq_3.jpg", "label_index_a.png"), ("ffhq_4.jpg", "celebamaskhq_0_index.png")]
+          ("ffhq_3.jpg", "label_index_a.png")]
 
 
 def tiny_run(stage: int, pipeline: str, data: str, output: str) -> list[str]:
     return ["--config", "configs/stage1_mapper_eg3d.yaml" if stage == 1 else "configs/stage2_modulator_eg3d.yaml",
             "--set", f"pipeline={pipeline}", f"output_dir={output}", f"data.root={data}", "components={}",
-            "data.num_workers=0", "data.modalities=[mask]", "train.batch_size=2", "train.max_steps=2",
-            "train.mixed_precision=no", "train.checkpoint_every=0", "train.sample_every=0", "train.log_with=null",
-            "train.progress=false", "networks.lpips=tiny", "networks.arcface=tiny", "diffusion.idd_steps=2",
+            "data.num_workers=0", "data.modalities=[mask]", "train.batch_size=2", "train.max_steps=1",
+            'train.mixed_precision="no"', "train.checkpoint_every=0", "train.sample_every=0", "train.log_with=null",
+            "train.progress=false", "networks.lpips=tiny", "networks.arcface=tiny", "diffusion.idd_steps=1",
             "diffusion.idd_captions_per_image=2"]
 
 
@@ -40,13 +40,13 @@ def test_eg3d_prepare_train_evaluate(testdata, tmp_path, monkeypatch):
             image.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS).save(root / "CelebA-HQ-img" / f"{i}.jpg")
         shutil.copy(testdata / "masks" / mask, masks / f"{i}.png")
         (text / f"{i}.txt").write_text("a face with a smile\nthe person has short hair\nshe or he looks young\n")
-    (tmp_path / "test_ids.txt").write_text("3\n")
+    (tmp_path / "test_ids.txt").write_text("2\n")
     prepared = tmp_path / "prepared"
     train_main(["prepare", "--generator", "eg3d", "--root", str(root), "--mask-dir", str(masks), "--text-dir",
                 str(text), "--output", str(prepared), "--test-ids", str(tmp_path / "test_ids.txt")])
     labels = read_dataset_json(prepared / "cameras.json")
-    assert sorted(labels) == [f"{i}.png" for i in range(4)]
-    assert (prepared / "test.txt").read_text().split() == ["3"]
+    assert sorted(labels) == [f"{i}.png" for i in range(3)]
+    assert (prepared / "test.txt").read_text().split() == ["2"]
 
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # the configs/ folder
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
@@ -54,14 +54,14 @@ def test_eg3d_prepare_train_evaluate(testdata, tmp_path, monkeypatch):
     train_main(tiny_run(2, str(stage1 / "final"), str(prepared), str(stage2)))
     # Stage 2 cached I^d_0 for two captions of each training image (one combination: the mask).
     entries = [json.loads(line) for line in (stage2 / "idd_cache" / "entries.jsonl").read_text().splitlines()]
-    assert len(entries) == 3 * 2 and len({(e["image_id"], e["caption"]) for e in entries}) == 6
+    assert len(entries) == 2 * 2 and len({(e["image_id"], e["caption"]) for e in entries}) == 4
 
     out = tmp_path / "eval"
     evaluate_main(["--model", str(stage2 / "final"), "--data", str(prepared), "--output", str(out),
                    "--num-samples", "1", "--modalities", "mask", "--lpips", "tiny", "--arcface", "tiny",
                    "--face-parser", "tiny", "--fid-feature", "none", "--no-clip", "--multiview", "1"])
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert 0.0 < rows["mm2latent (ours)"]["mask"]["ms_ssim"] <= 1.0
+    assert rows["mm2latent (ours)"]["mask"]["num_samples"] == 1 and rows["mm2latent (ours)"]["mask"]["lpips"] > 0
     grid = Image.open(out / "multiview.png")
     pipe = FacePipeline.from_pretrained(str(stage2 / "final"), device="cpu")
     size = pipe.resolution
