@@ -270,13 +270,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="plan the run: time --steps real steps of stage 1 or 2 on full-size random models and "
                              "report time per step, peak memory and the projected time (training/dry_run.py)")
     parser.add_argument("--steps", type=int, default=2, help="steps a --dry-run times (default 2)")
+    parser.add_argument("--generator", choices=("stylegan2", "eg3d"), default="stylegan2",
+                        help="the generator a --dry-run builds at full size (eg3d: NVIDIA's FFHQ 512² EG3D)")
     args = parser.parse_args(argv)
     config = load_config(args.config, parse_overrides(args.set))
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.dry_run:
         from .dry_run import dry_run, format_report
 
-        report = dry_run(config, args.steps)
+        report = dry_run(config, args.steps, generator=args.generator)
         print(format_report(report))
         print(json.dumps(report))
         return

@@ -73,19 +73,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None) -> dict:
+def with_full_size_eg3d(pipe: FacePipeline, seed: int = 0) -> FacePipeline:
+    """The full-size random pipeline with NVIDIA's FFHQ 512² EG3D (random weights) in place of StyleGAN2, and M,
+    T sized from it (14 W+ layers of 512): what a 3D run trains, for timing and memory."""
+    from ..models.eg3d import TriPlaneGenerator, ffhq512_config
+    from ..models.mapping import MappingNetwork, StyleModulationNetwork
+    from ..pipelines.presets import mapper_config, modulator_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = TriPlaneGenerator(**ffhq512_config()).eval().requires_grad_(False)
+        pipe.generator = generator
+        pipe.mapper = MappingNetwork(**mapper_config(pipe.encoder, generator))
+        pipe.modulator = StyleModulationNetwork(**modulator_config(pipe.encoder, generator))
+    return pipe
+
+
+def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None, generator: str = "stylegan2") -> dict:
     """Run ``steps`` optimizer steps of ``config``'s stage on full-size random models; return the measurements.
 
     Args:
         config: the run to plan (stage 1 or 2; its batch size, accumulation, precision and loss weights are used).
         steps: optimizer steps to time (>= 2 gives a warm mean).
         pipeline: the models to time: default ``full-random``; ``tiny`` for a smoke test.
+        generator: "stylegan2", or "eg3d" (3D runs: NVIDIA's FFHQ 512² EG3D at full size, ``tiny-eg3d`` with
+            ``tiny``), rendered at the frontal camera.
     """
     if config.stage not in (1, 2):
         raise ConfigError(f"--dry-run plans stages 1 and 2, got stage {config.stage!r}")
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
-    pipeline = pipeline or ("tiny" if config.pipeline == "tiny" else "full-random")
+    if generator not in ("stylegan2", "eg3d"):
+        raise ConfigError(f"--generator must be stylegan2 or eg3d, got {generator!r}")
+    tiny = (pipeline or config.pipeline) in ("tiny", "tiny-eg3d")
+    pipeline = ("tiny-eg3d" if generator == "eg3d" else "tiny") if tiny else "full-random"
     run = copy.deepcopy(config)
     run.output_dir = tempfile.mkdtemp(prefix="mm2latent-dry-run-")
     train = run.train
@@ -94,8 +115,11 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
 
     load_start = time.perf_counter()
     pipe = FacePipeline.from_pretrained(pipeline, device="cpu", dtype=torch.float32)
+    if generator == "eg3d" and not tiny:
+        with_full_size_eg3d(pipe, run.seed)
+        pipeline = "full-random + FFHQ 512² EG3D"
     pipe.show_progress = False
-    lpips, arcface = loss_networks(run, tiny=pipeline == "tiny")
+    lpips, arcface = loss_networks(run, tiny=tiny)
     accelerator = make_accelerator(run)
     size = pipe.encoder.image_size
     # One batch of renders is enough: the sampler cycles through the dataset.
