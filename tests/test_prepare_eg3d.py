@@ -147,3 +147,26 @@ def test_real_crops_are_aligned_with_their_masks(prepared):
         assert (warped ^ unwarped).mean() > 0.02  # the warp moved the mask: it was not a no-op
         scribble = np.asarray(Image.open(folder / "scribbles" / f"{i}.png"))
         assert scribble.shape == (SIZE, SIZE) and set(np.unique(scribble)) == {0, 255}
+
+
+@pytest.mark.parametrize("photo", ["ffhq_3.jpg", "ffhq_7.jpg"])
+def test_arcface_eg3d_box_frames_the_face_as_psp_frames_ffhq(testdata, photo):
+    """The eyes, nose tip and mouth corners sit at the same places of ArcFace's box whether a face is FFHQ-aligned
+    (pSp's box) or in EG3D's crop (FACE_CROPS["eg3d"]); pSp's box on the EG3D crop would be off."""
+    from mm2latent.editing.align import detect_faces, predict_landmarks
+    from mm2latent.models.networks.arcface import FACE_CROPS
+    from mm2latent.training.face_model import five_points
+
+    with Image.open(testdata / "photos" / photo) as image:
+        image = image.convert("RGB")
+        points = predict_landmarks(image, max(detect_faces(image), key=lambda b: b[2] * b[3]))
+    in_crop = crop_landmarks(points, crop_box(points, image.size[1]))
+
+    def in_box(pts, side, framing):
+        top, bottom, left, right = FACE_CROPS[framing]
+        unit = (five_points(pts) + 0.5) / side * 256
+        return (unit - [left, top]) / [right - left, bottom - top]
+
+    ffhq = in_box(points, image.size[0], "ffhq")
+    assert np.abs(in_box(in_crop, SIZE, "eg3d") - ffhq).max() < 0.06  # within 6 % of the box
+    assert np.abs(in_box(in_crop, SIZE, "ffhq") - ffhq).max() > 0.08
