@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import InvalidSettingError
 from ..inputs.images import image_to_tensor
 from ..models.generator import is_3d
 from ..models.networks import build_tiny_network, load_network
@@ -113,8 +114,8 @@ def evaluate(
     images = images or mm2latent_images(pipe, mode)
     if is_3d(pipe.generator):
         if len(dataset) and "camera" not in dataset[(0, 0)]:
-            raise ValueError("evaluating a 3D generator renders each sample at its photo's camera: give the dataset "
-                             "camera labels (a `prepare --generator eg3d` folder or --camera-labels)")
+            raise InvalidSettingError("evaluating a 3D generator renders each sample at its photo's camera: give the "
+                                      "dataset camera labels (a `prepare --generator eg3d` folder or --camera-labels)")
         if arcface is not None:
             arcface.face_crop = "eg3d"  # the ID metric crops EG3D's framing (networks/arcface.py FACE_CROPS)
     positions = np.random.default_rng(seed).permutation(len(dataset))[:num_samples]

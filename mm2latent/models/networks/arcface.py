@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ...errors import InvalidSettingError
+
 # (in_channels, depth, num_units) of the four stages of IR-50; the first unit of each stage has stride 2.
 IR50_STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
 
@@ -132,7 +134,7 @@ class IRSE50(nn.Module, PyTorchModelHubMixin):
         """
         framing = framing or self.face_crop
         if framing not in FACE_CROPS:
-            raise ValueError(f"unknown face framing {framing!r}: expected one of {sorted(FACE_CROPS)}")
+            raise InvalidSettingError(f"unknown face framing {framing!r}: expected one of {sorted(FACE_CROPS)}")
         size = images.shape[-1]
         top, bottom, left, right = (round(size * v / 256) for v in FACE_CROPS[framing])
         face = images[:, :, top:bottom, left:right]
