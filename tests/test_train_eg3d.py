@@ -127,3 +127,23 @@ def test_dry_run_plans_a_3d_run_and_its_caption_cache(capsys, tmp_path):
     assert plan["entries"] == 27000 * 10 * 2 and plan["bytes"] > 0
     assert plan["hours"] == pytest.approx(plan["entries"] * plan["seconds_per_entry"] / 3600)
     assert any(line.startswith("  I^d_0 cache: 27000 images x 10.0 captions") for line in lines)
+
+
+def test_3d_sample_grid_shows_each_output_from_other_views(eg3d_pipe, tmp_path):
+    """3D sample grids: target, output, then the output rendered at each SAMPLE_YAWS (multi-view samples)."""
+    import copy
+
+    import numpy as np
+
+    from mm2latent.training.stages import SAMPLE_YAWS
+
+    cameras = eg3d_pipe.generator.camera_labels([[-20.0, 0.0], [20.0, 0.0]])
+    labels = write_dataset_json({"a.png": cameras[0], "b.png": cameras[1]}, tmp_path / "dataset.json")
+    trainer = build(eg3d_config(tmp_path, labels), copy.deepcopy(eg3d_pipe))
+    batch = collate([trainer.dataset[(p, 0)] for p in range(2)])
+    _, _, images = trainer.stage.loss(batch, trainer.stage.model, torch.Generator().manual_seed(0))
+    grid = np.asarray(trainer.stage.sample_grid(batch, images)).astype(float)
+    size = images.shape[-1]
+    assert grid.shape[0] == (2 + len(SAMPLE_YAWS)) * size
+    left, right = grid[2 * size:3 * size], grid[3 * size:4 * size]
+    assert np.abs(left - right).mean() > 1.0  # two views of the same faces

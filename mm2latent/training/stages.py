@@ -35,6 +35,9 @@ from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
 from .prepare_3d import prepared_camera_labels
 
+#: 3D runs: the yaws (degrees, pitch 0) the sample grid also shows each output from.
+SAMPLE_YAWS = (-30.0, 30.0)
+
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, micro_step, rank]).integers(2**62)))
@@ -143,6 +146,7 @@ class LatentStage:
         self.drawn_timesteps: list[int] = []  # since the last pop_timesteps (the trainer logs their histogram)
         self.last_target_keys: list[str] | None = None  # the I^d_0 cache keys of the last micro-batch
         self.last_idd: torch.Tensor | None = None  # and its I^d_0 (the sample grid shows it)
+        self.last_w: torch.Tensor | None = None  # and its w (3D: the sample grid renders it from other views)
 
     @property
     def name(self) -> str:
@@ -224,13 +228,21 @@ class LatentStage:
         recon_target, id_target = self.targets(batch, list(controls), images.device)
         total, logs = self.loss_fn(images, recon_target, id_target, w, self.pipe.generator.latent_avg)
         logs["t/mean"] = float(t.float().mean())
+        self.last_w = w.detach()
         return total, logs, images.detach()
 
     def sample_grid(self, batch: dict, images: torch.Tensor) -> Image.Image:
-        """Rows: target | output (| I^d_0 of the last visual inputs, when the run uses it)."""
+        """Rows: target | output (| I^d_0 of the last visual inputs, when the run uses it) (| 3D: the output seen
+        from each of :data:`SAMPLE_YAWS`, so the grid shows what the run makes of the whole head)."""
         rows = [batch["target"], images.cpu()]
         if self.last_idd is not None:
             rows.append(self.last_idd)
+        generator = self.pipe.generator
+        if is_3d(generator) and self.last_w is not None:
+            with torch.no_grad():
+                for yaw in SAMPLE_YAWS:
+                    cameras = generator.camera_labels([[yaw, 0.0]]).to(self.last_w.device)
+                    rows.append(generator.synthesis(self.last_w, camera=cameras.expand(len(self.last_w), -1)).cpu())
         return image_grid(rows)
 
     def export(self, model: nn.Module, folder: Path) -> Path:
