@@ -53,7 +53,7 @@ def mm2latent_images(pipe: FacePipeline, mode: str = "fast") -> ImageSource:
     """The method's images: the pipeline called with the item's caption, its visual input and the seed; a 3D
     generator renders each at the item's own camera (``item["camera"]``, the photo's label), as training does."""
     def generate(item: dict, modality: str, seed: int) -> torch.Tensor:
-        view = {"camera": item["camera"]} if "camera" in item else {}
+        view = {"camera": item["camera"]} if "camera" in item and is_3d(pipe.generator) else {}
         out = pipe(item["caption"], seed=seed, mode=mode, **{modality: pil_inputs(item, modality)}, **view)
         return torch.cat([image_to_tensor(i) for i in out.images])
 
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                              "eg3d` folder); a 3D model renders each sample at its photo's camera")
     parser.add_argument("--multiview", type=int, default=4,
                         help="3D: also write multiview.png, this many faces from five yaws (0 = none)")
+    parser.add_argument("--multiview-only", action="store_true",
+                        help="3D: only write multiview.png (style transfer: no photo to compare with)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--lpips", default=None, help="LPIPS weights: default repo, folder, org/name or 'tiny'")
     parser.add_argument("--arcface", default=None, help="IR-SE50 weights: default repo, folder, org/name or 'tiny'")
@@ -272,32 +274,39 @@ def main(argv: list[str] | None = None) -> None:
 
     metric_nets = None
     rows: dict[str, dict] = {}
-    for label, model in runs.items():
+    for index, (label, model) in enumerate(runs.items()):
         pipe = FacePipeline.from_pretrained(model, device=args.device)
         pipe.show_progress = False
         device = pipe.device
-        if metric_nets is None:
-            metric_nets = dict(
-                lpips=load_network("lpips", args.lpips, device), arcface=load_network("arcface", args.arcface, device),
-                face_parser=load_network("face_parser", args.face_parser, device) if "mask" in args.modalities else None,
-                fid_feature={"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature],
-                clip=None if args.no_clip else M.CLIPScorer(args.clip, device))
         camera_file = args.camera_labels or prepared_camera_labels(args.data)
         dataset = FaceDataset(args.data, args.split, image_size=pipe.encoder.image_size, target_size=pipe.resolution,
                               condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed,
                               camera_labels=read_dataset_json(camera_file) if camera_file else None)
-        settings = dict(modalities=tuple(args.modalities), num_samples=args.num_samples, seed=args.seed,
-                        resolution=args.resolution or None, **metric_nets)
-        if args.controlnet_baseline and not rows:  # the first model's diffusion networks draw the reference row
-            images = controlnet_images(pipe, args.baseline_steps, args.baseline_guidance)
-            rows["ControlNet"] = evaluate(pipe, dataset, images=images, **settings)
-        rows[label] = evaluate(pipe, dataset, mode=args.mode, **settings)
-        if is_3d(pipe.generator) and args.multiview:
+        if args.multiview_only and not is_3d(pipe.generator):
+            parser.error(f"--multiview-only needs a 3D model; {model} has a 2D generator")
+        if not args.multiview_only:
+            if metric_nets is None:
+                metric_nets = dict(
+                    lpips=load_network("lpips", args.lpips, device),
+                    arcface=load_network("arcface", args.arcface, device),
+                    face_parser=load_network("face_parser", args.face_parser, device)
+                    if "mask" in args.modalities else None,
+                    fid_feature={"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature],
+                    clip=None if args.no_clip else M.CLIPScorer(args.clip, device))
+            settings = dict(modalities=tuple(args.modalities), num_samples=args.num_samples, seed=args.seed,
+                            resolution=args.resolution or None, **metric_nets)
+            if args.controlnet_baseline and not rows:  # the first model's diffusion networks draw the reference row
+                images = controlnet_images(pipe, args.baseline_steps, args.baseline_guidance)
+                rows["ControlNet"] = evaluate(pipe, dataset, images=images, **settings)
+            rows[label] = evaluate(pipe, dataset, mode=args.mode, **settings)
+        if is_3d(pipe.generator) and (args.multiview or args.multiview_only):
             Path(args.output).mkdir(parents=True, exist_ok=True)
-            name = "multiview.png" if len(runs) == 1 else f"multiview_{len(rows) - 1}.png"
-            multiview_grid(pipe, dataset, args.modalities[0], args.multiview, seed=args.seed).save(
-                Path(args.output) / name)
+            path = Path(args.output) / ("multiview.png" if len(runs) == 1 else f"multiview_{index}.png")
+            multiview_grid(pipe, dataset, args.modalities[0], args.multiview or 4, seed=args.seed).save(path)
+            print("wrote", path, f"({label})")
         del pipe
+    if args.multiview_only:
+        return
     table_name = "table2.md" if args.runs else "table1.md"
     paths = write_report(rows, args.output, vars(args), table_name)
     print(results_table(rows))
