@@ -106,7 +106,7 @@ def prepared(testdata, tmp_path_factory):
     for i in (0, 1):
         shutil.copy(testdata / "photos" / f"celebamaskhq_{i}.jpg", root / "CelebA-HQ-img" / f"{i}.jpg")
         shutil.copy(testdata / "masks" / f"celebamaskhq_{i}_index.png", masks / f"{i}.png")
-    return prepare_eg3d(root, tmp / "prepared", mask_dir=masks, test_fraction=0), root
+    return prepare_eg3d(root, tmp / "prepared", mask_dir=masks, test_fraction=0, workers=2), root  # the pool path
 
 
 def test_real_photos_get_plausible_cameras(prepared):

@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
             from .prepare_3d import prepare_eg3d
 
             print(prepare_eg3d(args.root, args.output, args.text_dir, args.mask_dir, test_fraction=args.test_fraction,
-                               test_ids=test_ids, seed=args.seed, limit=args.limit, image_dir=args.image_dir))
+                               test_ids=test_ids, seed=args.seed, limit=args.limit, image_dir=args.image_dir,
+                               workers=args.workers))
             return
         out = prepare(args.root, args.output, args.text_dir, args.mask_dir, args.mask_size, args.scribble_size,
                       args.test_fraction, test_ids, args.seed, args.limit, args.workers)

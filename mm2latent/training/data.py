@@ -55,11 +55,13 @@ def combine_part_masks(anno_dir: str | Path, index: int, size: int = 512) -> np.
     return ids
 
 
-def _image_ids(image_dir: Path) -> list[int]:
+def image_ids(image_dir: Path) -> list[int]:
+    """The numeric ids of the ``{i}.jpg`` / ``{i}.png`` photos of a folder, sorted."""
     return sorted(int(p.stem) for p in image_dir.iterdir() if p.stem.isdigit() and p.suffix.lower() in (".jpg", ".png"))
 
 
-def _image_file(image_dir: Path, index: int) -> Path:
+def image_file(image_dir: Path, index: int) -> Path:
+    """The photo ``{index}`` of a folder, whatever its suffix."""
     for suffix in (".jpg", ".png", ".jpeg"):
         path = image_dir / f"{index}{suffix}"
         if path.is_file():
@@ -74,7 +76,7 @@ def _prepare_one(job: tuple) -> int:
     else:
         ids = combine_part_masks(anno_dir, index, mask_size)
     Image.fromarray(ids).save(Path(out) / "masks" / f"{index}.png")
-    edges = edges_from_photo(_image_file(Path(image_dir), index), size=scribble_size)
+    edges = edges_from_photo(image_file(Path(image_dir), index), size=scribble_size)
     Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)).save(Path(out) / "scribbles" / f"{index}.png")
     return index
 
@@ -124,7 +126,7 @@ def prepare(
         raise FileNotFoundError(f"{image_dir} does not exist: point --root at the CelebAMask-HQ folder")
     if mask_dir is None and not anno_dir.is_dir():
         raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
-    ids = _image_ids(image_dir)[:limit]
+    ids = image_ids(image_dir)[:limit]
     (output / "masks").mkdir(parents=True, exist_ok=True)
     (output / "scribbles").mkdir(parents=True, exist_ok=True)
     jobs = [(i, str(image_dir), str(anno_dir), None if mask_dir is None else str(mask_dir), str(output),
@@ -204,10 +206,10 @@ class FaceDataset(Dataset):
         self.modalities, self.seed, self.caption_index = tuple(modalities), seed, caption_index
         self.camera_labels, self.captions_per_image = camera_labels, captions_per_image
         if camera_labels is not None:
-            missing = [i for i in self.ids if _image_file(self.image_dir, i).name not in camera_labels]
+            missing = [i for i in self.ids if image_file(self.image_dir, i).name not in camera_labels]
             if missing:
                 raise ValueError(f"the camera labels have no entry for {len(missing)} photos of the {split} split "
-                                 f"(e.g. {_image_file(self.image_dir, missing[0]).name})")
+                                 f"(e.g. {image_file(self.image_dir, missing[0]).name})")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -238,7 +240,7 @@ class FaceDataset(Dataset):
             caption = captions[0]
         else:
             caption = captions[_rng(self.seed, image_id, epoch).integers(len(captions))]
-        with Image.open(_image_file(self.image_dir, image_id)) as photo:
+        with Image.open(image_file(self.image_dir, image_id)) as photo:
             photo = photo.convert("RGB")
             item = {"pixel_values": image_to_tensor(photo, self.image_size)[0],
                     "target": image_to_tensor(photo, self.target_size)[0]}
@@ -251,7 +253,7 @@ class FaceDataset(Dataset):
                 controls["scribble"] = scribble_control(scribble, self.condition_size)
         item.update(controls=controls, caption=caption, index=position, image_id=image_id)
         if self.camera_labels is not None:
-            item["camera"] = self.camera_labels[_image_file(self.image_dir, image_id).name]
+            item["camera"] = self.camera_labels[image_file(self.image_dir, image_id).name]
         return item
 
 

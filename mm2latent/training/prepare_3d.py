@@ -24,6 +24,7 @@ head as it turns, so it is no fixed point of a rigid face.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -165,10 +166,35 @@ def _to_photo_size(image: Image.Image, photo: Image.Image, resample) -> Image.Im
     return image if image.size == photo.size else image.resize(photo.size, resample)
 
 
+def _prepare_one(job: tuple) -> tuple[int, torch.Tensor | None]:
+    """One photo: crops of photo, mask and scribble written; (index, label), label None when dlib finds no face."""
+    from ..editing.align import NoFaceError
+    from .data import combine_part_masks, image_file
+
+    index, image_dir, anno_dir, mask_dir, output, size = job
+    output = Path(output)
+    with Image.open(image_file(Path(image_dir), index)) as file:
+        photo = file.convert("RGB")
+    try:
+        box, _, label = process_photo(photo, size)
+    except NoFaceError:
+        return index, None
+    if mask_dir is not None:
+        ids = parse_mask(Path(mask_dir) / f"{index}.png", require_face=False)
+    else:
+        ids = combine_part_masks(anno_dir, index)
+    mask = _to_photo_size(Image.fromarray(ids), photo, Image.Resampling.NEAREST)
+    crop_image(photo, box, size).save(output / "images" / f"{index}.png")
+    crop_image(mask, box, size, "mask").save(output / "masks" / f"{index}.png")
+    edges = Image.fromarray(np.where(edges_from_photo(photo, size=photo.size[0]), 255, 0).astype(np.uint8))
+    crop_image(edges, box, size, "scribble").save(output / "scribbles" / f"{index}.png")
+    return index, label
+
+
 def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | None = None,
                  mask_dir: str | Path | None = None, size: int = EG3D_CROP_SIZE, test_fraction: float = 0.1,
                  test_ids: list[int] | None = None, seed: int = 0, limit: int | None = None,
-                 image_dir: str | Path | None = None) -> Path:
+                 image_dir: str | Path | None = None, workers: int = 0) -> Path:
     """Convert CelebAMask-HQ into EG3D's framing: ``images/``, ``masks/``, ``scribbles/`` (all ``size``²,
     one transform per photo), ``cameras.json`` (EG3D's ``dataset.json`` layout), the splits and ``dataset.json``.
 
@@ -181,11 +207,11 @@ def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | No
         test_fraction, test_ids, seed: the split, as in :func:`~.data.prepare`.
         limit: only the first ``limit`` photos.
         image_dir: photos ``{i}.jpg`` (default ``root/CelebA-HQ-img``).
+        workers: processes (0 = in this process).
 
     Photos in which dlib finds no face are left out (listed in ``dataset.json`` under ``skipped``).
     """
-    from ..editing.align import NoFaceError
-    from .data import EDGE_DETECTOR, PREPARED_FORMAT, _image_file, _image_ids, combine_part_masks, split_ids
+    from .data import EDGE_DETECTOR, PREPARED_FORMAT, image_ids, split_ids
 
     root, output = Path(root), Path(output)
     image_dir = Path(image_dir) if image_dir is not None else root / "CelebA-HQ-img"
@@ -197,27 +223,16 @@ def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | No
         raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
     for sub in ("images", "masks", "scribbles"):
         (output / sub).mkdir(parents=True, exist_ok=True)
-    labels, kept, skipped = {}, [], []
-    for index in _image_ids(image_dir)[:limit]:
-        with Image.open(_image_file(image_dir, index)) as file:
-            photo = file.convert("RGB")
-        try:
-            box, _, label = process_photo(photo, size)
-        except NoFaceError:
-            skipped.append(index)
-            continue
-        if mask_dir is not None:
-            ids = parse_mask(Path(mask_dir) / f"{index}.png", require_face=False)
-        else:
-            ids = combine_part_masks(anno_dir, index)
-        mask = _to_photo_size(Image.fromarray(ids), photo, Image.Resampling.NEAREST)
-        crop = crop_image(photo, box, size)
-        crop.save(output / "images" / f"{index}.png")
-        crop_image(mask, box, size, "mask").save(output / "masks" / f"{index}.png")
-        edges = Image.fromarray(np.where(edges_from_photo(photo, size=photo.size[0]), 255, 0).astype(np.uint8))
-        crop_image(edges, box, size, "scribble").save(output / "scribbles" / f"{index}.png")
-        labels[f"{index}.png"] = label
-        kept.append(index)
+    jobs = [(index, str(image_dir), str(anno_dir), None if mask_dir is None else str(mask_dir), str(output), size)
+            for index in image_ids(image_dir)[:limit]]
+    if workers > 0:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_prepare_one, jobs, chunksize=16))
+    else:
+        results = [_prepare_one(job) for job in jobs]
+    labels = {f"{index}.png": label for index, label in results if label is not None}
+    kept = [index for index, label in results if label is not None]
+    skipped = [index for index, label in results if label is None]
     if not kept:
         raise InvalidImageError(f"dlib found no face in any photo of {image_dir}")
     write_dataset_json(labels, output / CAMERAS_FILE)
