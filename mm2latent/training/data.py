@@ -321,6 +321,7 @@ class SyntheticFaceDataset(Dataset):
         return list(range(len(self.targets)))
 
     def candidate_captions(self, position: int) -> list[str]:
+        """The one caption of a position (as ``FaceDataset.candidate_captions``)."""
         return [self[(position, 0)]["caption"]]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -390,6 +391,7 @@ class TemplatedCaptions(Dataset):
         return self.base.ids
 
     def candidate_captions(self, position: int) -> list[str]:
+        """The base dataset's candidate captions, rewritten by the template."""
         return [self.template.format(caption=c).strip(" ,") for c in self.base.candidate_captions(position)]
 
     def __getitem__(self, key) -> dict:

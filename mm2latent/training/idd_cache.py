@@ -204,13 +204,13 @@ def item_captions(dataset: Dataset, position: int) -> list[str]:
 
 
 def plan_idd_cache(num_images: int, captions_per_image: float, num_combinations: int, resolution: int,
-                   seconds_per_image: float | None = None) -> dict:
-    """The size and cost of an I^d_0 cache: entries, disk (PNG at ~0.8 bytes per pixel) and
-    drawing time (``seconds_per_image`` per entry, e.g. measured by the dry run)."""
+                   seconds_per_entry: float | None = None) -> dict:
+    """The size and cost of an I^d_0 cache: entries, disk (PNG at ~0.8 bytes per pixel) and drawing time
+    (``seconds_per_entry`` each, e.g. measured by the dry run)."""
     entries = int(round(num_images * captions_per_image * num_combinations))
     plan = {"entries": entries, "bytes": int(entries * resolution * resolution * PNG_BYTES_PER_PIXEL)}
-    if seconds_per_image is not None:
-        plan["hours"] = entries * seconds_per_image / 3600
+    if seconds_per_entry is not None:
+        plan["hours"] = entries * seconds_per_entry / 3600
     return plan
 
 

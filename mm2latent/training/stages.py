@@ -81,13 +81,14 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
         raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
     else:
         target = generator.resolution if generator is not None else size
+        # Cached runs (stage 2, I^d_0 targets) draw captions from what the cache holds: diffusion.idd_captions_per_image
+        # of each image, or the one line diffusion.idd_caption_index when that is unset.
+        cached = config.stage == 2 or needs_idd_cache(config)
+        per_image = config.diffusion.idd_captions_per_image if cached else None
         dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
                               modalities=tuple(data.modalities), seed=config.seed,
-                              caption_index=config.diffusion.idd_caption_index
-                              if (config.stage == 2 or needs_idd_cache(config))
-                              and config.diffusion.idd_captions_per_image is None else None,
-                              camera_labels=labels, captions_per_image=config.diffusion.idd_captions_per_image
-                              if config.stage == 2 or needs_idd_cache(config) else None)
+                              caption_index=config.diffusion.idd_caption_index if cached and per_image is None else None,
+                              camera_labels=labels, captions_per_image=per_image)
     return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
