@@ -19,6 +19,15 @@ research-only. This module is the project's documented stand-in: a rigid mean fa
   world: EG3D's ``preprocess_cameras.py`` moves Deep3DFaceRecon's camera from distance 10 to radius 2.7.
   The origin is therefore Deep3DFaceRecon's, the point EG3D's crop centres on and its cameras look at.
 
+Reproduce (matches :data:`MEAN_FACE_68` to 5e-6, the rounding of its five decimals)::
+
+    from mm2latent.editing.align import detect_faces, predict_landmarks
+    sets = []
+    for path in sorted(Path("../shared/testdata/photos").glob("*.jpg")):  # celebamaskhq_0.jpg is the reference
+        photo = Image.open(path).convert("RGB")
+        sets.append(predict_landmarks(photo, max(detect_faces(photo), key=lambda b: b[2] * b[3])))
+    derive_mean_face("canonical_face_model.obj", sets)
+
 Limits: one rigid shape for every head (no expression, no identity), the jaw contour of dlib is a silhouette
 rather than fixed points of the head, and the mesh's depth is a single person-independent average.
 """
