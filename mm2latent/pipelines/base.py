@@ -246,10 +246,11 @@ class FacePipelineBase:
                 3D-aware EG3D generator), ``"tiny-mm2latent"`` / ``"tiny-eg3d-mm2latent"`` (the toy MM2Latent engine,
                 no diffusion model, with the tiny StyleGAN2 / EG3D),
                 ``"full-random"`` / ``"full-random-mm2latent"`` (real sizes, random weights, for benchmarks),
-                ``"public"`` (the public networks, untrained M and T: see ``FaceEditPipeline`` and
+                ``"public"`` (the public networks, untrained M and T: load it with ``editing=True`` for
                 ``mode="invert"``), a local folder written by ``save_pretrained``, or a Hub repository holding an
                 ``mm2latent.json`` manifest. The manifest's ``"engine"`` ("ddgi" when absent) picks the class:
-                :class:`FacePipeline` or :class:`~mm2latent.pipelines.mm2latent_engine.MM2LatentPipeline`.
+                :class:`~mm2latent.pipelines.ddgi.FacePipeline` or
+                :class:`~mm2latent.pipelines.mm2latent_engine.MM2LatentPipeline`.
             revision: Hub revision of that repository.
             device: default CUDA when available, else CPU.
             dtype: a torch dtype or its name; default ("auto") float16 on CUDA, float32 on CPU (bfloat16 on a

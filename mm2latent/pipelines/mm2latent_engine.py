@@ -126,6 +126,9 @@ class MM2LatentPipeline(PhotoEditingMixin, FacePipelineBase):
     # ------------------------------------------------------------------ what a request may ask
     def check_request(self, request: GenerationRequest) -> None:
         """Only fast mode, no diffusion preview, no guidance; the generator's rendering options."""
+        if request.mode == "invert":
+            raise InvalidSettingError("mode='invert' draws I^d_0 with the diffusion model of the DDGI engine; this "
+                                      "model runs the MM2Latent engine, which has none: use mode='fast'")
         if request.mode != "fast":
             raise InvalidSettingError(
                 f"mode={request.mode!r} belongs to the DDGI engine (diffusion features); this model runs the "
