@@ -2,7 +2,7 @@
 
 :meth:`GenerationRequest.create` checks every setting and raises the library's typed errors
 (:mod:`mm2latent.errors`); the Space turns those into ``gr.Error`` messages, the CLI prints them. The
-checks here are the only ones: :class:`~mm2latent.pipelines.generation.FacePipeline` adds only what depends on
+checks here are the only ones: :class:`~mm2latent.pipelines.ddgi.FacePipeline` adds only what depends on
 the loaded model (which ControlNets it has, whether it has a VAE).
 """
 

@@ -180,7 +180,7 @@ def preview_callback(
             return None
         latents = state.get("pred_original_sample")
         latents = state["latents"] if latents is None else latents
-        images = latents_to_rgb(latents) if decoder == "approx" else pipe.encoder.decode_latents(latents).float()
+        images = latents_to_rgb(latents) if decoder == "approx" else pipe.decode(latents).float()
         return {STOP: True} if on_preview(step_index, total, images) else None
 
     return callback
