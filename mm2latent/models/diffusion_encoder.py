@@ -533,7 +533,8 @@ class DiffusionEncoder(nn.Module):
         keep = slice(batch, None) if use_cfg else slice(None)
 
         scheduler = self.make_scheduler()
-        scheduler.set_timesteps(num_steps, device=self.device)
+        # On the meta device (full-size shape checks) the timesteps stay readable numbers on the CPU.
+        scheduler.set_timesteps(num_steps, device="cpu" if self.device.type == "meta" else self.device)
         schedule = scheduler.timesteps
         if init_latents is not None and strength < 1.0:
             if not 0.0 < strength <= 1.0:

@@ -108,6 +108,8 @@ def _build_tiny_heads(encoder: DiffusionEncoder, generator) -> dict:
 
 
 def _with_latent_avg(generator: StyleGAN2Generator, seed: int) -> StyleGAN2Generator:
+    if next(generator.parameters()).is_meta:  # built without memory (shape checks): there is no w̄ to estimate
+        return generator
     generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
     return generator
 
