@@ -396,6 +396,16 @@ def _resolve_native(name: str, spec: dict, base: Path | None, base_repo: tuple[s
 
 def _resolve_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_path: str, checkpoint_format: str,
                             env: str | None) -> Path:
+    downloaded, candidates, source = locate_hub_checkpoint(name, repo_id, revision, file_path, checkpoint_format, env)
+    return _converted_folder(name, downloaded, checkpoint_format, candidates, source)
+
+
+def locate_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_path: str, checkpoint_format: str,
+                          env: str | None = None) -> tuple[Path, list[Path], dict]:
+    """(the downloaded file, the folders its conversion is cached in — first existing wins —, its provenance).
+
+    Downloads the file (or finds it in the Hub cache when offline); converts nothing.
+    """
     reachable, _ = hub_status()
     what = f"the {name} checkpoint '{file_path}'"
     try:
@@ -409,7 +419,12 @@ def _resolve_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_
     relative = Path(CONVERTER_VERSION) / commit / checkpoint_format / file_path
     candidates = [repo_cache / CONVERTED_DIR / relative, user_cache_dir() / repo_cache.name / relative]
     source = {"repo": repo_id, "revision": revision or "main", "commit": commit, "path": file_path}
-    return _converted_folder(name, downloaded, checkpoint_format, candidates, source)
+    return downloaded, candidates, source
+
+
+def is_converted(folder: Path) -> bool:
+    """Does ``folder`` hold a finished conversion (``config.json`` + ``model.safetensors``)?"""
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def user_cache_dir() -> Path:
@@ -417,10 +432,6 @@ def user_cache_dir() -> Path:
     if os.environ.get("MM2LATENT_CACHE"):
         return Path(os.environ["MM2LATENT_CACHE"]).expanduser() / "converted"
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mm2latent" / "converted"
-
-
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candidates: list[Path],
@@ -433,7 +444,7 @@ def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candi
     from ..models import native_checkpoints
 
     for folder in candidates:
-        if _is_converted(folder):
+        if is_converted(folder):
             return folder
     failures = []
     for folder in candidates:
@@ -450,7 +461,7 @@ def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candi
             try:
                 staging.rename(folder)
             except OSError:
-                if not _is_converted(folder):  # not another process that finished first
+                if not is_converted(folder):  # not another process that finished first
                     raise
         finally:
             if staging.exists():
