@@ -13,6 +13,7 @@ reads its files from the Hub, so it is not built here; its parts have ``full-ran
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def on_meta(build):
         built = build()
     if isinstance(built, dict):
         return {k: v.to(META) if isinstance(v, torch.nn.Module) else v for k, v in built.items()}
-    return built.to(META)
+    return built.to(META).eval()
 
 
 def meta_encoder(encoder: DiffusionEncoder) -> DiffusionEncoder:
@@ -137,3 +138,23 @@ def test_training_configs_size_m_and_t_from_the_generator(config_path, kind, tmp
     assert mapper_config(encoder, generator) == {**mapper_config(encoder, generator), **sizes}
     assert modulator_config(encoder, generator)["num_ws"] == sizes["num_ws"]
     run_ddgi_chain(encoder, generator, mapper, modulator)
+
+
+@pytest.mark.parametrize("kind", sorted(GENERATORS))
+def test_photo_inverter_and_loss_networks_fit_the_generator_at_full_size(kind):
+    """The photo encoder (pSp / e4e at IR-50, 256² faces) sized from G, and the loss networks on G's image size."""
+    from mm2latent.editing.inversion import PSPEncoder
+    from mm2latent.models.networks import IRSE50, LPIPS, BiSeNet
+
+    generator = on_meta(lambda: GENERATORS[kind][0](**GENERATORS[kind][1]))
+    for architecture in ("psp", "e4e"):
+        inverter = on_meta(partial(PSPEncoder, num_ws=generator.num_ws, style_dim=generator.style_dim,
+                                   architecture=architecture))
+        ws = inverter(torch.zeros(1, 3, 256, 256, device=META), generator.latent_avg)
+        assert ws.shape == (1, generator.num_ws, generator.style_dim)
+    synthesize(generator, ws)
+    side = generator.resolution
+    image = torch.zeros(1, 3, side, side, device=META)
+    assert on_meta(LPIPS)(image, image).shape == (1,)
+    assert on_meta(IRSE50)(torch.zeros(1, 3, 112, 112, device=META)).shape == (1, 512)
+    assert on_meta(BiSeNet)(torch.zeros(1, 3, 512, 512, device=META)).shape == (1, 19, 512, 512)
