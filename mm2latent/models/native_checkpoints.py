@@ -14,6 +14,7 @@ Formats (``format`` of a manifest component):
 * ``encoder``: either of the two, told apart by the checkpoint's ``opts["encoder_type"]``.
 * ``bisenet``: zllrunning/face-parsing.PyTorch BiSeNet (``79999_iter.pth``, a bare state dict).
 * ``ir_se50``: the pSp / TreB1eN ArcFace IR-SE50 backbone (``model_ir_se50.pth``, a bare state dict).
+* ``pidinet``: hellozhuo/pidinet's ``table5_pidinet.pth`` (``{"epoch", "state_dict"}``, ``module.`` keys).
 * ``lpips_vgg``: LPIPS (VGG, v0.1): torchvision's ImageNet VGG16 as timm publishes it (``timm/vgg16.tv_in1k``,
   ``model.safetensors``) plus the linear layers the ``lpips`` package ships in its wheel
   (``lpips/weights/v0.1/vgg.pth``, read from the installed package).
@@ -55,6 +56,7 @@ NATIVE_FORMATS: dict[str, str] = {
     "encoder": "a pSp or e4e encoder, told apart by its opts['encoder_type']",
     "bisenet": "a BiSeNet face parser of zllrunning/face-parsing.PyTorch (79999_iter.pth)",
     "ir_se50": "an ArcFace IR-SE50 backbone of pSp / InsightFace_Pytorch (model_ir_se50.pth)",
+    "pidinet": "a PiDiNet edge detector of hellozhuo/pidinet (table5_pidinet.pth)",
     "lpips_vgg": "an ImageNet VGG16 (timm/vgg16.tv_in1k model.safetensors) + the lpips package's v0.1 linear layers",
 }
 # Written next to the converted weights: where they came from.
@@ -81,6 +83,10 @@ def build_native_model(format: str, checkpoint: dict) -> nn.Module:
         return StyleGAN2Generator.from_rosinality(checkpoint)
     if format in ("e4e", "psp", "encoder"):
         return encoder_from_checkpoint(checkpoint, None if format == "encoder" else format)
+    if format == "pidinet":
+        from .networks.pidinet import pidinet_from_checkpoint
+
+        return pidinet_from_checkpoint(checkpoint)
     if format == "lpips_vgg":
         lin = plain_state_dict(read_plain_checkpoint(lpips_package_weights()))
         return network_from_state("lpips", lpips_state_dict(lin, checkpoint))

@@ -75,6 +75,8 @@ BISENET_REPO = "vivym/face-parsing-bisenet"
 TIMM_VGG16_REPO = "timm/vgg16.tv_in1k"
 SCRIBBLE_CONTROLNET_REPO = "lllyasviel/sd-controlnet-scribble"
 CLIP_REPO = "openai/clip-vit-base-patch32"
+# ControlNet's annotator weights; table5_pidinet.pth is hellozhuo/pidinet's trained_models file.
+ANNOTATORS_REPO = "lllyasviel/Annotators"
 
 #: Where this project's own trained models will be published. Until a repository is listed in
 #: :data:`PUBLISHED_REPOS` nothing tries it by default: see :func:`published` and :func:`model_plan`.
@@ -82,7 +84,7 @@ PROJECT_ORG = "mm2latent"
 #: Every Hub repository a default of this library names: each one exists (checked by hand on the Hub).
 PUBLISHED_REPOS: frozenset[str] = frozenset({
     SD15_REPO, SCRIBBLE_CONTROLNET_REPO, CLIP_REPO, HAIRFAST_REPO, STYLE_FEATURE_EDITOR_REPO, BISENET_REPO,
-    TIMM_VGG16_REPO,
+    TIMM_VGG16_REPO, ANNOTATORS_REPO,
 })
 
 # Public networks in their original formats (converted on first use).
@@ -98,6 +100,10 @@ PUBLIC_NETWORKS: dict[str, dict] = {
     "lpips": {"repo": TIMM_VGG16_REPO, "path": "model.safetensors", "format": "lpips_vgg", "revision": "main",
               "env": "MM2LATENT_LPIPS_REPO"},
 }
+
+# PiDiNet, the scribble detector of training data and "sketch from a photo" (mm2latent.inputs.scribbles).
+PIDINET_SPEC = {"repo": ANNOTATORS_REPO, "path": "table5_pidinet.pth", "format": "pidinet", "revision": "main",
+                "env": "MM2LATENT_PIDINET_REPO"}
 
 # The default components: public SD-1.5, scribble ControlNet, CLIP and the public networks above; M, T and the
 # photo encoder are folders next to a manifest (what training writes). The face-mask ControlNet is trained by
@@ -141,7 +147,8 @@ PUBLIC_COMPONENTS: dict[str, dict] = {
 # The format an override ``org/name:path`` (or a local file) of a component is read in. The inverter's
 # is read from the file itself (pSp and e4e checkpoints record their encoder type).
 NATIVE_FORMAT_OF_COMPONENT = {"generator": "rosinality", "inverter": "encoder", "face_parser": "bisenet",
-                              "identity": "ir_se50", "arcface": "ir_se50", "lpips": "lpips_vgg"}
+                              "identity": "ir_se50", "arcface": "ir_se50", "lpips": "lpips_vgg",
+                              "pidinet": "pidinet"}
 
 # Converted native checkpoints live in ``<repo cache>/mm2latent-converted/<version>/<commit>/<format>/<path>/``;
 # bump the version when a converter's output changes.
