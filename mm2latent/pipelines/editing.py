@@ -35,8 +35,9 @@ from ..editing.methods import (
     identity_similarity,
 )
 from ..errors import EmptyPromptError, InvalidSettingError
-from ..inputs.conditions import edges_from_photo, mask_to_color, parse_mask, parse_scribble
+from ..inputs.conditions import mask_to_color, parse_mask, parse_scribble
 from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..inputs.scribbles import scribble_from_photo
 from ..inputs.templates import mask_edges
 from .components import COMPONENTS, load_components, save_components, write_manifest
 from .generation import PRESETS, FacePipeline, FacePipelineOutput, word_maps
@@ -485,7 +486,7 @@ class FaceEditPipeline:
             mask = inversion.mask
         if scribble is None:
             size = self.generation.mm2latent_engine.sketch_autoencoder.image_size
-            scribble = edges_from_photo(inversion.aligned, size=max(size, EDGE_MIN_SIZE)).astype(np.uint8) * 255
+            scribble = scribble_from_photo(inversion.aligned, size=max(size, EDGE_MIN_SIZE)).astype(np.uint8) * 255
         return mask, scribble
 
     def _refine(self, latent, prompt, layers, steps, id_weight, reference, progress, callback, mask_ids=None):
