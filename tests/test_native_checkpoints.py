@@ -421,7 +421,7 @@ def test_env_overrides_name_native_files(hub_cache, tmp_path, monkeypatch):
     checkpoint, generator = rosinality_file()
     put_file_in_cache(hub_cache, tmp_path, "gan-lab/weights", "stylegan2/ffhq-32.pt", checkpoint)
     monkeypatch.setenv("MM2LATENT_GENERATOR_REPO", "gan-lab/weights@main:stylegan2/ffhq-32.pt")
-    folder = resolve_component("generator", DEFAULT_COMPONENTS["generator"], None, None)  # a folder repo by default
+    folder = resolve_component("generator", DEFAULT_COMPONENTS["generator"], None, None)  # the public ffhq.pt by default
     assert folder.parts[-2:] == ("stylegan2", "ffhq-32.pt") and "rosinality" in folder.parts
     outputs_match("generator", folder, generator)
 
