@@ -157,3 +157,20 @@ def test_repo_references(monkeypatch):
     # Only safetensors weights are ever requested.
     patterns = [p for spec in DEFAULT_COMPONENTS.values() for p in spec.get("allow_patterns", [])]
     assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in patterns)
+
+
+def test_unpublished_project_repositories_are_skipped_without_a_request(monkeypatch):
+    from mm2latent.pipelines import hub
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("a published() / model_plan() call must not touch the network")
+
+    monkeypatch.setattr(hub, "hub_status", no_request)
+    assert not hub.published("mm2latent/mm2latent-celebahq")
+    assert hub.published("timm/vgg16.tv_in1k") and hub.published("someone/their-model@v2")
+    plan = hub.model_plan("mm2latent/mm2latent-celebahq")
+    assert plan.skipped and plan.load == "public" and "not published" in plan.sentence
+    kept = hub.model_plan("someone/their-model")
+    assert not kept.skipped and kept.load == "someone/their-model" and kept.sentence == ""
+    repos = [spec.get("repo_id") or spec.get("repo") for spec in {**hub.DEFAULT_COMPONENTS, **hub.PUBLIC_COMPONENTS}.values()]
+    assert all(hub.published(r) and r in hub.PUBLISHED_REPOS for r in repos if r)

@@ -158,13 +158,13 @@ def test_public_preset_from_local_folders(editor, tmp_path, monkeypatch, mask_pa
     overrides = {"MM2LATENT_SD_REPO": folder, "MM2LATENT_CONTROLNET_SCRIBBLE_REPO": folder / "controlnet_scribble",
                  "MM2LATENT_GENERATOR_REPO": folder / "generator", "MM2LATENT_INVERTER_REPO": folder / "inverter",
                  "MM2LATENT_FACE_PARSER_REPO": folder / "face_parser", "MM2LATENT_ARCFACE_REPO": folder / "identity",
-                 "MM2LATENT_CLIP_REPO": folder / "clip"}
+                 "MM2LATENT_CLIP_REPO": folder / "clip", "MM2LATENT_LPIPS_REPO": folder / "lpips"}
     for name, value in overrides.items():
         monkeypatch.setenv(name, str(value))
     public = FaceEditPipeline.from_pretrained("public", device="cpu")
     public.generation.show_progress = False
     assert public.name == "public" and not public.trained and public.generation.modalities == ["scribble"]
-    assert public.default_mode == "invert" and public.lpips is None  # no public LPIPS copy: L2 refinement
+    assert public.default_mode == "invert" and public.lpips is not None  # L2 + LPIPS refinement (public LPIPS)
     torch.testing.assert_close(public.generator.latent_avg, editor.generator.latent_avg)
     # M starts at the mean latent (zeroed heads) and T at identity: fast mode draws the average face.
     fast = public.generation(PROMPT, seed=0)

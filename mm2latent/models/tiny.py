@@ -94,6 +94,8 @@ def build_tiny_diffusion_encoder() -> DiffusionEncoder:
 
 def with_mean_latent(generator: StyleGAN2Generator, seed: int) -> StyleGAN2Generator:
     """Set a StyleGAN2's w̄ to the mean of 4096 mapped z drawn from ``seed`` (what a trained checkpoint carries)."""
+    if next(generator.parameters()).is_meta:  # built without memory (shape checks): there is no w̄ to estimate
+        return generator
     generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
     return generator
 

@@ -36,8 +36,9 @@ from ..editing.methods import (
     identity_similarity,
 )
 from ..errors import EmptyPromptError, InvalidSettingError
-from ..inputs.conditions import edges_from_photo, parse_mask
+from ..inputs.conditions import parse_mask
 from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..inputs.scribbles import scribble_from_photo
 from .base import FacePipelineBase
 from .components import EDITING_COMPONENTS
 from .request import check_seed
@@ -53,7 +54,7 @@ REFINE_W_REG = 0.0005
 MASK_AS_SCRIBBLE_WIDTH = 3
 #: Steps of the training-free "guided" edit when none are asked for.
 DEFAULT_GUIDED_STEPS = 40
-#: Smallest side edges_from_photo accepts (the photo's sketch for an MM2Latent edit is drawn at the autoencoder's).
+#: Smallest side scribble_from_photo accepts (the photo's sketch for an MM2Latent edit is drawn at the autoencoder's).
 EDGE_MIN_SIZE = 16
 #: Side of the masks the guided edit compares (the mask editor's canvas and the photo's parsed mask).
 PARSER_MASK_SIZE = 512
@@ -256,7 +257,7 @@ class PhotoEditingMixin:
             mask = inversion.mask
         if scribble is None:
             size = self.mm2latent_engine.sketch_autoencoder.image_size
-            scribble = edges_from_photo(inversion.aligned, size=max(size, EDGE_MIN_SIZE)).astype(np.uint8) * 255
+            scribble = scribble_from_photo(inversion.aligned, size=max(size, EDGE_MIN_SIZE)).astype(np.uint8) * 255
         return mask, scribble
 
     def _refine(self, latent, prompt, layers, steps, id_weight, reference, progress, callback, mask_ids=None):

@@ -27,13 +27,13 @@ from PIL import ImageOps
 
 from ..errors import MM2LatentError
 from ..inputs.conditions import (
-    edges_from_photo,
     has_face,
     load_image,
     parse_mask,
     parse_scribble,
     scribble_to_image,
 )
+from ..inputs.scribbles import scribble_from_photo
 from ..inputs.templates import dilate
 from ..pipelines.generation import COMBINE, MAX_SEED, MAX_STEPS, MODES
 from .canvases import (
@@ -325,7 +325,7 @@ class SpaceHandlers:
         """An edge map of an uploaded photo, drawn as black strokes on the sketchpad."""
         path = self._uploaded_path(file, "a photo")
         progress(0, desc="Finding the photo's edges")
-        edges = call_reporting_warnings(edges_from_photo, path, size=CANVAS_SIZE)
+        edges = call_reporting_warnings(scribble_from_photo, path, size=CANVAS_SIZE)
         return sketch_canvas(dilate(edges, stroke_radius(stroke_width)))
 
     @friendly_errors("reading the uploaded mask")
