@@ -8,8 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import running_space
 from PIL import Image
-from test_app import running_space
 
 from mm2latent.inputs.templates import template_sketch
 from mm2latent.ui import canvases, outputs

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import running_space
 from PIL import Image
-from test_app import running_space
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,6 +29,8 @@ HAIR_RGB = (0, 0, 204)
 GLASSES_RGB = (204, 204, 0)
 HAT_RGB = (255, 51, 153)
 MOVES_PER_STROKE = 4
+INK_RGB = (0, 0, 0)
+PAPER_RGB = (255, 255, 255)
 
 
 def require_browser():
@@ -153,16 +155,37 @@ def test_mask_tab_template_palette_brush_and_generate(page, shots):
     page.screenshot(path=str(shots / "mask-generated.png"), full_page=True)
 
 
+# Set in the page when the app's script re-selects the sketchpad's brush (after a new stroke width arrives).
+WATCH_BRUSH_RESELECTION = """() => { window.brushReselected = false; document.addEventListener('click', (event) => {
+  if (event.target.closest('#sketchpad button[aria-label="Brush"]')) window.brushReselected = true; }, true); }"""
+
+
 def test_sketch_tab_strokes_and_generate(page, shots):
     page.get_by_role("tab", name="Text + sketch").click()
     pad = page.locator("#sketchpad")
     canvas = pad.locator("canvas").first
     canvas.wait_for()
-    page.wait_for_timeout(500)
-    draw(page, canvas, [(0.35, 0.3, 0.65, 0.3), (0.3, 0.25, 0.5, 0.8)])
+
+    def ink() -> int:
+        return pixels_near(canvas.screenshot(), INK_RGB, tolerance=60)
+
+    box = canvas.bounding_box()
+    wait_until(lambda: pixels_near(canvas.screenshot(), PAPER_RGB) > 0.9 * box["width"] * box["height"],
+               "the white paper")
+    before = ink()
+    draw(page, canvas, [(0.35, 0.3, 0.65, 0.3)])
+    wait_until(lambda: ink() > before, "the first stroke")
+    medium = ink() - before
+    before += medium
+    draw(page, canvas, [(0.3, 0.25, 0.5, 0.8)])
+    wait_until(lambda: ink() > before, "the second stroke")
+    page.evaluate(WATCH_BRUSH_RESELECTION)
     page.locator("#stroke-width").get_by_text("thick", exact=True).click()
-    page.wait_for_timeout(800)  # the new brush is set and re-selected
-    draw(page, canvas, [(0.4, 0.65, 0.6, 0.65)])
+    page.wait_for_function("() => window.brushReselected")
+    before = ink()
+    draw(page, canvas, [(0.55, 0.7, 0.85, 0.7)])  # as long as the first stroke, clear of the others
+    wait_until(lambda: ink() > before, "the thick stroke")
+    assert ink() - before > 1.5 * medium, (ink() - before, medium)  # thick (12 px) against medium (6 px)
     page.screenshot(path=str(shots / "sketch-drawn.png"), full_page=True)
     prompt_box(page).fill("The man has short brown hair and bushy eyebrows.")
     page.locator("#generate-sketch").click()

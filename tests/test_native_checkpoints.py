@@ -12,10 +12,9 @@ import itertools
 import math
 
 import pytest
-import test_hub
 import torch
 import torch.nn.functional as F
-from test_hub import COMMIT, put_in_cache
+from helpers import COMMIT, put_in_cache
 from torch import nn
 
 from mm2latent.editing.inversion import (
@@ -37,8 +36,6 @@ from mm2latent.pipelines.hub import (
     PUBLIC_COMPONENTS,
     resolve_component,
 )
-
-hub_cache = test_hub.hub_cache  # the fixture: an empty huggingface_hub cache, offline
 
 # Toy IR-SE stages: depths must increase, as in every real IR-50/100/152 (stages are read off the depths).
 TINY_STAGES = ((8, 8, 1), (8, 16, 2), (16, 24, 1), (24, 32, 1))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import edit_identity, image_size, running_space
 from PIL import Image
-from test_app import image_size, running_space
 
 from mm2latent.inputs.metadata import read_png_settings
 from mm2latent.ui.photo_tab import DISPLAY_SIZE
@@ -70,7 +70,9 @@ def test_readme_snippets_run_verbatim_against_a_live_app(space_url, snippet_fold
     latents = [path for path in namespace["files"] if path.endswith(".npy")]
     assert len(latents) == 1 and np.load(latents[0], allow_pickle=False).shape == (
         2, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
-    assert namespace["seed"] >= 0 and len(namespace["gallery"]) == 1  # the sketch run's single face
+    # The sketch run's single face, drawn with the (random) seed it returned.
+    assert len(namespace["gallery"]) == 1
+    assert read_png_settings(namespace["gallery"][0]["image"])["seed"] == namespace["seed"]
     assert "Loaded" in namespace["status"]
 
     # Editing: /invert_photo's mask went straight into /edit_photo, which edited the last inverted photo.
@@ -85,7 +87,10 @@ def test_readme_snippets_run_verbatim_against_a_live_app(space_url, snippet_fold
     npy = next(path for path in namespace["edited_files"] if path.endswith(".npy"))
     assert np.load(npy, allow_pickle=False).shape == (1, tiny_pipe.generator.num_ws, tiny_pipe.generator.style_dim)
     assert "Method: guided" in namespace["info"] and "T is untrained" in namespace["info"]
-    assert "meaningless" in namespace["identity"] and -1.0 <= float(namespace["identity"].split()[0]) <= 1.0
+    # The identity score is the aligned photo's against the edit's (WebP makes the photo a little off).
+    assert float(namespace["identity"].split()[0]) == pytest.approx(
+        edit_identity(tiny_pipe, namespace["aligned"], npy), abs=0.02)
+    assert "meaningless" in namespace["identity"]
     # The engine selector and the 3D tab: the fast engine made the face; the 3D face turned and made a video.
     assert read_png_settings(namespace["fast_gallery"][0]["image"])["engine"] == "mm2latent"
     assert namespace["fast_seed"] == 7

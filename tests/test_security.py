@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from helpers import huge_png, running_space
 from PIL import Image, ImageDraw
-from test_app import huge_png, running_space
 
 from mm2latent.inputs.conditions import MAX_IMAGE_PIXELS, read_image_size
 

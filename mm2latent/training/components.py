@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from pathlib import Path
@@ -81,8 +80,3 @@ def module_config(module) -> dict:
     if config is None:
         raise ValueError(f"{type(module).__name__} does not record its config")
     return dict(config)
-
-
-def clone_pipeline(pipe: FacePipeline) -> FacePipeline:
-    """An independent copy of a pipeline (every network copied)."""
-    return copy.deepcopy(pipe)

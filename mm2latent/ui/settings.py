@@ -106,10 +106,6 @@ class Settings:
             server_port=env.integer("SERVER_PORT", None, 1, 65535),
         )
 
-    @property
-    def uses_tiny_preset(self) -> bool:
-        return self.model_repo == "tiny"
-
 
 class _Reader:
     """Typed access to ``MM2LATENT_*`` variables with plain-worded errors."""
