@@ -61,7 +61,8 @@ def run_ddgi_chain(encoder: DiffusionEncoder, generator, mapper, modulator, batc
     embeds = torch.zeros(batch, 77, encoder.text_encoder.config.hidden_size, device=META)
     controls = {m: torch.zeros(batch, 3, size * 8, size * 8, device=META) for m in encoder.modalities}
     noise = torch.zeros(batch, encoder.unet.config.in_channels, size, size, device=META)
-    features = encoder(embeds, controls, noise, num_steps=1, feature_steps=[0]).features[0]
+    timestep = encoder.make_scheduler().config.num_train_timesteps - 1  # fast mode's t = T
+    features, _ = encoder.extract(noise, torch.tensor(timestep), embeds, controls)
     w, w_m, _ = pipe.latents_from_features(features, torch.ones(batch, 77, dtype=torch.bool, device=META))
     assert w.shape == w_m.shape == (batch, generator.num_ws, generator.style_dim)
     return synthesize(generator, w)
