@@ -422,9 +422,11 @@ class SpaceHandlers:
         mask, scribble = visual_input(kind, canvas, prompt)
         seed = resolve_seed(seed, bool(randomize_seed))
         if engine == "mm2latent":  # no diffusion model: one mode, no diffusion image (the library refuses both)
-            if mode != "fast" or show_diffusion:
-                gr.Info("The fast engine (MM2Latent) has no diffusion model: it ignores the mode, the steps and the "
-                        "diffusion image.")
+            chosen_mode = mode not in ("fast", self.default_mode)
+            ignored = ([f"the {'training-free' if mode == 'invert' else mode} mode"] if chosen_mode else []) + (
+                ["the diffusion image"] if show_diffusion else [])
+            if ignored:  # only choices the visitor made (the default mode is no choice)
+                gr.Info(f"The MM2Latent engine has no diffusion model: {' and '.join(ignored)} do not apply to it.")
             mode, feature, show_diffusion = "fast", None, False
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
