@@ -78,7 +78,7 @@ def weights_link() -> str:
     space = os.environ.get("SPACE_ID", "").strip()
     if space:
         return f"[how to get real faces](https://huggingface.co/spaces/{space}/blob/main/{WEIGHTS_DOC})"
-    return f"how to get real faces: `{WEIGHTS_DOC}` in the repository"
+    return f"how to get real faces: `{WEIGHTS_DOC}`"
 
 
 def model_status(requested: str, loaded: str, trained: bool, failures: list[tuple[str, str]],
@@ -97,14 +97,13 @@ def model_status(requested: str, loaded: str, trained: bool, failures: list[tupl
     if trained and not failures:
         return None, None
     if loaded == "tiny":
-        sentence = ("⚠️ **Demo mode: this Space runs untrained toy networks, so the pictures are noise-like "
-                    f"placeholders, not faces** ({weights_link()}).")
-    elif loaded == "public":
-        sentence = ("ℹ️ **Training-free mode: every network is public, and the faces are drawn by Stable Diffusion "
-                    "and inverted into StyleGAN2, which is slow; trained mapping networks are not published yet** "
+        sentence = ("⚠️ **Demo mode: untrained toy networks, so the pictures are noise, not faces** "
                     f"({weights_link()}).")
+    elif loaded == "public":
+        sentence = ("ℹ️ **Training-free mode: public networks draw real faces, slowly (no trained weights are "
+                    f"published yet)** ({weights_link()}).")
     else:
-        sentence = (f"⚠️ **`{loaded}` holds untrained mapping networks, so the pictures are not meaningful faces** "
+        sentence = (f"⚠️ **`{loaded}` has untrained mapping networks, so the pictures are not real faces** "
                     f"({weights_link()}).")
     why = [f"- `{name}`: not published yet, so it was not tried." for name in skipped]
     why += [f"- `{model}`: {reason}." for model, reason in failures]
