@@ -17,6 +17,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from mm2latent.ui import canvases, text
+from mm2latent.ui.drawing import with_drawing_previews
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_fast_engine, load_pipeline
@@ -326,14 +327,17 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
     mask["tab"].select(lambda: "mask", outputs=active_tab, api_name="select_mask_tab", **quick)
     sketch["tab"].select(lambda: "sketch", outputs=active_tab, api_name="select_sketch_tab", **quick)
 
-    mask["button"].click(HANDLERS.generate_from_mask, inputs=[prompt, mask["canvas"], *settings],
+    # The training-free mode shows its drawing while it forms (ui/drawing.py); the API returns the final result.
+    mask["button"].click(with_drawing_previews(HANDLERS.generate_from_mask, len(outputs)),
+                         inputs=[prompt, mask["canvas"], *settings],
                          api_name="generate_from_mask", **generation)
-    sketch["button"].click(HANDLERS.generate_from_sketch, inputs=[prompt, sketch["canvas"], *settings],
+    sketch["button"].click(with_drawing_previews(HANDLERS.generate_from_sketch, len(outputs)),
+                           inputs=[prompt, sketch["canvas"], *settings],
                            api_name="generate_from_sketch", **generation)
     show_diffusion = settings[8]
     show_diffusion.change(lambda show: gr.Gallery(visible=show), inputs=show_diffusion, outputs=outputs[-1],
                           api_name="show_diffusion_preview", **quick)
-    prompt.submit(HANDLERS.generate_from_active_tab,
+    prompt.submit(with_drawing_previews(HANDLERS.generate_from_active_tab, len(outputs)),
                   inputs=[active_tab, prompt, mask["canvas"], sketch["canvas"], *settings],
                   api_name="generate_from_active_tab", api_visibility="private", **generation)
 

@@ -50,6 +50,7 @@ from .canvases import (
     strokes_from_canvas,
     template_canvas,
 )
+from .drawing import STEP_CALLBACK
 from .outputs import OutputStore, attention_gallery, describe_run, file_stem, save_run
 from .settings import Settings
 
@@ -436,9 +437,11 @@ class SpaceHandlers:
         started = time.perf_counter()
         if progress is not None:
             progress(0, desc="Generating")
+        drawing = STEP_CALLBACK.get() if mode == "invert" else None  # shows the drawing forming (ui/drawing.py)
         output = run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
                           feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
-                          return_intermediates=True, return_diffusion_image=bool(show_diffusion))
+                          return_intermediates=True, return_diffusion_image=bool(show_diffusion),
+                          **({"callback_on_step_end": drawing} if drawing else {}))
         return self._present(kind, output, time.perf_counter() - started)
 
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:
