@@ -29,15 +29,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_to_page(model: str, timeout_s: float) -> float:
+def start_to_page(model: str, timeout_s: float, app: Path = APP) -> float:
     """One start: seconds until ``/`` answers 200 (the process is stopped afterwards)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        env = {**os.environ, "PYTHONPATH": str(app.parent), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                "MM2LATENT_MODEL_REPO": model, "MM2LATENT_SERVER_NAME": "127.0.0.1",
                "MM2LATENT_SERVER_PORT": str(port), "GRADIO_TEMP_DIR": str(Path(workdir) / "gradio")}
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, str(APP)], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen([sys.executable, str(app)], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
             while time.perf_counter() - started < timeout_s:
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="starts to measure (default 3)")
     parser.add_argument("--model", default="tiny", help="MM2LATENT_MODEL_REPO (default tiny)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one start")
+    parser.add_argument("--app", type=Path, default=APP, help="the app to start (default: this checkout's app.py)")
     args = parser.parse_args(argv)
     times = []
     for run in range(args.runs):
-        times.append(start_to_page(args.model, args.timeout))
+        times.append(start_to_page(args.model, args.timeout, args.app.resolve()))
         print(f"run {run + 1}: {times[-1]:.1f} s", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(json.dumps({"model": args.model, "seconds": [round(t, 2) for t in times],
