@@ -295,8 +295,16 @@ def test_attention_shows_every_word_label_without_clipping(browser, space_url, s
         context.close()
 
 
+PREVIEW_SHOWN = """(alt) => {
+  const picture = document.querySelector('#template-preview img');
+  const note = document.querySelector('#template-preview span');
+  return !!picture && picture.alt === alt && picture.complete && picture.naturalWidth > 0
+         && !!note && note.textContent === 'loading into the editor…';
+}"""
+
+
 def test_template_is_visible_at_once(page, shots):
-    """A template shows at once as a plain picture over the editor; the editor itself gets it too."""
+    """A template shows at once as a plain picture over the editor, then in the editor itself."""
     canvas = page.locator("#mask-editor canvas").first
     uploads = []  # the editor exporting its content (seconds each in software WebGL) shows up as uploads
     page.on("request", lambda request: uploads.append(request.url) if "/gradio_api/upload" in request.url else None)
@@ -304,17 +312,14 @@ def test_template_is_visible_at_once(page, shots):
     for name, shows_glasses in (("glasses", True), ("long hair", False), ("glasses", True)):
         started = time.monotonic()
         page.locator("#template").get_by_text(name, exact=True).click()
-        preview = page.locator("#template-preview img")
-        wait_until(lambda preview=preview, alt=f"template: {name}": preview.count() == 1
-                   and preview.get_attribute("alt") == alt, f"the plain picture of {name}")
-        wait_until(lambda want=shows_glasses: (pixels_near(canvas.screenshot(), GLASSES_RGB) > 300) == want,
-                   f"the {name} template to be visible")
+        page.wait_for_function(PREVIEW_SHOWN, arg=f"template: {name}")  # the plain picture, marked loading
         timings.append(time.monotonic() - started)
-    assert page.locator("#template-preview span").inner_text() == "loading into the editor…"
-    page.screenshot(path=str(shots / "template-preview.png"))
-    # Once the plain picture is gone, the editor's own drawing shows the template.
-    wait_until(lambda: page.locator("#template-preview").count() == 0, "the plain picture to give way")
-    wait_until(lambda: pixels_near(canvas.screenshot(), GLASSES_RGB) > 300, "the editor to show the glasses")
+        if len(timings) == 1:
+            page.screenshot(path=str(shots / "template-preview.png"))
+        # Once the plain picture gives way, the editor's own drawing shows the template.
+        wait_until(lambda: page.locator("#template-preview").count() == 0, "the plain picture to give way")
+        wait_until(lambda want=shows_glasses: (pixels_near(canvas.screenshot(), GLASSES_RGB) > 300) == want,
+                   f"the editor to show {name}")
     (shots / "template-timings.txt").write_text(" ".join(f"{t:.2f}" for t in timings) + "\n")
     print(f"template visible after {', '.join(f'{t:.1f} s' for t in timings)}")
     assert uploads == []  # the page sets a template itself; nothing is exported or sent to the server
@@ -404,17 +409,22 @@ def test_the_status_is_one_sentence_with_its_details_folded(browser, space_url, 
     try:
         line = page.locator("#mm2l-status-line")
         text = line.inner_text()
-        assert text.startswith("⚠️ Demo mode") and text.count(". ") == 0 and "not faces" in text
+        assert "Demo mode" in text and "not faces" in text and text.count(". ") == 0
         # No operator's log: no exception names, no server paths, no cut-off sentences.
         status = page.locator("#mm2l-status").inner_text()
         assert not re.search(r"[A-Z][a-z]+Error|/root/|/tmp/|\.cache|…\s*$", status), status
         details = page.locator("#mm2l-status-details")
-        assert not details.get_by_text("To get real faces").is_visible()  # folded
-        lines = line.bounding_box()["height"] / float(line.evaluate("e => parseFloat(getComputedStyle(e).lineHeight) || 20"))
-        assert lines <= (1.5 if size == "1400px" else 6), f"the status takes {lines:.1f} lines"
+        how = details.get_by_text("To get real faces, run the Space")
+        assert not how.is_visible()  # folded
+        lines = line.locator("p").first.evaluate("""p => {
+          const style = getComputedStyle(p);
+          const height = parseFloat(style.lineHeight) || 1.2 * parseFloat(style.fontSize);
+          return p.getBoundingClientRect().height / height; }""")
+        assert lines <= (1.5 if size == "1400px" else 5), f"the status takes {lines:.1f} lines"
         screen(page, shots, f"status-{size}")
         details.get_by_text("Why, and how to get real faces").click()
-        details.get_by_text("To get real faces").wait_for()
+        how.wait_for()
+        screen(page, shots, f"status-details-{size}")
     finally:
         context.close()
 
