@@ -10,6 +10,7 @@ import concurrent.futures
 import os
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +21,12 @@ from mm2latent.errors import EmptyMaskError
 from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, mask_to_palette_image, parse_mask
 from mm2latent.inputs.metadata import read_png_settings
 from mm2latent.inputs.templates import template_mask, template_sketch
+from mm2latent.pipelines.hub import DEFAULT_MODEL_REPO
 from mm2latent.ui import canvases, examples, outputs
 from mm2latent.ui.loading import load_order, load_pipeline
 from mm2latent.ui.photo_tab import DISPLAY_SIZE
 from mm2latent.ui.settings import Settings, SettingsError
-from mm2latent.ui.text import model_banner
+from mm2latent.ui.text import model_status
 
 HAIR = CELEBAMASK_CLASSES.index("hair")
 OFFLINE_REPO = "mm2latent-tests/not-on-this-machine"
@@ -74,7 +76,7 @@ def photo_like(path: Path) -> Path:
 def test_settings_defaults_work_on_a_space():
     settings = Settings.from_env({})
     assert settings == Settings()
-    assert settings.model_repo == "mm2latent/mm2latent-celebahq"
+    assert settings.model_repo == DEFAULT_MODEL_REPO
     assert settings.max_images == 4 and settings.cache_examples == "lazy" and settings.concurrency == 1
     assert settings.server_port is None and settings.device is None
 
@@ -111,26 +113,55 @@ def test_load_order_is_requested_then_public_then_tiny():
     assert load_order("public") == ["public", "tiny"] and load_order("tiny") == ["tiny"]
 
 
-def test_offline_fallback_chain_reaches_tiny_and_the_banner_names_both_problems(tmp_path, monkeypatch):
+def test_offline_fallback_chain_reaches_tiny_and_the_status_names_both_problems(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # nothing cached
     loaded = load_pipeline(Settings(model_repo=OFFLINE_REPO, device="cpu", load_vae=False))
     assert loaded.pipe.name == "tiny" and loaded.editor.inverter is not None  # the fallback edits photos too
     assert [failure.model for failure in loaded.failures] == [OFFLINE_REPO, "public"]
-    assert all("HF_HUB_OFFLINE" in failure.reason for failure in loaded.failures)
-    assert "Untrained demo weights" in loaded.banner
-    assert f"`{OFFLINE_REPO}` could not be loaded" in loaded.banner and "`public` could not be loaded" in loaded.banner
+    assert all("HF_HUB_OFFLINE" in failure.reason for failure in loaded.failures)  # the log keeps the full message
+    assert "Demo mode" in loaded.status and "not faces" in loaded.status and "\n" not in loaded.status
+    assert f"`{OFFLINE_REPO}`: its files are not on this machine" in loaded.details
+    assert "`public`: its files are not on this machine" in loaded.details
+    # What visitors read names no exception and no path of the server.
+    shown = loaded.status + loaded.details
+    assert "Error" not in shown and str(tmp_path) not in shown and "/" + "root" not in shown
+    assert "HF_HUB_OFFLINE" not in shown and "cache" not in shown.lower()
 
 
-def test_requested_folder_loads_first_and_the_banner_says_its_weights_are_untrained(tmp_path):
+def test_unpublished_repositories_are_skipped_without_a_request(monkeypatch):
+    from mm2latent.ui import loading
+
+    tried = []
+
+    def load(name, **options):
+        tried.append(name)
+        if name != "tiny":
+            raise OSError("offline")
+        return SimpleNamespace(generation=SimpleNamespace(name="tiny", trained=False, device="cpu", engine="ddgi"))
+
+    assert not loading.is_published("mm2latent/mm2latent-celebahq") and loading.is_published("org/trained")
+    loaded = load_pipeline(Settings(model_repo="mm2latent/mm2latent-celebahq"), load=load)
+    assert tried == ["public", "tiny"] and loaded.skipped == ["mm2latent/mm2latent-celebahq"]
+    assert "`mm2latent/mm2latent-celebahq`: not published yet, so it was not tried." in loaded.details
+    assert [failure.model for failure in loaded.failures] == ["public"]
+
+
+def test_requested_folder_loads_first_and_the_status_says_its_weights_are_untrained(tmp_path):
     from mm2latent.pipelines.editing import FaceEditPipeline
 
     folder = FaceEditPipeline.from_pretrained("tiny", device="cpu").save_pretrained(tmp_path / "saved")
     loaded = load_pipeline(Settings(model_repo=str(folder), device="cpu"))
     assert loaded.failures == [] and loaded.editor.inverter is not None
-    assert "Untrained weights" in loaded.banner and "could not be loaded" not in loaded.banner
-    assert model_banner(str(folder), loaded.pipe.name, True, []) is None  # trained and as requested: no banner
+    assert "untrained mapping networks" in loaded.status and "could not" not in loaded.details
+    assert model_status(str(folder), loaded.pipe.name, True, []) == (None, None)  # trained as requested: nothing
+
+
+def test_the_status_links_to_the_spaces_own_guide_on_a_space(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/faces")
+    status, _ = model_status("tiny", "tiny", False, [])
+    assert "(https://huggingface.co/spaces/someone/faces/blob/main/docs/weights.md)" in status
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,14 +449,16 @@ def generate(client, api_name: str, prompt: str, picture: dict, **settings):
     return client.predict(prompt, picture, *arguments.values(), api_name=api_name)
 
 
-def test_fresh_offline_machine_reaches_a_working_page_with_a_banner(space, client):
+def test_fresh_offline_machine_reaches_a_working_page_with_a_status(space, client):
     url, workdir = space
     with urllib.request.urlopen(url + "config", timeout=10) as response:
         config = response.read().decode()
-    assert "Untrained demo weights" in config and "MM2LATENT_MODEL_REPO" in config
-    # The banner names both failures of the load order: the requested repository, then the public preset.
-    assert f"`{OFFLINE_REPO}` could not be loaded" in config and "`public` could not be loaded" in config
-    assert config.count("HF_HUB_OFFLINE is set") >= 2
+    assert "Demo mode" in config and "MM2LATENT_MODEL_REPO" in config
+    # The details name both failures of the load order, the requested repository, then the public preset, in
+    # plain words: no exception name, no server path (the log keeps those).
+    assert f"`{OFFLINE_REPO}`: its files are not on this machine" in config
+    assert "`public`: its files are not on this machine" in config
+    assert "HF_HUB_OFFLINE is set" not in config and "WeightsNotFoundError" not in config
     log = (workdir / "app.log").read_text()
     assert f"Could not load '{OFFLINE_REPO}'" in log and "trying 'public' next" in log
     assert "Could not load 'public'" in log and "trying 'tiny' next" in log and "Loaded tiny" in log

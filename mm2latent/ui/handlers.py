@@ -50,6 +50,7 @@ from .canvases import (
     strokes_from_canvas,
     template_canvas,
 )
+from .drawing import STEP_CALLBACK
 from .outputs import OutputStore, attention_gallery, describe_run, file_stem, save_run
 from .settings import Settings
 
@@ -422,9 +423,11 @@ class SpaceHandlers:
         mask, scribble = visual_input(kind, canvas, prompt)
         seed = resolve_seed(seed, bool(randomize_seed))
         if engine == "mm2latent":  # no diffusion model: one mode, no diffusion image (the library refuses both)
-            if mode != "fast" or show_diffusion:
-                gr.Info("The fast engine (MM2Latent) has no diffusion model: it ignores the mode, the steps and the "
-                        "diffusion image.")
+            chosen_mode = mode not in ("fast", self.default_mode)
+            ignored = ([f"the {'training-free' if mode == 'invert' else mode} mode"] if chosen_mode else []) + (
+                ["the diffusion image"] if show_diffusion else [])
+            if ignored:  # only choices the visitor made (the default mode is no choice)
+                gr.Info(f"The MM2Latent engine has no diffusion model: {' and '.join(ignored)} do not apply to it.")
             mode, feature, show_diffusion = "fast", None, False
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
@@ -434,9 +437,11 @@ class SpaceHandlers:
         started = time.perf_counter()
         if progress is not None:
             progress(0, desc="Generating")
+        drawing = STEP_CALLBACK.get() if mode == "invert" else None  # shows the drawing forming (ui/drawing.py)
         output = run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
                           feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
-                          return_intermediates=True, return_diffusion_image=bool(show_diffusion))
+                          return_intermediates=True, return_diffusion_image=bool(show_diffusion),
+                          **({"callback_on_step_end": drawing} if drawing else {}))
         return self._present(kind, output, time.perf_counter() - started)
 
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:

@@ -212,7 +212,7 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
             for the whole session); Edit inverts the photo again when it has been dropped.
     """
     handlers = EditHandlers(edit_pipeline, store)
-    with gr.Tab("Edit a photo", id=TAB_ID) as tab:
+    with gr.Tab("Edit photo", id=TAB_ID) as tab:
         gr.Markdown("Upload a photo with one face. It is aligned like the training faces, inverted to the "
                     "generator's latent space, and its own mask is loaded into the editor: repaint it and/or "
                     "describe the change, then click **Edit**. The person's identity is kept as far as possible.")

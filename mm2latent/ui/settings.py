@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| ``MM2LATENT_MODEL_REPO`` | ``mm2latent/mm2latent-celebahq`` | Hub repo or local folder, ``public`` or ``tiny``; falls back to ``public``, then ``tiny`` (ui/loading.py) |
+| ``MM2LATENT_MODEL_REPO`` | the library's default model | Hub repo or local folder, ``public`` or ``tiny``; falls back to ``public``, then ``tiny``; an unpublished repository is skipped (ui/loading.py) |
 | ``MM2LATENT_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_DEVICE`` | (auto: CUDA if available) | ``cpu``, ``cuda``, ``cuda:1`` ... |
 | ``MM2LATENT_DTYPE`` | ``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32``, ``bfloat16``, ``float16`` |
@@ -19,7 +19,7 @@
 | ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
 | ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
 | ``MM2LATENT_FAST_ENGINE_REPO`` | ``auto`` | an MM2Latent-engine model offered beside the main one (engine selector); ``auto``: ``tiny-mm2latent`` when the main model is a tiny preset, none otherwise; ``off``: none |
-| ``MM2LATENT_3D_MODEL_REPO`` | ``tiny-eg3d`` | 3D (EG3D) model for the 3D tab; ``off`` hides the tab; falls back to ``tiny-eg3d`` |
+| ``MM2LATENT_3D_MODEL_REPO`` | ``auto`` | 3D (EG3D) model for the 3D tab; ``auto``: ``tiny-eg3d`` when the main model is a tiny preset, no tab otherwise; ``off``: no tab; a named model that cannot be used falls back to ``tiny-eg3d`` beside a tiny main model only |
 | ``MM2LATENT_3D_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_TURNTABLE_MAX_FRAMES`` | 48 | most frames of a turntable video (4..240) |
 | ``MM2LATENT_SERVER_NAME`` / ``MM2LATENT_SERVER_PORT`` | Gradio's defaults | where to listen |
@@ -41,6 +41,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 THREE_D_OFF = {"off", "none", "0", "false", "no"}
 DEFAULT_3D_MODEL_REPO = "tiny-eg3d"
+#: ``MM2LATENT_3D_MODEL_REPO=auto``: the rule of the engine selector's second engine (below).
+AUTO_3D_MODEL = "auto"
 #: ``MM2LATENT_FAST_ENGINE_REPO=auto``: the offline demo shows both engines; a real model gets a second engine only
 #: when one is named (a toy engine beside trained weights would only mislead).
 AUTO_FAST_ENGINE = "auto"
@@ -70,7 +72,7 @@ class Settings:
     gpu_duration: int = 60
     load_vae: bool = True
     fast_engine_repo: str | None = AUTO_FAST_ENGINE  # None: no engine selector
-    model_3d_repo: str | None = DEFAULT_3D_MODEL_REPO  # None: no 3D tab
+    model_3d_repo: str | None = AUTO_3D_MODEL  # None: no 3D tab
     model_3d_revision: str | None = None
     turntable_max_frames: int = 48
     server_name: str | None = None
