@@ -211,7 +211,8 @@ def build_demo() -> gr.Blocks:
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
                     edit = build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
-                                          session_ttl_s=SETTINGS.session_ttl_s)
+                                          session_ttl_s=SETTINGS.session_ttl_s,
+                                          max_prompt_chars=SETTINGS.max_prompt_chars)
                     three_d = (build_3d_tab(MODEL_3D, HANDLERS_3D, prompt, mask["canvas"], sketch["canvas"])
                                if MODEL_3D is not None else None)
                 with gr.Column() as settings_panel:
