@@ -314,7 +314,7 @@ def test_every_bad_request_carries_a_message(space, client, tmp_path):
                        "seed must be"),
         "400-digit seed": ("generate_from_sketch", '{"data": ["A face.", null, "fast", 20, "all", "mean", 1' + "0" * 399
                            + ', false, 1.0, 1, false, "ddgi"]}', "seed must be"),
-        "seed 1.5": ("generate_from_mask", generation(None, seed=1.5, randomize=False), "1.5 is not"),
+        "seed 1.5": ("generate_from_mask", generation(None, seed=1.5, randomize=False), "got 1.5"),
         "edit seed 1.5": ("edit_photo", [None, 0, "x", None, False, 1.0, "all", "modulate", 1.5, 0], "seed must be"),
         "truncation 'abc'": ("generate_from_mask", generation(None, truncation="abc"), "'abc'"),
         "mask as a string": ("generate_from_mask", generation("a mask"), "EditorData"),
@@ -373,34 +373,6 @@ def test_upload_paths_are_judged_by_their_real_path(tmp_path):
         assert caught.value.message.startswith(NOT_UPLOADED) or "names no file" in caught.value.message
 
 
-@pytest.mark.parametrize("value, expected", [
-    (3, 3), (3.0, 3), (10**400, 10**400), (np.int64(7), 7), (1.5, None), ("3", None), (True, None),
-    (float("nan"), None), (float("inf"), None), (None, None), ([1], None),
-])
-def test_whole_number_takes_raw_api_values(value, expected):
-    from mm2latent.ui.handlers import whole_number
-
-    assert whole_number(value) == expected
-
-
-def test_seed_and_number_checks_refuse_in_words():
-    import gradio as gr
-
-    from mm2latent.ui.handlers import checked_int, checked_number, resolve_seed
-
-    for seed, words in ((10**400, "00000000000… is not"), (1.5, "1.5 is not"), (float("nan"), "nan is not"),
-                        ("abc", "'abc' is not"), (-1, "-1 is not")):
-        with pytest.raises(gr.Error, match="seed must be a whole number") as caught:
-            resolve_seed(seed, randomize=False)
-        assert words in caught.value.message
-    assert resolve_seed(4_294_967_295.0, randomize=False) == 4_294_967_295
-    with pytest.raises(gr.Error, match="Steps must be a whole number from 1 to 50, got inf"):
-        checked_int(1e400, "Steps", 1, 50)
-    for value in (float("nan"), 10**400, "0.5", None):
-        with pytest.raises(gr.Error, match="Strength must be a number from 0 to 2"):
-            checked_number(value, "Strength", 0.0, 2.0)
-
-
 def test_read_image_size_reads_the_header_only(tmp_path):
     from mm2latent.errors import ImageTooLargeError, InvalidImageError
 
@@ -452,30 +424,97 @@ def test_gradio_cache_limit_deletes_oldest_and_spares_kept_files(tmp_path):
     assert limit.prune() == 0
 
 
-def test_drawing_blobs_are_bounded():
-    import gradio as gr
+class Session:
+    """Stands for Gradio's per-visitor config object, which keys a session's drawings."""
+
+
+def blob(drawing_id: str, picture: bytes, kind: str = "composite", index: str = "null"):
+    """What Gradio's component_server route passes to accept_blobs: the form fields (text) and the file."""
     from gradio.data_classes import DataWithFiles
+
+    return DataWithFiles(data={"type": kind, "index": index, "id": drawing_id}, files=[("blob", picture)])
+
+
+def send_blob(canvas, session, *args) -> None:
+    from gradio.context import LocalContext
+
+    token = LocalContext.blocks_config.set(session)  # what component_server sets for the posting session
+    try:
+        canvas.accept_blobs(blob(*args))
+    finally:
+        LocalContext.blocks_config.reset(token)
+
+
+def read_drawing(canvas, session, drawing_id: str):
+    from mm2latent.ui.security import CURRENT_SESSION
+
+    token = CURRENT_SESSION.set(session)  # what SpaceBlocks.preprocess_data sets for the event's session
+    try:
+        return canvas.preprocess(canvas.data_model(id=drawing_id))
+    finally:
+        CURRENT_SESSION.reset(token)
+
+
+def png_bytes(size=(8, 8), colour=(204, 0, 0, 255)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_another_session_cannot_evict_a_drawing_and_a_missing_one_is_an_error():
+    """The issue's reproduction: 70 one-pixel posts from another session used to evict the victim's drawing,
+    and the victim's Generate then silently ran from text alone."""
+    import gradio as gr
+    from fastapi import HTTPException
 
     from mm2latent.ui import security
 
     canvas = security.DrawingCanvas(type="pil")
-    picture = io.BytesIO()
-    Image.new("RGBA", (8, 8)).save(picture, format="PNG")
+    victim, attacker = Session(), Session()
+    send_blob(canvas, victim, "victim-drawing", png_bytes((8, 8)))
+    for index in range(70):
+        send_blob(canvas, attacker, f"spam-{index}", png_bytes((1, 1)))
+    assert canvas.pending.count(attacker) == security.MAX_PENDING_DRAWINGS  # its own quota, its own oldest go
+    with pytest.raises(gr.Error, match="did not reach the server"):
+        read_drawing(canvas, attacker, "victim-drawing")  # another session cannot read it either
+    assert read_drawing(canvas, victim, "victim-drawing")["composite"].size == (8, 8)
+    with pytest.raises(gr.Error, match="did not reach the server"):  # used once: never an empty canvas after
+        read_drawing(canvas, victim, "victim-drawing")
+    for index in ("8", str(10**9), "-1", "x"):
+        with pytest.raises(HTTPException) as caught:
+            send_blob(canvas, attacker, "layered", png_bytes(), "layer", index)
+        assert caught.value.status_code == 400 and "at most 8 layers" in caught.value.detail
 
-    def blob(drawing_id: str, kind: str = "composite", index: str = "null"):
-        """What Gradio's component_server route passes: the form fields (text) and the file."""
-        return DataWithFiles(data={"type": kind, "index": index, "id": drawing_id},
-                             files=[("blob", picture.getvalue())])
 
-    with pytest.raises(gr.Error, match="at most"):
-        canvas.accept_blobs(blob("a", "layer", str(10**9)))
-    assert "a" not in canvas.blob_storage
-    for index in range(security.MAX_PENDING_DRAWINGS + 20):
-        canvas.accept_blobs(blob(f"drawing-{index}"))
-    assert len(canvas.blob_storage) == security.MAX_PENDING_DRAWINGS
-    assert f"drawing-{security.MAX_PENDING_DRAWINGS + 19}" in canvas.blob_storage and "drawing-0" not in canvas.blob_storage
-    value = canvas.preprocess(canvas.data_model(id=f"drawing-{security.MAX_PENDING_DRAWINGS + 19}"))
-    assert value["composite"].size == (8, 8)
+def test_all_sessions_together_are_bounded_and_the_largest_pays(monkeypatch):
+    from mm2latent.ui import security
+
+    monkeypatch.setattr(security, "MAX_ALL_PENDING_DRAWING_BYTES", 20_000)
+    canvas = security.DrawingCanvas(type="pil")
+    victim, attacker = Session(), Session()
+    small = png_bytes((8, 8))
+    send_blob(canvas, victim, "victim-drawing", small)
+    noise = io.BytesIO()
+    Image.effect_noise((64, 64), 80).save(noise, format="PNG")  # ~4 KB that does not compress
+    for index in range(security.MAX_PENDING_DRAWINGS):
+        send_blob(canvas, attacker, f"big-{index}", noise.getvalue())
+    assert canvas.pending.count(victim) == 1 and canvas.pending.count(attacker) < security.MAX_PENDING_DRAWINGS
+
+
+def test_a_huge_canvas_is_read_on_a_small_copy(tmp_path):
+    """6300 x 6300 (under the 40 MP limit): Gradio decoded it whole and the palette snapping took +1.8 GB."""
+    from mm2latent.inputs.conditions import parse_mask
+    from mm2latent.ui import security
+
+    canvas = security.DrawingCanvas(type="pil", image_mode="RGBA")
+    session = Session()
+    big = io.BytesIO()
+    Image.new("RGB", (6300, 6300), (204, 0, 0)).save(big, format="PNG")
+    send_blob(canvas, session, "big", big.getvalue())
+    value = read_drawing(canvas, session, "big")
+    assert max(value["composite"].size) <= security.MAX_DRAWING_SIDE
+    ids = parse_mask(Image.new("RGB", (6300, 6300), (204, 0, 0)), require_face=False)
+    assert ids.shape == (6300, 6300) and set(np.unique(ids)) == {1}  # the answer at full size, all skin
 
 
 def test_importing_the_components_writes_no_stub_file():
