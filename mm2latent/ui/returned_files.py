@@ -50,7 +50,8 @@ def find_returned(cache: str | Path, path: str) -> Path | None:
     name = file_name(path)
     if not RETURNED_NAME.fullmatch(name):
         return None
-    found = next((found for found in Path(cache).glob(f"*/{name}") if found.is_file()), None)
+    copies = [(copy.stat().st_mtime, str(copy), copy) for copy in Path(cache).glob(f"*/{name}") if copy.is_file()]
+    found = max(copies)[2] if copies else None  # the newest, should a caller upload a file of that name too
     if found is not None:
         with contextlib.suppress(OSError):
             os.utime(found)

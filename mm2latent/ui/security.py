@@ -48,6 +48,7 @@ from gradio.components.base import server
 from gradio.components.image_editor import EditorDataBlobs
 from gradio.context import LocalContext
 from gradio.data_classes import FileData, ListFiles
+from gradio.exceptions import ComponentProcessingError
 from gradio.utils import NamedString, get_upload_folder
 from gradio_client.utils import is_valid_file
 from PIL import Image
@@ -516,6 +517,8 @@ def check_raw_types(blocks: list, values: list) -> None:
 def client_error(error: Exception) -> gr.Error:
     """A plain message for a request Gradio could not process; never a server path, class name or address."""
     text = str(error)
+    if isinstance(error, ComponentProcessingError):  # its text is ours: SpaceBlocks._format_processing_error
+        return user_error(text)
     enough = _ENOUGH_INPUTS.search(text)
     if enough:
         return user_error(f"This endpoint takes {enough[1]} input values; the request sent {enough[2]}. Its "
