@@ -388,8 +388,10 @@ class SpaceBlocks(gr.Blocks):
     * The API description shows no server path: a component's initial value is the API's default
       for that parameter, and for the drawing canvases that is a file in Gradio's temporary folder,
       so such parameters are listed as required instead.
-    * After every event, ``cache_limit`` (a :class:`~mm2latent.ui.outputs.GradioCacheLimit`) trims
-      Gradio's cache, so its file count stays bounded however fast events come.
+    * After every event (and on uploads and a timer, from :meth:`launch`), ``cache_limit`` (a
+      :class:`~mm2latent.ui.disk.GradioCacheLimit`) trims Gradio's cache in files and bytes.
+    * Only sessions holding state count against Gradio's session cap (:func:`keep_sessions_with_state`);
+      Gradio's own refusals are reworded (:func:`client_error`) and raw types checked (:func:`check_raw_types`).
     * Every ``trim_heap_every`` events, freed heap memory is handed back to the system (glibc's
       ``malloc_trim``, in the background). Images are decoded and encoded in Gradio's worker
       threads, each with its own malloc arena; without this their freed pages stay in the process
