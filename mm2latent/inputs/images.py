@@ -20,14 +20,16 @@ from ..errors import ImageTooLargeError, InvalidImageError
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-def _describe(source: str | os.PathLike | bytes, name: str | None) -> str:
-    """How messages name ``source``: ``image file 'x.png'`` (its base name only) or ``the image data``."""
+def _describe(source: str | os.PathLike | bytes, name: str | None) -> tuple[str, str]:
+    """How messages name ``source``: (``'x.png'``, ``image file 'x.png'``) with its base name only, or
+    (``the image data``, ``the image data``) for bytes."""
     if name is None and isinstance(source, (bytes, bytearray, memoryview)):
-        return "the image data"
-    return f"image file {(name or os.path.basename(os.fspath(source)))!r}"
+        return "the image data", "the image data"
+    shown = repr(name or os.path.basename(os.fspath(source)))
+    return shown, f"image file {shown}"
 
 
-def _open_header(source: str | os.PathLike | bytes, what: str, max_pixels: int) -> Image.Image:
+def _open_header(source: str | os.PathLike | bytes, name: str, what: str, max_pixels: int) -> Image.Image:
     """``Image.open`` (which parses the header only) with its failures as this library's errors."""
     try:
         with warnings.catch_warnings():
@@ -44,9 +46,9 @@ def _open_header(source: str | os.PathLike | bytes, what: str, max_pixels: int) 
     except FileNotFoundError as error:
         raise InvalidImageError(f"{what} does not exist") from error
     except IsADirectoryError as error:
-        raise InvalidImageError(f"{what} is a directory, not an image file") from error
+        raise InvalidImageError(f"{name} is a directory, not an image file") from error
     except (OSError, SyntaxError, ValueError) as error:  # includes a name too long for the file system
-        raise InvalidImageError(f"cannot read {what} as an image (unknown or damaged format)") from error
+        raise InvalidImageError(f"cannot read {name} as an image (unknown or damaged format)") from error
 
 
 def check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:
@@ -83,8 +85,8 @@ def read_image_size(source: str | os.PathLike | bytes, *, name: str | None = Non
     Nothing is decoded: this is the check to run on an upload before anything else opens it. Raises
     what :func:`open_image_file` raises for a bad header.
     """
-    what = _describe(source, name)
-    with _open_header(source, what, max_pixels) as opened:
+    shown, what = _describe(source, name)
+    with _open_header(source, shown, what, max_pixels) as opened:
         check_pixel_count(opened.width, opened.height, max_pixels, what)
         return opened.size
 
@@ -102,8 +104,8 @@ def open_image_file(source: str | os.PathLike | bytes, *, name: str | None = Non
         ImageTooLargeError: the header claims more than ``max_pixels`` pixels.
         InvalidImageError: the file is missing, empty, not an image, or truncated or damaged.
     """
-    what = _describe(source, name)
-    with _open_header(source, what, max_pixels) as opened:
+    shown, what = _describe(source, name)
+    with _open_header(source, shown, what, max_pixels) as opened:
         check_pixel_count(opened.width, opened.height, max_pixels, what)
         try:
             return first_frame_oriented(opened, what)
