@@ -241,7 +241,8 @@ def build_demo() -> gr.Blocks:
         mask_examples.load_input_event.then(HANDLERS.template_on_canvas, inputs=mask["canvas"],
                                             outputs=mask["template"], api_visibility="private",
                                             concurrency_id="uploads", concurrency_limit=2)
-    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency)
+    # api_open=False: POST /gradio_api/run/<name> would run a queued event at once, past its concurrency limit.
+    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency, api_open=False)
     return demo
 
 

@@ -473,6 +473,9 @@ def test_template_matching_is_queued(space):
     config = httpx.get(f"{url}config").json()
     dependency = next(d for d in config["dependencies"] if d.get("api_name") == "template_on_canvas")
     assert dependency["queue"] is True, dependency  # was False: run at once, as many as arrived
+    for api_name in ("template_on_canvas", "generate_from_mask"):  # the direct route would skip the queue
+        response = httpx.post(f"{url}gradio_api/run/{api_name}", json={"data": [None]})
+        assert response.status_code >= 400 and "queue" in response.text, response.text
 
 
 # --------------------------------------------------------------------------------------------
