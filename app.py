@@ -44,7 +44,8 @@ MODEL = load_pipeline(SETTINGS)
 # Output files live only until Gradio has copied them (room for every run in flight); Gradio's cache is
 # trimmed after every event (SpaceBlocks) and by age (delete_cache).
 STORE = OutputStore(max_runs=max(16, 4 * SETTINGS.concurrency), max_age_s=SETTINGS.cache_max_age_s)
-CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files)
+CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files, max_bytes=SETTINGS.cache_max_mb * 2**20,
+                               max_age_s=SETTINGS.cache_max_age_s)
 
 
 @gpu_task(duration=SETTINGS.gpu_duration)
@@ -244,7 +245,8 @@ def build_demo() -> gr.Blocks:
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
                     edit = build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
-                                          session_ttl_s=SETTINGS.session_ttl_s)
+                                          session_ttl_s=SETTINGS.session_ttl_s,
+                                          max_prompt_chars=SETTINGS.max_prompt_chars)
                     three_d = (build_3d_tab(MODEL_3D, HANDLERS_3D, prompt, mask["canvas"], sketch["canvas"])
                                if MODEL_3D is not None else None)
                 with gr.Column() as settings_panel:
@@ -270,8 +272,10 @@ def build_demo() -> gr.Blocks:
         wire_events(prompt, active_tab, mask, sketch, settings, outputs)
         # The template choice says what the canvas shows, also after an example or an upload replaced it.
         mask_examples.load_input_event.then(HANDLERS.template_on_canvas, inputs=mask["canvas"],
-                                            outputs=mask["template"], api_visibility="private", queue=False)
-    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency)
+                                            outputs=mask["template"], api_visibility="private",
+                                            concurrency_id="uploads", concurrency_limit=2)
+    # api_open=False: POST /gradio_api/run/<name> would run a queued event at once, past its concurrency limit.
+    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency, api_open=False)
     return demo
 
 
@@ -311,7 +315,8 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
     mask["upload"].upload(HANDLERS.check_mask_upload, inputs=mask["upload"], **check).success(
         HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
         api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2).success(
-        HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], **quick)
+        HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], api_visibility="private",
+        concurrency_id="uploads", concurrency_limit=2)
     sketch["upload"].upload(HANDLERS.check_sketch_upload, inputs=sketch["upload"], **check).success(
         HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"], api_name="upload_sketch",
         concurrency_id="uploads", concurrency_limit=2).success(lambda: None, outputs=sketch["photo"], **quick)

@@ -328,7 +328,7 @@ def test_handler_refuses_bad_input_in_plain_words(handlers):
         (handlers.generate_from_mask, ("A face.", blank), {"seed": None, "randomize_seed": False}, "Enter a seed"),
         (handlers.generate_from_mask, ("A face.", blank), {"num_images": 5}, "from 1 to 4"),
         (handlers.generate_from_mask, ("A face.", blank), {"mode": "quality", "steps": 3, "feature_steps": "2-7"},
-         "between 0 and 2"),
+         "from 0 to 2"),
         (handlers.generate_from_mask, ("A face.", blank), {"mode": "quality", "feature_steps": "early"},
          "not a step number"),
         (handlers.load_template, ("mohawk",), {}, "Unknown template"),

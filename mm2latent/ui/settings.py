@@ -13,6 +13,7 @@
 | ``MM2LATENT_MAX_PROMPT_CHARS`` | 1000 | longer prompts are refused with an error |
 | ``MM2LATENT_MAX_FILE_SIZE`` | ``20mb`` | largest upload |
 | ``MM2LATENT_CACHE_MAX_FILES`` | 2000 | most files kept in Gradio's cache; the oldest are deleted first |
+| ``MM2LATENT_CACHE_MAX_MB`` | 2048 | most megabytes kept in Gradio's cache; the least recently used are deleted first |
 | ``MM2LATENT_CACHE_MAX_AGE`` | 3600 | seconds before a cached file or output folder is deleted |
 | ``MM2LATENT_MAX_SESSIONS`` | 200 | visitor sessions kept in memory (least recently used dropped first) |
 | ``MM2LATENT_SESSION_TTL`` | 1800 | seconds a visitor's inverted photo is kept between Invert and Edit |
@@ -66,6 +67,7 @@ class Settings:
     max_prompt_chars: int = 1000
     max_file_size: str = "20mb"
     cache_max_files: int = 2000
+    cache_max_mb: int = 2048
     cache_max_age_s: int = 3600
     max_sessions: int = 200
     session_ttl_s: int = 1800
@@ -95,6 +97,7 @@ class Settings:
             max_prompt_chars=env.integer("MAX_PROMPT_CHARS", defaults.max_prompt_chars, 1, 100_000),
             max_file_size=env.text("MAX_FILE_SIZE") or defaults.max_file_size,
             cache_max_files=env.integer("CACHE_MAX_FILES", defaults.cache_max_files, 10, 10_000_000),
+            cache_max_mb=env.integer("CACHE_MAX_MB", defaults.cache_max_mb, 1, 10_000_000),
             cache_max_age_s=env.integer("CACHE_MAX_AGE", defaults.cache_max_age_s, 60, 30 * 86400),
             max_sessions=env.integer("MAX_SESSIONS", defaults.max_sessions, 1, 100_000),
             session_ttl_s=env.integer("SESSION_TTL", defaults.session_ttl_s, 60, 30 * 86400),

@@ -20,16 +20,15 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .handlers import (
-    checked_int,
-    checked_number,
-    checked_prompt,
-    checked_truncation,
-    friendly_errors,
-    resolve_seed,
-    user_error,
-    visual_input,
+from ..pipelines.request import (
+    GenerationRequest,
+    check_camera,
+    check_choice,
+    check_flag,
+    check_integer,
+    check_prompt,
 )
+from .handlers import chosen_seed, friendly_errors, user_error, visual_input
 from .loading import LoadedModel, OnFirstUse, plain_reason
 from .outputs import OutputStore, describe_run, file_stem, save_latents
 from .security import WholeNumber
@@ -121,11 +120,6 @@ def untrained_3d_banner(why: str | None, name: str = DEFAULT_3D_MODEL_REPO) -> s
 # --------------------------------------------------------------------------------------------
 
 
-def checked_camera(yaw: Any, pitch: Any) -> tuple[float, float]:
-    return (checked_number(yaw, "Yaw", -YAW_LIMIT, YAW_LIMIT),
-            checked_number(pitch, "Pitch", -PITCH_LIMIT, PITCH_LIMIT))
-
-
 def checked_face(face: Any) -> dict:
     """The session's face (``generate_3d``'s state) or a plain-worded refusal."""
     if not isinstance(face, dict) or "latents" not in face:
@@ -180,22 +174,25 @@ class ThreeDHandlers:
         Returns the image (PNG with the settings and camera), the depth map (or None), the seed, a
         summary, the files to download and the face (the session state the other 3D events read).
         """
-        prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
-        if source not in SOURCES:
-            raise user_error(f"Draw from must be one of: {', '.join(SOURCES)}")
-        yaw, pitch = checked_camera(yaw, pitch)
-        truncation = checked_truncation(truncation)
+        # The library's validators check every setting; the UI only reads the canvas.
+        prompt = check_prompt(prompt, self.settings.max_prompt_chars)
+        source = check_choice(source, "Draw from", SOURCES)
+        yaw, pitch = check_camera(yaw, pitch, YAW_LIMIT, PITCH_LIMIT)
+        show_depth = check_flag(show_depth, "“Show the depth map”")
+        seed = chosen_seed(seed, randomize_seed)
         if source == "text only":
             if not prompt:
                 raise user_error("Text only needs a prompt: describe the face, or draw from the mask or sketch")
             mask_ids, scribble = None, None
         else:
             mask_ids, scribble = visual_input(source, mask if source == "mask" else sketch, prompt)
-        seed = resolve_seed(seed, bool(randomize_seed))
+        request = GenerationRequest.create(prompt, mask_ids, scribble, seed=seed, truncation=truncation,
+                                           max_prompt_chars=self.settings.max_prompt_chars)
+        seed = request.seed
         started = time.perf_counter()
         progress(0, desc="Generating")
-        output = self.run(prompt=prompt, mask=mask_ids, scribble=scribble, seed=seed, truncation=truncation,
-                          camera=(yaw, pitch), return_depth=bool(show_depth))
+        output = self.run(prompt=request.prompt, mask=mask_ids, scribble=scribble, seed=seed,
+                          truncation=request.truncation, camera=(yaw, pitch), return_depth=show_depth)
         for warning in output.warnings:
             gr.Warning(warning)
         # The latents are already truncated: every later view renders them with ψ = 1 (the same face).
@@ -213,9 +210,10 @@ class ThreeDHandlers:
         from ..inputs.images import tensor_to_pil
 
         face = checked_face(face)
-        yaw, pitch = checked_camera(yaw, pitch)
+        yaw, pitch = check_camera(yaw, pitch, YAW_LIMIT, PITCH_LIMIT)
+        show_depth = check_flag(show_depth, "“Show the depth map”")
         progress(0, desc="Rendering")
-        rendered = self.render(self._latents(face), camera=(yaw, pitch), return_depth=bool(show_depth))
+        rendered = self.render(self._latents(face), camera=(yaw, pitch), return_depth=show_depth)
         depth = rendered.depth[0] if rendered.depth is not None else None
         return self._save_view(face, tensor_to_pil(rendered.images)[0], depth, yaw, pitch)
 
@@ -227,14 +225,14 @@ class ThreeDHandlers:
         if not isinstance(face, dict) or "latents" not in face:
             return gr.skip(), gr.skip(), gr.skip(), NO_FACE_HINT
         image, depth, files = self.render_view(face, yaw, pitch, show_depth, progress)
-        return image, depth, files, view_summary(face, *checked_camera(yaw, pitch))
+        return image, depth, files, view_summary(face, *check_camera(yaw, pitch, YAW_LIMIT, PITCH_LIMIT))
 
     @friendly_errors("rendering the turntable")
     def turntable(self, face: Any, frames: Any = DEFAULT_TURNTABLE_FRAMES,
                   progress=gr.Progress(track_tqdm=True)) -> str:
         """An MP4 (H.264) of the camera circling the session's face, at 24 frames per second."""
         face = checked_face(face)
-        frames = checked_int(frames, "Frames", 4, self.settings.turntable_max_frames)
+        frames = check_integer(frames, "frames", 4, self.settings.turntable_max_frames)
         progress(0, desc="Rendering the turntable")
         path = self.store.new_folder() / f"{face['stem']}-seed{face['seed']}-turntable.mp4"
         return str(self.render_turntable(self._latents(face), path, num_frames=frames, fps=TURNTABLE_FPS))
