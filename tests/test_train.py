@@ -193,7 +193,6 @@ def test_inverter_stage_learns_with_the_shared_trainer_and_loss(tiny_pipe, testd
     pipe = clone_pipeline(tiny_pipe)
     generator_before = {k: v.clone() for k, v in pipe.generator.state_dict().items()}
     trainer = build(config, pipe)
-    assert type(trainer.stage.loss_fn).__name__ == "LatentLoss"
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()

@@ -30,9 +30,9 @@ from pathlib import Path
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editing.inversion import encoder_from_checkpoint
 from ..errors import CheckpointFormatError, MM2LatentError
 from .networks.checkpoints import network_from_state, plain_state_dict, read_plain_checkpoint
+from .photo_encoder import encoder_from_checkpoint
 from .stylegan2 import StyleGAN2Generator
 
 __all__ = ["NATIVE_FORMATS", "SOURCE_FILE", "build_native_model", "convert_native_file", "read_native_checkpoint"]
