@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import EmptyPromptError, InvalidSettingError, InvalidStepsError
 from ..inputs.images import image_to_tensor
-from ..losses import LOSS_RESOLUTION, identity_embedding, mask_loss
+from ..losses import LOSS_RESOLUTION, identity_embedding, mask_loss, resize_faces
 from ..losses import identity_similarity as identity_cosines
 from ..models.mapping import Modulation
 from .clip import ClipGuide
@@ -152,10 +152,13 @@ class LatentEdit:
 def identity_similarity(identity_net: nn.Module, image_a, image_b) -> float:
     """Cosine similarity of ArcFace embeddings of two aligned faces (PIL images or [1, 3, H, W] in [-1, 1]).
 
-    PIL images are read at 256² (Lanczos, as photos are downscaled); tensors go in as they are. Both then take the
-    loss module's identity path (:func:`mm2latent.losses.identity_similarity`: pooled to at most 256², pSp's crop).
+    The two faces of an edit may differ in size (a 256² aligned photo, a 64² or 1024² render), and the same face
+    must score the same as a PIL image or a tensor: both are brought to pSp's 256² first (PIL: Lanczos, as photos
+    are downscaled; tensors: :func:`mm2latent.losses.resize_faces`, pSp's face_pool when larger), then take the loss
+    module's identity path (:func:`mm2latent.losses.identity_similarity`: pSp's crop, 112²).
     """
-    a, b = (image_to_tensor(x, LOSS_RESOLUTION) if isinstance(x, Image.Image) else x for x in (image_a, image_b))
+    a, b = (image_to_tensor(x, LOSS_RESOLUTION) if isinstance(x, Image.Image) else resize_faces(x.float(), LOSS_RESOLUTION)
+            for x in (image_a, image_b))
     return float(identity_cosines(identity_net, a, b)[0])
 
 
