@@ -22,7 +22,8 @@ Resizing, the one rule for every term (pSp's own, made explicit):
   smaller by bilinear upsampling (only the evaluation's fixed-resolution protocol ever asks for that).
 * ArcFace: each face is pooled to min(``resolution``, its size) on its own (the crop is a fixed fraction of the
   face, so the two faces need not share a size), then ``arcface.embed`` crops pSp's rows 35:223 and columns
-  32:220 (of 256) and pools to 112².
+  32:220 (of 256) and pools to 112². (The edit's displayed score first brings both faces to 256², so that a face
+  scores the same as a PIL image or a tensor: :func:`mm2latent.editing.methods.identity_similarity`.)
 * The mask term compares at the mask's size (the parser resizes its own input, as its official inference does).
 """
 
