@@ -93,6 +93,25 @@ def test_refinement_lowers_the_reconstruction_loss(encoder, generator, lpips, ph
     assert not start.requires_grad and not any(p.requires_grad for p in generator.parameters())
 
 
+def test_refinement_loss_is_the_psp_objective_by_hand(generator, lpips):
+    """Step 0's loss, written out: a 128² target (I^d_0 of the tiny preset) is pooled to G's 64² (2×2 block means,
+    pSp's face_pool), then L2 + 0.8·LPIPS + mask_weight·CE(parser) + w_reg_weight·‖w − w̄‖."""
+    parser = build_tiny_network("face_parser").eval()
+    w = generator.latent_avg.expand(1, generator.num_ws, -1) + 0.3 * torch.randn(
+        1, generator.num_ws, generator.style_dim, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask_ids = torch.randint(0, 19, (1, 32, 32), generator=torch.Generator().manual_seed(2))
+    result = refine_latent(generator, w, target, steps=0, lpips=lpips, face_parser=parser, mask_ids=mask_ids,
+                           mask_weight=0.3, w_reg_weight=0.01, latent_avg=generator.latent_avg, progress=False)
+    with torch.no_grad():
+        image = generator.synthesis(w)
+        pooled = target.reshape(1, 3, 64, 2, 64, 2).mean(dim=(3, 5))
+        by_hand = ((image - pooled).pow(2).mean() + 0.8 * lpips(image, pooled).mean()
+                   + 0.3 * torch.nn.functional.cross_entropy(parser.celebamask_logits(image, size=32), mask_ids)
+                   + 0.01 * (w - generator.latent_avg).flatten(1).norm(dim=1).mean())
+    assert result.losses == [pytest.approx(float(by_hand), rel=1e-5)]
+
+
 def test_refinement_stops_early_and_checks_steps(generator):
     w = generator.latent_avg.expand(1, generator.num_ws, -1).clone()
     target = torch.zeros(1, 3, generator.resolution, generator.resolution)

@@ -1,6 +1,7 @@
 """Speed-ups are correctness-neutral: each toggle on and off gives the same output (tiny preset).
 
-No timing assertions here: speed is measured by ``benchmarks/speed.py``; this file checks that it runs.
+No timing assertions here: speed is measured by ``benchmarks/speed.py``; this file checks what the benchmark does
+with its arguments, its sections and its report (folder output, partial results, failed sections).
 
 Tolerances (float32, tiny preset, latents of magnitude ~1):
 * channels_last, attention kernel, torch.compile: 1e-4 absolute on the W+ latents and at most 1 grey level
@@ -11,6 +12,7 @@ Tolerances (float32, tiny preset, latents of magnitude ~1):
   average latent (8 mantissa bits through ~40 layers).
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -202,39 +204,135 @@ def test_bfloat16_close_to_float32(pipe, mask):
     assert (low(PROMPT, mask=mask, seed=1).latents - half).abs().mean() < 0.05 * spread
 
 
-def test_benchmark_report_is_consistent(tmp_path):
-    """The tiny benchmark's JSON is internally consistent and its table shows the JSON's numbers."""
-    out = tmp_path / "cpu-tiny.json"
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "speed.py"), "--preset", "tiny", "--device", "cpu",
-               "--repeats", "1", "--warmup", "0", "--quality-steps", "2", "--batch-sizes", "1", "2",
-               "--baseline-steps", "2", "--threads", "1", "--out", str(out)]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+TINY = ["--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--quality-steps", "2",
+        "--batch-sizes", "1", "2", "--baseline-steps", "2"]
+#: The first five sections only (build, stages, end_to_end, throughput, space_overhead), in this process.
+FEW_SECTIONS = [*TINY, "--no-cold-start", "--no-ablations", "--no-baseline", "--no-mm2latent", "--invert-refine-steps"]
+
+
+@pytest.fixture(scope="module")
+def speed_cli():
+    """``benchmarks/speed.py`` imported as a module (with ``benchmarks/`` on the path for its ``speedbench`` parts)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("speed")
+
+
+def test_tiny_benchmark_writes_json_and_table_into_an_existing_folder(tmp_path):
+    """The CI smoke run, every section, as a user runs it: ``--out`` an existing folder (this used to measure, then
+    die with IsADirectoryError) gets ``<device>-<preset>-<dtype>.json`` and ``.md``."""
+    command = [sys.executable, str(BENCHMARKS / "speed.py"), *TINY, "--threads", "1", "--out", str(tmp_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "cpu-tiny-float32.json").read_text())
+    assert results["complete"] is True
+    assert {name: s["status"] for name, s in results["section_status"].items()} == dict.fromkeys(
+        results["meta"]["options"]["sections"], "done")
+    assert "invert_mode" in results and results["baseline"]["shares_modules_with_ours"] is True
+    assert f"| **fast** | {results['end_to_end']['fast']['median_ms']:.1f} |" in (tmp_path / "cpu-tiny-float32.md").read_text()
+
+
+def report_fixture(fast_ms: float) -> dict:
+    """A results JSON as a partial run leaves it: stages and end_to_end measured, throughput failed, the rest absent."""
+    def item(ms):
+        return {"median_ms": ms, "min_ms": ms - 1, "max_ms": ms + 1, "repeats": 3, "peak_bytes": 2 * 2**30}
+
+    return {
+        "meta": {"preset": "full-random", "device": {"type": "cpu", "name": "a test CPU"}, "dtype": "float32",
+                 "date": "2026-12-07", "versions": {"torch": "t", "diffusers": "d", "transformers": "x"},
+                 "python": "3.11", "torch_threads": 2, "weights": {"random": True}, "memory_kind": "rss"},
+        "stages": {"mapper_M": item(4.2)},
+        "end_to_end": {"fast": item(fast_ms)},
+        "section_status": {"stages": {"status": "done"}, "end_to_end": {"status": "done"},
+                           "throughput": {"status": "failed", "error": "RuntimeError: out of memory"},
+                           "space_overhead": {"status": "pending"}},
+    }
+
+
+def test_report_table_shows_the_json_it_is_given(speed_cli):
+    from speedbench.report import evaluate_targets, render_markdown
+
+    results = report_fixture(fast_ms=1234.5)
+    results["targets"] = evaluate_targets(results)
+    table = render_markdown(results)
+    assert "| M | 4.2 | 3.2 | 5.2 | 3 |" in table
+    assert "| **fast** | 1234.5 | 1233.5 | 1235.5 | 3 | peak 2.00 GiB |" in table
+    assert "| throughput | **failed** | RuntimeError: out of memory |" in table
+    assert "| space_overhead | **pending** |" in table
+    # The CPU target reads the same figure: 1.2345 s per face against 15 s, met.
+    target = next(t for t in results["targets"] if t["target"].startswith("fast mode, batch 1 on CPU"))
+    assert target["value"] == pytest.approx(1.2345) and target["met"] is True
+    slower = report_fixture(fast_ms=20_000.0)
+    slower["targets"] = evaluate_targets(slower)
+    assert "| **fast** | 20000.0 |" in render_markdown(slower)
+    assert next(t for t in slower["targets"] if t["target"] == target["target"])["met"] is False
+    # Targets whose section did not run have no value and are not judged.
+    overhead = next(t for t in results["targets"] if t["target"].startswith("Space overhead"))
+    assert overhead["value"] is None and overhead["met"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{file}/results.json"], "is a file"),
+    (["--out", "{tmp}/results.txt"], "a .json file"),
+    (["--batch-sizes", "0", "2"], "--batch-sizes must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--invert-refine-steps", "-3"], "--invert-refine-steps must be >= 0"),
+    (["--preset", "./no-such-pipeline"], "no such pipeline folder"),
+])
+def test_bad_arguments_are_refused_before_anything_is_measured(speed_cli, tmp_path, capsys, monkeypatch, argv,
+                                                                message):
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(file=tmp_path / "a-file", tmp=tmp_path) for a in argv]
+    measured = []
+    monkeypatch.setattr(speed_cli, "run", lambda *a, **k: measured.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        speed_cli.main(["--preset", "tiny", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert measured == []
+
+
+def test_out_accepts_a_folder_or_a_json_path(speed_cli, tmp_path):
+    args = speed_cli.parse_args(["--preset", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path)])
+    assert args.report == (tmp_path / "cpu-tiny-bfloat16.json", tmp_path / "cpu-tiny-bfloat16.md")
+    nested = tmp_path / "new" / "run.json"
+    args = speed_cli.parse_args(["--preset", "tiny", "--device", "cpu", "--out", str(nested)])
+    assert args.report == (nested, nested.with_suffix(".md")) and nested.parent.is_dir()  # created up front
+    assert list(nested.parent.iterdir()) == []  # the write probe leaves nothing behind
+
+
+def test_a_run_interrupted_after_the_first_section_keeps_it(speed_cli, tmp_path, monkeypatch):
+    """What a run killed during its second section leaves on disk: the JSON written when the first one finished."""
+    out = tmp_path / "partial.json"
+    on_disk = {}
+
+    def interrupted_stages(bench):
+        on_disk.update(json.loads(out.read_text()))  # the file as a kill at this moment would leave it
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules["speedbench.sections"].SECTIONS, "stages", interrupted_stages)
+    assert speed_cli.main([*FEW_SECTIONS, "--out", str(out)]) == 130
+    assert on_disk["complete"] is False and on_disk["section_status"]["build"]["status"] == "done"
+    assert on_disk["meta"]["model"]["generator_resolution"] == 64 and on_disk["meta"]["build_s"] > 0
+    final = json.loads(out.read_text())
+    assert final["section_status"]["stages"]["status"] == "interrupted"
+    assert final["section_status"]["end_to_end"]["status"] == "pending" and "end_to_end" not in final
+    assert "| stages | **interrupted** |" in out.with_suffix(".md").read_text()
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(speed_cli, tmp_path, monkeypatch):
+    out = tmp_path / "failed.json"
+
+    def failing(bench):
+        raise RuntimeError("no throughput today")
+
+    monkeypatch.setitem(sys.modules["speedbench.sections"].SECTIONS, "throughput", failing)
+    assert speed_cli.main([*FEW_SECTIONS, "--out", str(out)]) == 1
     results = json.loads(out.read_text())
-    meta = results["meta"]
-    assert meta["preset"] == "tiny" and meta["weights"]["random"] is True and meta["torch_threads"] == 1
-    assert meta["options"]["sections"][0] == "build" and "invert_mode" in meta["options"]["sections"]
-    stages, e2e = results["stages"], results["end_to_end"]
-    for item in [*stages.values(), *e2e.values()]:
-        assert item["min_ms"] <= item["median_ms"] <= item["max_ms"] and len(item["runs_ms"]) == item["repeats"]
-    # Derived figures follow from the measured ones.
-    assert results["stage_sum_ms"] == pytest.approx(sum(stages[k]["median_ms"] for k in (
-        "text_encoding_cached", "unet_controlnet_capture", "mapper_M", "modulator_T", "stylegan2_synthesis")))
-    for name, item in results["throughput"].items():
-        assert item["faces_per_s"] == pytest.approx(item["batch"] / (item["median_ms"] / 1e3))
-        assert name == f"batch_{item['batch']}"
-    ratios, baseline = results["ratios"], results["baseline"]
-    assert ratios["baseline_over_fast"] == pytest.approx(baseline["median_ms"] / e2e["fast_uncached_prompt"]["median_ms"])
-    assert ratios["invert_refine_0_over_baseline"] == pytest.approx(
-        results["invert_mode"]["refine_0"]["median_ms"] / baseline["median_ms"])
-    assert baseline["steps"] == 2 and baseline["shares_modules_with_ours"] is True
-    overhead = results["space_overhead"]
-    assert overhead["overhead_ms"] == pytest.approx(sum(v["median_ms"] for v in overhead["parts"].values()))
-    assert overhead["overhead_share"] == pytest.approx(overhead["overhead_ms"] / overhead["model_ms"])
-    assert all(t["met"] is None for t in results["targets"])  # targets apply to the full-size models only
-    # The table prints what the JSON holds.
-    table = out.with_suffix(".md").read_text()
-    assert f"**Speed-up baseline / fast: {ratios['baseline_over_fast']:.1f}×**" in table
-    assert f"| **fast** | {e2e['fast']['median_ms']:.1f} |" in table
-    assert f"{ratios['invert_refine_0_over_baseline']:.2f}× the baseline" in table
+    status = results["section_status"]
+    assert status["throughput"]["status"] == "failed"
+    assert status["throughput"]["error"] == "RuntimeError: no throughput today"
+    assert "throughput" not in results
+    assert status["space_overhead"]["status"] == "done" and results["space_overhead"]["overhead_ms"] > 0
+    assert results["complete"] is True

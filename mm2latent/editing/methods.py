@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import EmptyPromptError, InvalidSettingError, InvalidStepsError
 from ..inputs.images import image_to_tensor
+from ..losses import LOSS_RESOLUTION, identity_embedding, mask_loss, resize_faces
+from ..losses import identity_similarity as identity_cosines
 from ..models.mapping import Modulation
 from .clip import ClipGuide
 
@@ -147,17 +148,18 @@ class LatentEdit:
 # ---------------------------------------------------------------------------------------------- identity
 
 
-def _identity(identity_net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    param = next(identity_net.parameters())
-    return identity_net.embed(images.to(param.device, param.dtype)).float()
-
-
 @torch.no_grad()
 def identity_similarity(identity_net: nn.Module, image_a, image_b) -> float:
-    """Cosine similarity of ArcFace embeddings of two aligned faces (PIL images or [1, 3, H, W] in [-1, 1])."""
-    a, b = (image_to_tensor(x, 256) if isinstance(x, Image.Image) else F.interpolate(x.float(), size=(256, 256),
-            mode="bilinear", align_corners=False, antialias=True) for x in (image_a, image_b))
-    return float((_identity(identity_net, a) * _identity(identity_net, b)).sum(dim=1)[0])
+    """Cosine similarity of ArcFace embeddings of two aligned faces (PIL images or [1, 3, H, W] in [-1, 1]).
+
+    The two faces of an edit may differ in size (a 256² aligned photo, a 64² or 1024² render), and the same face
+    must score the same as a PIL image or a tensor: both are brought to pSp's 256² first (PIL: Lanczos, as photos
+    are downscaled; tensors: :func:`mm2latent.losses.resize_faces`, pSp's face_pool when larger), then take the loss
+    module's identity path (:func:`mm2latent.losses.identity_similarity`: pSp's crop, 112²).
+    """
+    a, b = (image_to_tensor(x, LOSS_RESOLUTION) if isinstance(x, Image.Image) else resize_faces(x.float(), LOSS_RESOLUTION)
+            for x in (image_a, image_b))
+    return float(identity_cosines(identity_net, a, b)[0])
 
 
 @dataclass
@@ -229,7 +231,7 @@ def clip_refine(
     if identity_net is not None:  # the identity term's target; without it no reference is needed
         with torch.no_grad():
             reference = generator.synthesis(start.to(param.dtype)) if reference is None else reference.to(param.device)
-            reference_id = _identity(identity_net, reference)
+            reference_id = identity_embedding(identity_net, reference)
     optimizer = torch.optim.Adam([chosen], lr=lr)
     losses = []
     with torch.enable_grad():
@@ -242,11 +244,10 @@ def clip_refine(
                 terms["clip"] = 1 - (clip.encode_image(image) * text).sum(dim=1).mean()
                 total = total + terms["clip"]
             if use_mask:
-                logits = face_parser.celebamask_logits(image, size=mask_ids.shape[-1])
-                terms["mask"] = F.cross_entropy(logits.float(), mask_ids)
+                terms["mask"] = mask_loss(face_parser, image, mask_ids)
                 total = total + mask_weight * terms["mask"]
             if reference_id is not None:
-                terms["identity"] = 1 - (_identity(identity_net, image) * reference_id).sum(dim=1).mean()
+                terms["identity"] = 1 - (identity_embedding(identity_net, image) * reference_id).sum(dim=1).mean()
                 total = total + id_weight * terms["identity"]
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -34,7 +34,6 @@ from pathlib import Path
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editing.inversion import encoder_from_checkpoint
 from ..errors import CheckpointFormatError, MM2LatentError
 from .networks.checkpoints import (
     lpips_package_weights,
@@ -44,6 +43,7 @@ from .networks.checkpoints import (
     read_plain_checkpoint,
     read_tensor_file,
 )
+from .photo_encoder import encoder_from_checkpoint
 from .stylegan2 import StyleGAN2Generator
 
 __all__ = ["NATIVE_FORMATS", "SOURCE_FILE", "build_native_model", "convert_native_file", "read_native_checkpoint"]

@@ -93,13 +93,13 @@ class DiffusionConfig:
 
 @dataclass
 class LossConfig:
-    """pSp's objective (one definition, ``training/losses.py``): λ0·L2 + λ1·LPIPS + λ2·ID + λ3·‖w − w̄‖."""
+    """pSp's objective (one definition, ``mm2latent/losses.py``): λ0·L2 + λ1·LPIPS + λ2·ID + λ3·‖w − w̄‖."""
 
     l2: float = 1.0
     lpips: float = 0.8
     id: float = 0.1
     w_reg: float = 0.005
-    resolution: int = 256  # LPIPS and ArcFace see images pooled to this size (pSp's face_pool)
+    resolution: int = 256  # L2, LPIPS and ArcFace see images pooled to this size (pSp's face_pool)
     # What the image terms compare G(w) with. "gt": I^gt in every term; "idd": I^d_0 in every term (style transfer,
     # paper Section 4); "both": L2 and LPIPS against I^d_0, identity against I^gt (the paper's stage 2);
     # "auto": stage 1 "gt", stage 2 "both".

@@ -2,7 +2,8 @@
 
 Established implementations are used where they exist: torchmetrics for FID (with any feature
 network) and MS-SSIM; transformers' CLIP for the CLIP score. LPIPS, ArcFace and the face parser are
-the networks of :mod:`mm2latent.models.networks`. Images are [B, 3, H, W] in [-1, 1] throughout.
+the networks of :mod:`mm2latent.models.networks`; the identity score and the resizing are the loss module's
+(:mod:`mm2latent.losses`: pSp's face_pool to 256², crop, 112²). Images are [B, 3, H, W] in [-1, 1] throughout.
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..inputs.conditions import NUM_CLASSES
+from ..losses import LOSS_RESOLUTION, identity_similarity, resize_faces
 
-#: pSp computes identity on faces pooled to 256² (then crops and pools to ArcFace's 112²); Table 1 is at 256².
-PAPER_RESOLUTION = 256
+__all__ = [
+    "PAPER_RESOLUTION",
+    "CLIPScorer",
+    "FIDFeatures",
+    "confusion_matrix",
+    "fid_update",
+    "identity_similarity",
+    "lpips_distance",
+    "make_fid",
+    "mask_scores",
+    "ms_ssim",
+    "to_resolution",
+]
 
+#: Table 1 compares faces at pSp's 256² (:data:`mm2latent.losses.LOSS_RESOLUTION`).
+PAPER_RESOLUTION = LOSS_RESOLUTION
 
-def to_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images at ``size``²: adaptive average pooling when shrinking by a whole factor (pSp's ``face_pool``, e.g.
-    1024² -> 256² averages 4x4 blocks), bilinear with antialiasing otherwise; unchanged at that size."""
-    height, width = images.shape[-2:]
-    if (height, width) == (size, size):
-        return images
-    if height == width and height > size and height % size == 0:
-        return F.adaptive_avg_pool2d(images, size)
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+#: Images at a given size²: pSp's face_pool when shrinking, bilinear when enlarging (:func:`mm2latent.losses.resize_faces`).
+to_resolution = resize_faces
 
 
 def lpips_distance(lpips: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,15 +62,6 @@ def ms_ssim(images: torch.Tensor, targets: torch.Tensor, kernel_size: int = 11, 
     y = (targets.float().clamp(-1, 1) + 1) / 2
     return multiscale_structural_similarity_index_measure(
         x, y, data_range=1.0, kernel_size=kernel_size, betas=tuple(betas), reduction="none")
-
-
-def identity_similarity(arcface: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of ArcFace embeddings as pSp computes it, [B]: faces larger than 256² pooled to 256²,
-    rows 35:223 and columns 32:220 cropped, pooled to 112² (``arcface.embed``)."""
-    def prepared(x: torch.Tensor) -> torch.Tensor:
-        return to_resolution(x, PAPER_RESOLUTION) if x.shape[-1] > PAPER_RESOLUTION else x
-
-    return (arcface.embed(prepared(images)) * arcface.embed(prepared(targets))).sum(dim=1)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
