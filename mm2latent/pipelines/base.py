@@ -43,7 +43,7 @@ from ..inputs.images import tensor_to_pil
 from ..models.generator import Generator, truncate_latents
 from ..models.stylegan2 import LATENT_AVG_SAMPLES
 from . import rendering, views
-from .components import EDITING_COMPONENTS, load_components, save_components, write_manifest
+from .components import EDITING_COMPONENTS, ComponentCache, load_components, save_components, write_manifest
 from .outputs import FacePipelineOutput
 from .registry import DEFAULT_ENGINE, PRESET_ENGINES, PRESETS, pipeline_class, register_engine
 from .rendering import CAMERA_OPTIONS, RenderedImages, RenderSettings
@@ -238,6 +238,7 @@ class FacePipelineBase:
         dtype: torch.dtype | str | None = None,
         load_vae: bool = True,
         editing: bool = False,
+        component_cache: ComponentCache | None = None,
     ) -> FacePipelineBase:
         """Load a pipeline of the engine its preset or manifest names.
 
@@ -259,6 +260,10 @@ class FacePipelineBase:
             editing: also load the editing components the preset or manifest has (photo encoder, face parser,
                 identity, LPIPS, CLIP): photo editing and, for DDGI, ``mode="invert"``. ``"tiny"`` and
                 ``"tiny-mm2latent"`` come with toy ones.
+            component_cache: a :class:`~.components.ComponentCache` shared by the pipelines of one process (the
+                Space's): components they have in common (the same files, the tiny presets' encoder) are loaded
+                once and are the same objects in each. Only for pipelines on one device and dtype that are
+                never trained (a shared module moves and changes with every pipeline holding it).
 
         Raises:
             InvalidSettingError: an engine's own class (e.g. ``MM2LatentPipeline``) asked to load another engine.
@@ -271,14 +276,15 @@ class FacePipelineBase:
 
             target = pipeline_class(PRESET_ENGINES.get(name, DEFAULT_ENGINE))
             cls._check_engine_class(target)
-            parts = getattr(presets, PRESETS[name])(dtype=dtype)
+            parts = presets.build_preset(name, dtype=dtype, cache=component_cache)
             if editing:
                 parts.update(presets.build_editing_components(name, parts["generator"]))
             pipe = target(**parts, trained=False, name=name)
         else:
-            manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",))
+            manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",),
+                                              cache=component_cache)
             if editing:
-                parts.update(load_components(name_or_path, revision, pipeline="editing")[1])
+                parts.update(load_components(name_or_path, revision, pipeline="editing", cache=component_cache)[1])
             target = pipeline_class(manifest.get("engine", DEFAULT_ENGINE))
             cls._check_engine_class(target)
             pipe = target.from_components(parts, trained=bool(manifest.get("pipeline", {}).get("trained", False)),

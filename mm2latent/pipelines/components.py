@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from .. import __version__
 from ..models.diffusion_encoder import LazyComponent
 from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
 
-__all__ = ["COMPONENTS", "EDITING_COMPONENTS", "ComponentType", "load_components", "realign_", "save_components",
+__all__ = ["COMPONENTS", "EDITING_COMPONENTS", "ComponentCache", "ComponentType", "load_components", "realign_", "save_components",
            "write_manifest"]
 
 # Tensors of a loaded checkpoint may sit at any byte offset of the file; oneDNN/MKL pick other kernels
@@ -152,12 +153,54 @@ def _finish(obj: Any, kind: ComponentType) -> Any:
     return obj
 
 
+class ComponentCache:
+    """Loaded components shared by the pipelines of one process (a Space's 2D model, its 3D tab, its second engine).
+
+    Keyed by what a component *is* (its name, the folder it was read from and the dtype it was read in, or a
+    preset's name for the part), so two pipelines that name the same files hold one copy: Stable Diffusion's
+    U-Net, ControlNets, text encoder and VAE are gigabytes. Opt-in: a shared module is the same object in every
+    pipeline, so moving one pipeline (``pipe.to``), swapping its attention processors or training it changes the
+    others; give a cache only to pipelines that run on one device and dtype and are never trained.
+    """
+
+    def __init__(self):
+        self._items: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get_or_load(self, key: tuple, load: Callable[[], Any]) -> Any:
+        """The object stored under ``key``, loaded by ``load()`` (and stored) the first time it is asked for."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = load()
+            return self._items[key]
+
+    def shared_lazy(self, key: tuple, lazy: LazyComponent) -> LazyComponent:
+        """One :class:`LazyComponent` per key whose weights, once read in a dtype, are the same module for everyone."""
+        def make() -> LazyComponent:
+            loaded: dict[torch.dtype, nn.Module] = {}
+            lock = threading.Lock()
+
+            def load_once(dtype: torch.dtype) -> nn.Module:
+                with lock:
+                    if dtype not in loaded:
+                        loaded[dtype] = lazy.load(dtype)
+                    return loaded[dtype]
+
+            return LazyComponent(load=load_once, config=lazy.config)
+
+        return self.get_or_load(key, make)
+
+
 def load_components(
     name_or_path: str | os.PathLike | dict,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     pipeline: str = "generation",
     skip: tuple[str, ...] = (),
+    cache: ComponentCache | None = None,
 ) -> tuple[dict, dict[str, Any]]:
     """Read a manifest and load its components of one pipeline.
 
@@ -168,6 +211,7 @@ def load_components(
         dtype: the dtype the big networks are read in.
         pipeline: "generation" or "editing": which components to load.
         skip: components not to load at all (e.g. ``("vae",)``).
+        cache: share components with other pipelines loaded through the same :class:`ComponentCache`.
 
     Returns:
         (the manifest, {name: object}); lazy components come as :class:`LazyComponent` loaders.
@@ -185,13 +229,19 @@ def load_components(
         # weights are read into memory only when a request first needs them.
         folder = resolve_component(name, spec, base, base_repo)
         target = dtype if kind.big else torch.float32
+        key = (name, str(Path(folder).resolve()), json.dumps(spec, sort_keys=True, default=str))
         if kind.lazy:
             def load(target_dtype: torch.dtype, folder=folder, spec=spec, kind=kind) -> nn.Module:
                 return _finish(kind.load(folder, spec, target_dtype), kind)
 
-            loaded[name] = LazyComponent(load=load, config=_read_config(folder))
-        else:
+            lazy = LazyComponent(load=load, config=_read_config(folder))
+            loaded[name] = lazy if cache is None else cache.shared_lazy(key, lazy)
+        elif cache is None:
             loaded[name] = _finish(kind.load(folder, spec, target), kind)
+        else:
+            loaded[name] = cache.get_or_load(key + (str(target),),
+                                             lambda folder=folder, spec=spec, kind=kind, target=target:
+                                             _finish(kind.load(folder, spec, target), kind))
     return manifest, loaded
 
 

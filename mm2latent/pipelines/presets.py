@@ -31,6 +31,8 @@ from ..models.tiny import (
     build_tiny_tokenizer,
     with_mean_latent,
 )
+from .components import ComponentCache
+from .registry import PRESETS
 
 TINY_SEED = 20240617
 
@@ -139,15 +141,17 @@ def public_manifest(pipeline: str = "generation") -> dict:
                            if COMPONENTS[name].pipeline == pipeline}}
 
 
-def build_public_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
+def build_public_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None,
+                            cache: ComponentCache | None = None) -> dict:
     """The public preset's generation parts: public files for E and G; M at the mean latent, T at identity.
 
     M's heads are zeroed so that w^m = w̄ (the average face) rather than random offsets: fast mode then
-    shows plainly what untrained M and T give. Downloads (or reads from the Hub cache) every public file.
+    shows plainly what untrained M and T give. Downloads (or reads from the Hub cache) every public file;
+    with ``cache``, files another pipeline already loaded through it are shared, not read again.
     """
     from .components import load_components
 
-    _, parts = load_components(public_manifest("generation"), dtype=dtype or torch.float32)
+    _, parts = load_components(public_manifest("generation"), dtype=dtype or torch.float32, cache=cache)
     encoder = DiffusionEncoder(
         unet=parts["unet"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
         scheduler=parts["scheduler"], vae=parts.get("vae"),
@@ -170,6 +174,23 @@ TINY_EDITING_PRESETS = ("tiny", "tiny-mm2latent")
 def build_tiny_editing_components(generator, seed: int = 1234) -> dict:
     """The tiny presets' editing components: :func:`~mm2latent.models.tiny.build_tiny_editing_networks`."""
     return build_tiny_editing_networks(generator, seed)
+
+
+#: Presets whose diffusion encoders are the same network (same seed, same draws): one copy serves them all
+#: when they are loaded through one :class:`~.components.ComponentCache`.
+SHARED_ENCODERS = {"tiny": "tiny", "tiny-eg3d": "tiny"}
+
+
+def build_preset(name: str, dtype: torch.dtype | None = None, cache: ComponentCache | None = None) -> dict:
+    """The generation components of the built-in preset ``name``; with ``cache``, parts another pipeline of the
+    process already holds (the public files, the tiny presets' common encoder) are that pipeline's objects."""
+    if name == "public":
+        return build_public_components(dtype=dtype, cache=cache)
+    parts = globals()[PRESETS[name]](dtype=dtype)
+    if cache is not None and name in SHARED_ENCODERS:
+        encoder = parts["encoder"]
+        parts["encoder"] = cache.get_or_load(("preset-encoder", SHARED_ENCODERS[name], str(dtype)), lambda: encoder)
+    return parts
 
 
 def build_editing_components(preset: str, generator) -> dict:

@@ -18,11 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipelines.components import ComponentCache
 from ..pipelines.hub import published
 from .settings import AUTO_FAST_ENGINE, TINY_FAST_ENGINE, Settings
 from .text import model_status
 
 log = logging.getLogger("mm2latent.space")
+
+#: The components of every pipeline this Space holds (2D model, 3D tab, second engine): what two of them have in
+#: common (Stable Diffusion's networks, the tiny presets' encoder) is loaded once and held once.
+SPACE_COMPONENTS = ComponentCache()
 
 #: What the Space falls back to, in order, when the requested model cannot be loaded.
 FALLBACK_MODELS = ("public", "tiny")
@@ -110,7 +115,7 @@ def load_pipeline(settings: Settings, load: Callable[..., object] | None = None)
         revision = settings.model_revision if name == settings.model_repo else None
         try:
             editor = load(name, revision=revision, device=settings.device, dtype=settings.dtype,
-                          load_vae=settings.load_vae)
+                          load_vae=settings.load_vae, component_cache=SPACE_COMPONENTS)
             break
         except Exception as error:  # offline, no token, gated repo, damaged files: keep the Space up
             if name == order[-1]:  # `tiny` is built locally: its failure is a bug, not a missing file
@@ -189,7 +194,7 @@ def load_fast_engine(settings: Settings, main: LoadedModel,
         load = FacePipeline.from_pretrained
 
     def load_engine():
-        pipe = load(requested, device=settings.device, dtype=settings.dtype)
+        pipe = load(requested, device=settings.device, dtype=settings.dtype, component_cache=SPACE_COMPONENTS)
         pipe.show_progress = True
         return pipe
 

@@ -29,7 +29,7 @@ from ..pipelines.request import (
     check_prompt,
 )
 from .handlers import chosen_seed, friendly_errors, user_error, visual_input
-from .loading import LoadedModel, OnFirstUse, plain_reason
+from .loading import SPACE_COMPONENTS, LoadedModel, OnFirstUse, plain_reason
 from .outputs import OutputStore, describe_run, file_stem, save_latents
 from .security import WholeNumber
 from .settings import AUTO_3D_MODEL, DEFAULT_3D_MODEL_REPO, Settings
@@ -101,7 +101,8 @@ def load_3d_pipeline(settings: Settings, main: LoadedModel) -> Loaded3DModel | N
 def _from_pretrained(name: str, settings: Settings, **options):
     from ..pipelines.generation import FacePipeline
 
-    return FacePipeline.from_pretrained(name, device=settings.device, dtype=settings.dtype, **options)
+    return FacePipeline.from_pretrained(name, device=settings.device, dtype=settings.dtype,
+                                        component_cache=SPACE_COMPONENTS, **options)
 
 
 def _shown_progress(pipe):
