@@ -8,20 +8,14 @@ the training script's kohya renaming (``get_module_kohya_state_dict(unet, "lora_
 safetensors. The expected weights are computed here from the file's own tensors, independently of diffusers.
 """
 
-import copy
-
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mm2latent.errors import CheckpointFormatError, InvalidSettingError
-from mm2latent.models.few_step import DRAWINGS, FewStepLoRA, make_scheduler
+from mm2latent.models.few_step import DRAWINGS, FewStepLoRA, make_scheduler, save_random_lora
 
-# The LCM-LoRA training script's default target modules.
-LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-               "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 RANK, ALPHA = 4, 8
 
 
@@ -33,21 +27,7 @@ def tiny_unet(layers_per_block: int = 2, seed: int = 0) -> UNet2DConditionModel:
 
 def write_lcm_lora(path, unet: UNet2DConditionModel, seed: int = 1):
     """A trained-looking LoRA of ``unet`` in the published file's layout (see the module docstring)."""
-    student = get_peft_model(copy.deepcopy(unet), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LCM_TARGETS))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in student.named_parameters():
-            if "lora_" in name:  # PEFT starts B at zero; a trained LoRA has both factors non-zero
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    kohya = {}
-    for peft_key, weight in get_peft_model_state_dict(student).items():
-        key = peft_key.replace("base_model.model", "lora_unet").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
-        key = key.replace(".", "_", key.count(".") - 2)
-        kohya[key] = weight.to(torch.float16)
-        if "lora_down" in key:
-            kohya[f"{key.split('.')[0]}.alpha"] = torch.tensor(ALPHA).to(torch.float16)
-    save_file(kohya, str(path))
-    return path
+    return save_random_lora(unet, path, rank=RANK, alpha=ALPHA, seed=seed)
 
 
 def expected_weights(unet: UNet2DConditionModel, lora_file, scale: float) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ __all__ = [
     "Drawing",
     "FewStepLoRA",
     "make_scheduler",
+    "save_random_lora",
     "step_generators",
 ]
 
@@ -48,6 +49,11 @@ LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
 #: Samplers of I^d_0: DDIM (the paper's) and LCM (needs a fused LCM-LoRA).
 SAMPLERS = ("ddim", "lcm")
 ADAPTER_NAME = "few_step"
+#: The U-Net layers the LCM-LoRA training script adapts (its ``--lora_target_modules`` default) and the published
+#: file's rank (64: 67 M factors, the file's 135 MB in fp16).
+LCM_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -200,3 +206,35 @@ class FewStepLoRA:
             return
         self._apply(unet, -self.scale)
         self._fused.discard(unet)
+
+
+def save_random_lora(unet: UNet2DConditionModel, path: str | os.PathLike, rank: int = LCM_RANK, alpha: float = LCM_RANK,
+                     seed: int = 0, std: float = 0.05) -> Path:
+    """Write a LoRA of ``unet`` with random factors in the published LCM-LoRA file's layout (tests, speed runs).
+
+    Written as the LCM training script writes it (diffusers ``examples/consistency_distillation/
+    train_lcm_distill_lora_sd_wds.py``: a PEFT ``LoraConfig`` on the LCM target modules, ``get_peft_model_state_dict``,
+    then ``get_module_kohya_state_dict(unet, "lora_unet", dtype)``: ``base_model.model`` → ``lora_unet``, ``lora_A/B``
+    → ``lora_down/up``, every dot but the last two → ``_``, one ``.alpha`` per layer), in fp16 safetensors.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    student = get_peft_model(copy.deepcopy(unet).float(), LoraConfig(r=rank, lora_alpha=alpha,
+                                                                     target_modules=list(LCM_TARGET_MODULES)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_" in name:  # PEFT starts B at zero; a trained LoRA has both factors non-zero
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    tensors = {}
+    for peft_key, weight in get_peft_model_state_dict(student).items():
+        key = peft_key.replace("base_model.model", "lora_unet").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        key = key.replace(".", "_", key.count(".") - 2)
+        tensors[key] = weight.to(torch.float16).contiguous()
+        if "lora_down" in key:
+            tensors[f"{key.split('.')[0]}.alpha"] = torch.tensor(alpha).to(torch.float16)
+    save_file(tensors, str(path))
+    return Path(path)
