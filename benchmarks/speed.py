@@ -485,7 +485,7 @@ def section_stages(bench: Bench) -> None:
     holder: dict = {}
 
     def unet_pass():
-        holder["out"] = encoder(prompts.embeds, controls, noise, num_steps=1, feature_steps=[0])
+        holder["out"] = pipe.denoise(prompts, controls, noise, num_steps=1, feature_steps=[0], run_to_end=False)
 
     stages["unet_controlnet_capture"] = bench.measure("U-Net + ControlNet pass with feature capture", unet_pass)
     features = holder["out"].features[0]
@@ -704,7 +704,7 @@ def section_ablations(bench: Bench) -> None:
     }
 
     def unet_pass():
-        encoder(prompts.embeds, controls, noise, num_steps=1, feature_steps=[0])
+        pipe.denoise(prompts, controls, noise, num_steps=1, feature_steps=[0], run_to_end=False)
 
     speedups.set_attention(pipe, "classic")
     try:
@@ -888,8 +888,8 @@ def section_precision(bench: Bench) -> None:
         controls, _ = pipe.prepare_conditions(mask=bench.index_mask)
         noise = pipe.prepare_noise([SEED])
         entry["unet_controlnet_capture"] = bench.measure(
-            f"U-Net pass in {name}", lambda p=prompts, c=controls, n=noise: pipe.encoder(p.embeds, c, n, num_steps=1,
-                                                                                       feature_steps=[0]))
+            f"U-Net pass in {name}",
+            lambda p=prompts, c=controls, n=noise: pipe.denoise(p, c, n, num_steps=1, feature_steps=[0], run_to_end=False))
         latents = bench.shared["latents"].to(dtype)
         entry["stylegan2_synthesis"] = bench.measure(f"render in {name}", lambda w=latents: pipe.render(w))
         per_dtype[name] = entry

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mm2latent.errors import InvalidStepsError, UnsupportedConditionError
+from mm2latent.errors import UnsupportedConditionError
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,13 @@ def test_capture_does_not_change_the_unet(encoder):
     latents, embeds, controls = _inputs(encoder, seed=1)
     unet = encoder.unet
     processors_before = unet.attn_processors
-    plain, _ = encoder._unet(latents, 500, embeds, controls, 1.0)
+    plain, _ = encoder.predict_noise(latents, 500, embeds, controls, 1.0)
 
     features, captured_pred = encoder.extract(latents, 500, embeds, controls)
 
     # The capturing attention processor computes the same attention as diffusers' SDPA processor.
     torch.testing.assert_close(captured_pred, plain, atol=1e-5, rtol=1e-4)
-    after, _ = encoder._unet(latents, 500, embeds, controls, 1.0)
+    after, _ = encoder.predict_noise(latents, 500, embeds, controls, 1.0)
     assert torch.equal(after, plain)
     assert all(unet.attn_processors[k] is v for k, v in processors_before.items())
     assert not unet.mid_block._forward_hooks
@@ -68,7 +68,7 @@ def test_h_is_the_mid_block_output_plus_the_controlnet_residual(encoder):
     seen = {}
     handle = encoder.unet.mid_block.register_forward_hook(lambda m, i, o: seen.__setitem__("mid", o))
     try:
-        _, mid_residual = encoder._unet(latents, 999, embeds, controls, 1.0)
+        _, mid_residual = encoder.predict_noise(latents, 999, embeds, controls, 1.0)
     finally:
         handle.remove()
     with_mask, _ = encoder.extract(latents, 999, embeds, controls)
@@ -77,24 +77,6 @@ def test_h_is_the_mid_block_output_plus_the_controlnet_residual(encoder):
     assert mid_residual.abs().max() > 0
     torch.testing.assert_close(with_mask.h, seen["mid"] + mid_residual)
     assert not torch.allclose(with_mask.h, text_only.h)
-
-
-def test_sampling_modes(encoder):
-    embeds = encoder.encode_prompt("a smiling woman").embeds
-    noise = encoder.initial_noise([7])
-    fast = encoder(embeds, {}, noise, num_steps=1)
-    assert fast.timesteps == [encoder.make_scheduler().config.num_train_timesteps - 1]
-    assert fast.image is None
-
-    quality = encoder(embeds, {}, noise, num_steps=4, feature_steps=[0, 2], decode=True)
-    assert len(quality.features) == 2
-    assert quality.timesteps[0] == fast.timesteps[0] and quality.timesteps[1] < quality.timesteps[0]
-    assert quality.image.shape == (1, 3, encoder.image_size, encoder.image_size)
-    # The first step of both runs sees the same input, so the features agree.
-    torch.testing.assert_close(quality.features[0].h, fast.features[0].h)
-
-    with pytest.raises(InvalidStepsError, match="feature steps"):
-        encoder(embeds, {}, noise, num_steps=4, feature_steps=[4])
 
 
 def test_seeded_noise_is_reproducible(encoder):

@@ -12,11 +12,10 @@ from mm2latent.pipelines.generation import combine_steps
 
 @pytest.fixture(scope="module")
 def features(tiny_pipe):
-    encoder = tiny_pipe.encoder
-    encoding = encoder.encode_prompt("she has long blonde hair")
-    noise = encoder.initial_noise([0, 1])
-    out = encoder(encoding.embeds.expand(2, -1, -1), {}, noise, num_steps=1)
-    return out.features[0], encoding.word_mask.expand(2, -1)
+    prompts = tiny_pipe.encode_prompts(["she has long blonde hair"] * 2)
+    out = tiny_pipe.denoise(prompts, {}, tiny_pipe.prepare_noise([0, 1]), num_steps=1, feature_steps=[0],
+                            run_to_end=False)
+    return out.features[0], prompts.word_mask
 
 
 def test_grouped_heads_equal_separate_gradual_style_blocks():

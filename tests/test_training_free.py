@@ -63,6 +63,21 @@ def test_invert_mode_is_deterministic_per_seed_and_batches(editor, mask_path):
     assert not torch.allclose(first.latents[0], first.latents[1])
 
 
+def test_a_step_callback_watches_the_drawing_and_can_stop_it(editor, mask_path):
+    steps = []
+
+    def watch(pipe, step_index, timestep, state):
+        steps.append((step_index, state["latents"].shape))
+        return {"stop": True} if step_index == 1 else None
+
+    out = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS, callback_on_step_end=watch)
+    assert [index for index, _ in steps] == [0, 1]
+    assert steps[0][1] == (1, 4, editor.generation.encoder.latent_size, editor.generation.encoder.latent_size)
+    full = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS)
+    # Stopped one step early, the encoder inverts a still noisy drawing: another latent.
+    assert not torch.allclose(out.latents, full.latents)
+
+
 def test_refinement_lowers_its_loss_and_a_mask_pulls_the_parse_toward_it(editor, mask_ids):
     generator, parser = editor.generator, editor.face_parser
     pipe = editor.generation

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..errors import InvalidStepsError, UnsupportedConditionError
+from ..errors import UnsupportedConditionError
 
 MODALITIES = ("mask", "scribble")
 
@@ -99,17 +98,6 @@ class EncoderFeatures:
     attn_out: list[list[torch.Tensor]]  # per decoder block, K layers of [B, C_n, H'_n, W'_n]
     attn_probs: list[torch.Tensor]  # every attn2 layer: [B, T, H', W'] (max over heads)
     timestep: int | list[int]  # one t for the batch, or one per sample (training)
-
-
-@dataclass
-class EncoderOutput:
-    """Features captured at the requested steps, and optionally the fully denoised image I^d_0."""
-
-    features: list[EncoderFeatures]
-    timesteps: list[int]
-    image: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1]
-    final_latents: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class _CrossAttentionCapture:
@@ -366,7 +354,8 @@ class DiffusionEncoder(nn.Module):
                               word_tokens=word_tokens, truncated=truncated, kept=kept)
 
     # ----------------------------------------------------------------- one U-Net pass
-    def _check_controls(self, controls: dict[str, torch.Tensor]) -> None:
+    def check_controls(self, controls: dict[str, torch.Tensor]) -> None:
+        """Raise UnsupportedConditionError for a visual input there is no ControlNet for."""
         for name in controls:
             if name not in self._modalities:
                 available = ", ".join(self._modalities) or "none"
@@ -385,10 +374,21 @@ class DiffusionEncoder(nn.Module):
             mid = m if mid is None else mid + m
         return down, mid
 
-    def _unet(self, latents, t, embeds, controls, conditioning_scale):
-        down, mid = self._control_residuals(latents, t, embeds, controls, conditioning_scale)
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: int | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        controls: dict[str, torch.Tensor],
+        conditioning_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One U-Net(+ControlNet) pass without capture: (noise prediction, the ControlNets' mid residual or None).
+
+        Arguments as :meth:`extract` (the controls already checked).
+        """
+        down, mid = self._control_residuals(latents, timestep, prompt_embeds, controls, conditioning_scale)
         noise_pred = self.unet(
-            latents, t, encoder_hidden_states=embeds,
+            latents, timestep, encoder_hidden_states=prompt_embeds,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
         return noise_pred, mid
@@ -442,8 +442,10 @@ class DiffusionEncoder(nn.Module):
         prompt_embeds: torch.Tensor,
         controls: dict[str, torch.Tensor] | None = None,
         conditioning_scale: float = 1.0,
+        rows: slice = slice(None),
     ) -> tuple[EncoderFeatures, torch.Tensor]:
-        """One U-Net(+ControlNet) pass on a given noisy latent z_t (the training mode).
+        """One U-Net(+ControlNet) pass on a given noisy latent z_t, recording the features (a step of the
+        pipeline's denoising loop, or training's pass on a noised photo latent).
 
         Args:
             latents: z_t, [B, 4, h, w].
@@ -451,21 +453,23 @@ class DiffusionEncoder(nn.Module):
             prompt_embeds: CLIP embeddings, [B, 77, D].
             controls: modality -> condition image in [0, 1], [B, 3, H, W]; empty or None = text only.
             conditioning_scale: multiplier of the ControlNet residuals.
+            rows: the batch rows whose features are kept (under classifier-free guidance: the conditional half).
 
         Returns:
-            The features and the U-Net's noise prediction.
+            The features and the U-Net's noise prediction (of every row).
         """
         controls = controls or {}
-        self._check_controls(controls)
+        self.check_controls(controls)
         assert latents.ndim == 4 and prompt_embeds.shape[0] == latents.shape[0], "batch sizes differ"
         store: dict = {}
         with self._lock, self.capturing(store) as layers:
-            noise_pred, mid = self._unet(latents, timestep, prompt_embeds, controls, conditioning_scale)
-        features = self._collect(store, layers, mid, latents, timestep, slice(None))
+            noise_pred, mid = self.predict_noise(latents, timestep, prompt_embeds, controls, conditioning_scale)
+        features = self._collect(store, layers, mid, latents, timestep, rows)
         return features, noise_pred
 
-    # ----------------------------------------------------------------- sampling
+    # ----------------------------------------------------------------- schedule and noise
     def make_scheduler(self) -> DDIMScheduler:
+        """A fresh DDIM scheduler of the loaded model's config ("trailing" spacing: the first step is t = T)."""
         return DDIMScheduler.from_config(self.scheduler_config)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
@@ -474,99 +478,6 @@ class DiffusionEncoder(nn.Module):
         shape = (channels, self.latent_size, self.latent_size)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt_embeds: torch.Tensor,
-        controls: dict[str, torch.Tensor] | None,
-        noise: torch.Tensor,
-        num_steps: int = 1,
-        feature_steps: list[int] | None = None,
-        guidance_scale: float = 1.0,
-        negative_embeds: torch.Tensor | None = None,
-        conditioning_scale: float = 1.0,
-        decode: bool = False,
-        show_progress: bool = False,
-        init_latents: torch.Tensor | None = None,
-        strength: float = 1.0,
-    ) -> EncoderOutput:
-        """DDIM sampling from seeded noise with feature capture at chosen steps.
-
-        Fast mode is ``num_steps=1`` (one pass at t = T). Quality mode runs ``num_steps`` DDIM steps and
-        captures features at ``feature_steps`` (indices into the steps that run). Sampling stops after the
-        last captured step unless ``decode`` asks for the fully denoised image I^d_0. With ``init_latents``
-        (a VAE latent z_0) and ``strength`` < 1, sampling starts from z_0 noised to t ≈ strength·T and runs
-        only the last ``round(strength·num_steps)`` steps of the schedule (img2img; METHOD.md's I^d_0 of a
-        training photo).
-
-        Args:
-            prompt_embeds: [B, 77, D] text embeddings.
-            controls: modality -> [B, 3, H, W] condition images in [0, 1].
-            noise: [B, 4, h, w] initial latents (see ``initial_noise``).
-            num_steps: DDIM steps of the schedule.
-            feature_steps: step indices whose features are returned (default: all).
-            guidance_scale: classifier-free guidance for the denoising itself (> 1 doubles the batch;
-                features come from the conditional half).
-            negative_embeds: unconditional embeddings [B, 77, D], needed when guidance_scale > 1.
-            conditioning_scale: ControlNet residual multiplier.
-            decode: denoise to the end and VAE-decode I^d_0.
-            show_progress: tqdm bar over the steps.
-            init_latents: [B, 4, h, w] clean latents to start from (None: start from ``noise`` at t = T).
-            strength: how far ``init_latents`` are noised (1 = pure noise: the same as no init_latents).
-        """
-        controls = controls or {}
-        self._check_controls(controls)
-        if not 1 <= num_steps <= 1000:
-            raise InvalidStepsError(f"num_steps must be between 1 and 1000, got {num_steps}")
-        if decode and not self.has_vae:
-            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
-        batch = noise.shape[0]
-        use_cfg = guidance_scale > 1.0
-        if use_cfg:
-            if negative_embeds is None:
-                raise ValueError("guidance_scale > 1 needs negative_embeds")
-            embeds = torch.cat([negative_embeds, prompt_embeds])
-            controls = {k: torch.cat([v, v]) for k, v in controls.items()}
-        else:
-            embeds = prompt_embeds
-        keep = slice(batch, None) if use_cfg else slice(None)
-
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(num_steps, device=self.device)
-        schedule = scheduler.timesteps
-        if init_latents is not None and strength < 1.0:
-            if not 0.0 < strength <= 1.0:
-                raise InvalidStepsError(f"strength must be in (0, 1], got {strength}")
-            schedule = schedule[min(num_steps - 1, int(round(num_steps * (1.0 - strength)))):]
-            latents = scheduler.add_noise(init_latents.to(noise.dtype), noise, schedule[:1].repeat(batch))
-        else:
-            latents = noise * scheduler.init_noise_sigma
-        feature_steps = sorted(set(range(len(schedule)) if feature_steps is None else feature_steps))
-        if not feature_steps or feature_steps[0] < 0 or feature_steps[-1] >= len(schedule):
-            raise InvalidStepsError(f"feature steps must be indices in [0, {len(schedule) - 1}] of the "
-                                    f"{len(schedule)} steps that run, got {feature_steps}")
-        last_needed = len(schedule) - 1 if decode else feature_steps[-1]
-        features, timesteps = [], []
-        steps = schedule[: last_needed + 1]
-        for i, t in enumerate(tqdm(steps, desc="diffusion encoder", disable=not show_progress, leave=False)):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            if i in feature_steps:
-                store: dict = {}
-                with self._lock, self.capturing(store) as layers:
-                    noise_pred, mid = self._unet(model_in, t, embeds, controls, conditioning_scale)
-                features.append(self._collect(store, layers, mid, model_in, t, keep))
-                timesteps.append(int(t))
-            else:
-                noise_pred, _ = self._unet(model_in, t, embeds, controls, conditioning_scale)
-            if i == last_needed and not decode:
-                break
-            if use_cfg:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents).prev_sample
-        image = self.decode_latents(latents) if decode else None
-        return EncoderOutput(features=features, timesteps=timesteps, image=image, final_latents=latents if decode else None)
 
     # ----------------------------------------------------------------- VAE
     @torch.no_grad()

@@ -41,6 +41,7 @@ from ..inputs.templates import mask_edges
 from .components import COMPONENTS, load_components, save_components, write_manifest
 from .generation import PRESETS, FacePipeline, FacePipelineOutput, word_maps
 from .request import GenerationRequest, check_seed
+from .sampling import StepCallback
 
 #: Invert mode's optimisation: learning rate, the mask term's weight and the latent regulariser's (pSp's 0.005
 #: is for training; refinement keeps w near the encoder's answer through few steps instead).
@@ -190,6 +191,7 @@ class FaceEditPipeline:
         guidance_scale: float | None = None,
         noise_mode: str = "const",
         refine_steps: int = 0,
+        callback_on_step_end: StepCallback | None = None,
         **render_kwargs,
     ) -> FacePipelineOutput:
         """Generate faces: :meth:`FacePipeline.__call__`'s arguments, plus the training-free mode.
@@ -199,27 +201,34 @@ class FaceEditPipeline:
             refine_steps: invert mode: optimisation steps after the encoder (L2 + LPIPS to I^d_0, the mask's
                 cross-entropy through the face parser, a latent regulariser); 0 = the encoder's answer.
             guidance_scale: default 7.5 in invert mode (I^d_0 drawn with classifier-free guidance), else 1.
+            callback_on_step_end: invert mode: called after each step of the drawing of I^d_0 (see
+                :meth:`FacePipeline.denoise`; :func:`~mm2latent.pipelines.sampling.preview_callback` shows it
+                forming); ``{"stop": True}`` ends the drawing there and inverts what was drawn so far.
             (The other arguments as :meth:`FacePipeline.__call__`.)
         """
         request = GenerationRequest.create(
             prompt, mask, scribble, seed, mode or self.default_mode, num_steps, feature_steps, truncation, num_images,
             combine, guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs,
             refine_steps)
-        return self.generate(request)
+        return self.generate(request, callback_on_step_end=callback_on_step_end)
 
-    def generate(self, request: GenerationRequest) -> FacePipelineOutput:
-        """Run one validated request (invert mode here, the others on the generation pipeline)."""
-        return self.generate_batch([request])[0]
+    def generate(self, request: GenerationRequest,
+                 callback_on_step_end: StepCallback | None = None) -> FacePipelineOutput:
+        """Run one validated request (invert mode here, the others on the generation pipeline); the callback
+        watches invert mode's drawing."""
+        return self.generate_batch([request], callback_on_step_end=callback_on_step_end)[0]
 
-    def generate_batch(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
-        """Several requests; fast / quality ones batched by :meth:`FacePipeline.generate_batch`."""
+    def generate_batch(self, requests: list[GenerationRequest],
+                       callback_on_step_end: StepCallback | None = None) -> list[FacePipelineOutput]:
+        """Several requests; fast / quality ones batched by :meth:`FacePipeline.generate_batch`; the callback
+        watches the drawing of each invert-mode request."""
         results: list[FacePipelineOutput | None] = [None] * len(requests)
         others = [i for i, r in enumerate(requests) if r.mode != "invert"]
         for index, output in zip(others, self.generation.generate_batch([requests[i] for i in others])):
             results[index] = output
         for index, request in enumerate(requests):
             if request.mode == "invert":
-                results[index] = self.draw_and_invert(request)
+                results[index] = self.draw_and_invert(request, callback_on_step_end=callback_on_step_end)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ the training-free mode
@@ -243,7 +252,8 @@ class FaceEditPipeline:
         return None, strokes.astype("uint8") * 255, ids
 
     @torch.no_grad()
-    def draw_and_invert(self, request: GenerationRequest) -> FacePipelineOutput:
+    def draw_and_invert(self, request: GenerationRequest,
+                        callback_on_step_end: StepCallback | None = None) -> FacePipelineOutput:
         """``mode="invert"``: I^d_0 from the diffusion model, the photo encoder's W+ of it, optional refinement.
 
         1. the diffusion model draws I^d_0 from the text and the visual input (DDIM, classifier-free guidance);
@@ -251,6 +261,8 @@ class FaceEditPipeline:
         3. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
            G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode);
         4. truncation and G, as every mode.
+
+        ``callback_on_step_end`` watches (and may stop) step 1, as in :meth:`FacePipeline.denoise`.
         """
         if self.engine != "ddgi":
             raise InvalidSettingError(f"mode='invert' draws I^d_0 with the diffusion model; this model runs the "
@@ -268,7 +280,8 @@ class FaceEditPipeline:
         n = request.num_images
         prompts = pipe.encode_prompts([request.prompt] * n)
         drawing = pipe.draw(prompts, controls, pipe.prepare_noise(request.seeds), num_steps=request.num_steps,
-                            guidance_scale=request.guidance_scale, return_attention=request.return_intermediates)
+                            guidance_scale=request.guidance_scale, return_attention=request.return_intermediates,
+                            callback_on_step_end=callback_on_step_end)
         with pipe.lock:
             latents = encode_images(self.inverter, drawing.images, generator)
             losses: list[float] = []

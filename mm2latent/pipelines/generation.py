@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from PIL import Image
 from torch.profiler import record_function
+from tqdm.auto import tqdm
 
-from ..errors import CheckpointFormatError, InvalidSettingError, UnsupportedConditionError
+from ..errors import CheckpointFormatError, InvalidSettingError, InvalidStepsError, UnsupportedConditionError
 from ..inputs.conditions import (
     mask_to_color,
     parse_mask,
@@ -50,6 +52,16 @@ from ..models.stylegan2 import LATENT_AVG_SAMPLES
 from . import views
 from .components import load_components, save_components, write_manifest
 from .request import COMBINE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MODES, GenerationRequest, check_integer
+from .sampling import (
+    DEFAULT_STEP_TENSORS,
+    STOP,
+    DenoisingOutput,
+    StepCallback,
+    check_step_tensors,
+    predicted_clean_latents,
+    schedule_timesteps,
+    step_kwargs,
+)
 
 __all__ = [
     "CAMERA_OPTIONS", "COMBINE", "ENGINES", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "MODES", "PRESETS",
@@ -207,12 +219,16 @@ class DiffusionDrawing:
     Attributes:
         images: I^d_0, [B, 3, H, W] in [-1, 1] at the diffusion model's resolution.
         token_maps: per-token cross-attention maps of the first step, [B, 77, h, w] (when asked).
-        timesteps: the timesteps that ran.
+        timesteps: the timestep of the first step (whose attention maps these are).
+        latents: the latents that were decoded, [B, 4, h, w].
+        stopped: whether a step callback ended the sampling early (the images are then still noisy).
     """
 
     images: torch.Tensor
     token_maps: torch.Tensor | None
     timesteps: list[int]
+    latents: torch.Tensor | None = None
+    stopped: bool = False
 
 
 def _default_device() -> torch.device:
@@ -957,22 +973,18 @@ class FacePipeline(FacePipelineBase):
             return_attention: also return the per-token attention maps (averaged over the steps).
             return_features: also return the encoder's features.
         """
-        batch = noise.shape[0]
-        assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
-        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
-        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        if not feature_steps:
+            raise InvalidStepsError("feature steps must name at least one step")
         with self.lock, record_function("mm2latent.predict_latents"):
-            encoded = self.encoder(
-                prompts.embeds, controls, noise, num_steps=num_steps, feature_steps=list(feature_steps),
-                guidance_scale=guidance_scale, negative_embeds=negative, decode=decode,
-                show_progress=self.show_progress and num_steps > 1,
-            )
-            per_step = [self.latents_from_features(f, prompts.word_mask) for f in encoded.features]
+            denoised = self.denoise(prompts, controls, noise, num_steps=num_steps, guidance_scale=guidance_scale,
+                                    feature_steps=feature_steps, run_to_end=decode)
+            per_step = [self.latents_from_features(f, prompts.word_mask) for f in denoised.features]
+            images = self.decode(denoised.latents) if decode else None
         step_latents = torch.stack([w for w, _, _ in per_step])
         token_maps = None
         if return_attention:
             size = self.modulator.feature_size
-            token_maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in encoded.features]).mean(dim=0)
+            token_maps = torch.stack([word_attention_maps(f.attn_probs, size) for f in denoised.features]).mean(dim=0)
             token_maps = token_maps.float().cpu()
         return LatentPrediction(
             latents=combine_steps(step_latents, combine),
@@ -981,11 +993,125 @@ class FacePipeline(FacePipelineBase):
             gamma=torch.stack([m.gamma for _, _, m in per_step]),
             beta=torch.stack([m.beta for _, _, m in per_step]),
             attention=torch.stack([m.attention for _, _, m in per_step]),
-            timesteps=encoded.timesteps,
+            timesteps=denoised.timesteps,
             token_maps=token_maps,
-            features=encoded.features if return_features else None,
-            diffusion_images=encoded.image,
+            features=denoised.features if return_features else None,
+            diffusion_images=images,
         )
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        prompts: PromptBatch,
+        controls: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 1.0,
+        feature_steps: Sequence[int] = (),
+        run_to_end: bool = True,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        scheduler: SchedulerMixin | None = None,
+        generator: torch.Generator | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = DEFAULT_STEP_TENSORS,
+    ) -> DenoisingOutput:
+        """The denoising loop that stage 4 (:meth:`predict_latents`) and the drawing (:meth:`draw`) share.
+
+        Runs the scheduler's steps from seeded noise (or from ``init_latents`` noised to t ≈ ``strength``·T),
+        one U-Net(+ControlNet) pass each, the unconditional pass batched with the conditional one when
+        ``guidance_scale > 1``; the passes at ``feature_steps`` record the encoder's features. Without
+        ``run_to_end`` it stops after the last feature step's pass (fast mode: one pass at t = T).
+
+        Args:
+            prompts, controls, noise: stages 2, 1 (a single row is broadcast) and 3; B samples.
+            num_steps: steps of the schedule (1..1000).
+            guidance_scale: classifier-free guidance (<= 1: off, no unconditional pass).
+            feature_steps: indices, into the steps that run, of the passes whose features are recorded.
+            run_to_end: denoise through the last step (else stop after the last feature step's pass).
+            init_latents: [B, 4, h, w] clean VAE latents to start from (img2img), or None.
+            strength: how far ``init_latents`` are noised (1 = pure noise); only the last
+                ``round(strength·num_steps)`` steps of the schedule run.
+            scheduler: any diffusers scheduler (e.g. ``LCMScheduler`` for an LCM-LoRA); default a fresh DDIM of
+                the model's config. It is configured in place (``set_timesteps``): give each thread its own.
+            generator: random source of schedulers that add noise in their step (LCM).
+            callback_on_step_end: ``callback(pipe, step_index, timestep, state) -> dict | None`` after each
+                scheduler step (see :mod:`~mm2latent.pipelines.sampling`): a returned ``"latents"`` replaces the
+                latents, ``{"stop": True}`` ends the loop after this step.
+            callback_on_step_end_tensor_inputs: the tensors ``state`` carries (of
+                :data:`~mm2latent.pipelines.sampling.STEP_TENSORS`).
+
+        Raises:
+            InvalidStepsError: bad ``num_steps``, ``strength`` or feature step indices.
+            UnsupportedConditionError: a visual input there is no ControlNet for.
+        """
+        # 1. check inputs
+        batch = noise.shape[0]
+        assert len(prompts) == batch, f"{len(prompts)} prompts for {batch} noise samples"
+        tensor_inputs = check_step_tensors(callback_on_step_end_tensor_inputs)
+        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
+        self.encoder.check_controls(controls)
+        # 2. text: guidance runs the unconditional prompt as the first half of one batch
+        use_guidance = guidance_scale > 1.0
+        embeds = prompts.embeds
+        if use_guidance:
+            embeds = torch.cat([self.encode_prompts([""] * batch).embeds, embeds])
+            controls = {k: torch.cat([v, v]) for k, v in controls.items()}
+        conditional = slice(batch, None) if use_guidance else slice(None)
+        # 3. timesteps
+        scheduler = self.encoder.make_scheduler() if scheduler is None else scheduler
+        timesteps = schedule_timesteps(scheduler, num_steps, strength, self.device, init_latents is not None)
+        capture = sorted(set(feature_steps))
+        if (capture and (capture[0] < 0 or capture[-1] >= len(timesteps))) or (not capture and not run_to_end):
+            raise InvalidStepsError(f"feature steps must be indices in [0, {len(timesteps) - 1}] of the "
+                                    f"{len(timesteps)} steps that run, got {list(feature_steps)}")
+        last = len(timesteps) - 1 if run_to_end else capture[-1]
+        # 4. initial latents
+        if init_latents is not None and strength < 1.0:
+            latents = scheduler.add_noise(init_latents.to(noise.dtype), noise, timesteps[:1].repeat(batch))
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        # 5. the loop
+        out = DenoisingOutput(latents=latents)
+        extra = step_kwargs(scheduler, generator)
+        steps = timesteps[: last + 1]
+        with self.lock:
+            for i, t in enumerate(tqdm(steps, desc="diffusion encoder", leave=False,
+                                       disable=not (self.show_progress and len(steps) > 1))):
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]) if use_guidance else latents, t)
+                if i in capture:
+                    features, noise_pred = self.encoder.extract(model_input, t, embeds, controls, rows=conditional)
+                    out.features.append(features)
+                    out.timesteps.append(int(t))
+                else:
+                    noise_pred, _ = self.encoder.predict_noise(model_input, t, embeds, controls)
+                out.steps_run.append(int(t))
+                if i == last and not run_to_end:
+                    break
+                if use_guidance:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                stepped = scheduler.step(noise_pred, t, latents, **extra)
+                latents = stepped.prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "pred_original_sample": predicted_clean_latents(stepped),
+                               "noise_pred": noise_pred}
+                    state = {"num_steps": len(timesteps), **{name: tensors[name] for name in tensor_inputs}}
+                    returned = callback_on_step_end(self, i, int(t), state) or {}
+                    latents = returned.get("latents", latents)
+                    if returned.get(STOP):
+                        out.stopped = True
+                        break
+        out.latents = latents
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode clean latents [B, 4, h, w] to images [B, 3, H, W] in [-1, 1]."""
+        if not self.encoder.has_vae:
+            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
+        return self.encoder.decode_latents(latents)
 
     @torch.no_grad()
     def draw(
@@ -999,33 +1125,44 @@ class FacePipeline(FacePipelineBase):
         init_latents: torch.Tensor | None = None,
         strength: float = 1.0,
         return_attention: bool = False,
+        scheduler: SchedulerMixin | None = None,
+        generator: torch.Generator | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = DEFAULT_STEP_TENSORS,
     ) -> DiffusionDrawing:
         """Stage 4 of the training-free mode (and stage 2's training target): I^d_0, what the diffusion model draws.
 
-        DDIM sampling with classifier-free guidance (the unconditional pass batched with the conditional one)
+        Sampling with classifier-free guidance (the unconditional pass batched with the conditional one)
         from seeded noise, or from ``init_latents`` noised to t ≈ ``strength``·T, to the end; VAE-decoded.
+        A callback sees every step (e.g. :func:`~mm2latent.pipelines.sampling.preview_callback` shows the
+        drawing forming) and may stop the loop: the images are then the decoded latents after that step.
 
         Args:
             prompts, controls, noise: stages 2, 1 and 3.
-            num_steps: DDIM steps of the schedule.
-            guidance_scale: classifier-free guidance (1 = off).
+            num_steps: steps of the schedule.
+            guidance_scale: classifier-free guidance (<= 1: off, no unconditional pass).
             init_latents: [B, 4, h, w] clean VAE latents to start from (a training photo's), or None.
             strength: how far ``init_latents`` are noised (1 = pure noise).
             return_attention: also return the per-token attention maps of the first step.
+            scheduler, generator, callback_on_step_end, callback_on_step_end_tensor_inputs: as :meth:`denoise`.
         """
-        batch = noise.shape[0]
-        controls = {k: v.expand(batch, -1, -1, -1) if v.shape[0] == 1 else v for k, v in controls.items()}
-        negative = self.encode_prompts([""] * batch).embeds if guidance_scale > 1 else None
+        if not self.encoder.has_vae:
+            raise UnsupportedConditionError("this pipeline was loaded without a VAE, so it cannot decode I^d_0")
         with self.lock, record_function("mm2latent.draw"):
-            encoded = self.encoder(prompts.embeds, controls, noise, num_steps=num_steps,
-                                   feature_steps=[0], guidance_scale=guidance_scale,
-                                   negative_embeds=negative, decode=True, init_latents=init_latents, strength=strength,
-                                   show_progress=self.show_progress)
+            # 1-5. denoise to the end. The first pass records features (its attention maps are what
+            # return_attention shows); it always does, so I^d_0 does not depend on return_attention.
+            denoised = self.denoise(
+                prompts, controls, noise, num_steps=num_steps, guidance_scale=guidance_scale, feature_steps=[0],
+                init_latents=init_latents, strength=strength, scheduler=scheduler, generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+            # 6. decode
+            images = self.decode(denoised.latents)
         token_maps = None
         if return_attention:
-            token_maps = word_attention_maps(encoded.features[0].attn_probs, self.modulator.feature_size).float().cpu()
-        return DiffusionDrawing(images=encoded.image, token_maps=token_maps, timesteps=encoded.timesteps)
-
+            token_maps = word_attention_maps(denoised.features[0].attn_probs, self.modulator.feature_size).float().cpu()
+        return DiffusionDrawing(images=images, token_maps=token_maps, timesteps=denoised.timesteps,
+                                latents=denoised.latents, stopped=denoised.stopped)
 
     # ------------------------------------------------------------------ the whole call
     @torch.no_grad()
