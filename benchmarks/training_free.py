@@ -8,13 +8,16 @@ One process, one set of modules (SD-1.5 U-Net, ControlNet, CLIP text encoder, VA
 IR-SE50 encoder, LPIPS-VGG, BiSeNet at their real sizes with random weights: time does not depend on weight
 values), in this order:
 
-1. the baseline: diffusers' ``StableDiffusionControlNetPipeline`` on the very same module objects, 20 DDIM steps,
-   guidance 7.5 (batched unconditional pass), VAE decode and PIL output;
-2. optionally (``--quality-draw``) our own 20-step guided drawing of I^d_0 (the "quality" drawing);
-3. fusing a LoRA of the published LCM-LoRA's layout and rank (64) into the U-Net (once per process);
-4. the "fast" drawing: 4 LCM steps, guidance 1 (no unconditional pass), VAE decode;
-5. the e4e encoder, the alignment of I^d_0 (dlib), G, the closeness figures;
-6. each refinement budget of ``FAITHFULNESS`` (L2 + LPIPS + the parser's mask term, as the mode runs it).
+1. optionally (``--quality-draw``) our own 20-step guided drawing of I^d_0 (the "quality" drawing);
+2. fusing a LoRA of the published LCM-LoRA's layout and rank (64) into the U-Net (once per process);
+3. the "fast" drawing: 4 LCM steps, guidance 1 (no unconditional pass), VAE decode;
+4. the e4e encoder, the alignment of I^d_0 (dlib), G, the closeness figures;
+5. each refinement budget of ``FAITHFULNESS`` (L2 + LPIPS + the parser's mask term, as the mode runs it), and
+   before the longest one the baseline: diffusers' ``StableDiffusionControlNetPipeline`` on the very same module
+   objects (the LoRA unfused first), 20 DDIM steps, guidance 7.5 (batched unconditional pass), VAE decode, PIL.
+
+The cheap stages come first so that a run interrupted on a busy machine keeps them (the JSON is rewritten
+after every stage). Peak RSS is VmHWM from after the test LoRA file was written.
 
 Time per face = drawing + alignment + encoder + refinement + G + closeness. The JSON (``--out``, default
 ``benchmarks/results/training-free-<device>-<preset>.json``) holds every figure, peak RSS, the CPU model and its
@@ -28,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,15 +84,23 @@ class Timer:
         return value
 
 
-def lora_file(preset: str, folder: Path) -> Path:
-    """A random LoRA of the preset's U-Net in the published layout, written by a child process (its memory and
-    time are not the benchmark's)."""
-    path = folder / "pytorch_lora_weights.safetensors"
-    code = ("import sys; from mm2latent import FacePipeline; from mm2latent.models.few_step import save_random_lora;"
-            f"pipe = FacePipeline.from_pretrained({preset!r}, device='cpu');"
-            f"save_random_lora(pipe.encoder.unet, {str(path)!r}, seed=1)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
-    return path
+def peak_rss_since_reset_gib() -> float | None:
+    """VmHWM (peak resident memory since the last :func:`reset_peak_rss`), or None where /proc has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM (Linux: "5" to clear_refs), so that the test LoRA's writing does not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def editing_networks(generator, preset: str) -> dict:
@@ -134,7 +144,13 @@ def main() -> None:
     from mm2latent.editing.inversion import encode_images, refine_latent
     from mm2latent.inputs.conditions import CELEBAMASK_PALETTE
     from mm2latent.inputs.images import image_to_tensor, tensor_to_pil
-    from mm2latent.models.few_step import DRAWINGS, FewStepLoRA, make_scheduler, step_generators
+    from mm2latent.models.few_step import (
+        DRAWINGS,
+        FewStepLoRA,
+        make_scheduler,
+        save_random_lora,
+        step_generators,
+    )
     from mm2latent.pipelines.editing import REFINE_LR, REFINE_MASK_WEIGHT, REFINE_W_REG
     from mm2latent.pipelines.speedups import synthetic_face_mask
 
@@ -147,14 +163,17 @@ def main() -> None:
     timer = Timer(results["times"])
 
     def save() -> None:  # after every stage, so an interrupted run keeps what it measured
-        results["peak_rss_gib"] = round(peak_rss_gib(), 2)
+        results["peak_rss_gib_with_lora_writing"] = round(peak_rss_gib(), 2)
+        peak = peak_rss_since_reset_gib()
+        results["peak_rss_gib"] = round(peak, 2) if peak is not None else None
         out.write_text(json.dumps(results, indent=1))
 
     with tempfile.TemporaryDirectory() as folder:
-        lora_path = lora_file(args.preset, Path(folder))
         pipe = FacePipeline.from_pretrained(args.preset, device="cpu")
         pipe.show_progress = False
         encoder, generator = pipe.encoder, pipe.generator
+        lora_path = save_random_lora(encoder.unet, Path(folder) / "pytorch_lora_weights.safetensors", seed=1)
+        reset_peak_rss()
         networks = editing_networks(generator, args.preset)
         modality = "mask" if "mask" in encoder.modalities else encoder.modalities[0]
         controlnet, vae = encoder.controlnet(modality), encoder.vae  # loaded before any timing
@@ -163,17 +182,6 @@ def main() -> None:
         controls, _ = pipe.prepare_conditions(**{modality: Image.fromarray(ids, mode="L") if modality == "mask"
                                                  else mask_rgb})
         prompts = pipe.encode_prompts([PROMPT])
-        save()
-
-        # 1. the baseline on the same modules
-        baseline = StableDiffusionControlNetPipeline(
-            vae=vae, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, unet=encoder.unet,
-            controlnet=controlnet, scheduler=encoder.make_scheduler(), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-        baseline.set_progress_bar_config(disable=True)
-        timer("baseline: diffusers ControlNet pipeline, 20 DDIM steps, guidance 7.5",
-              lambda: baseline(PROMPT, image=mask_rgb, num_inference_steps=BASELINE_STEPS,
-                               guidance_scale=BASELINE_GUIDANCE, generator=torch.Generator().manual_seed(SEED)).images)
         save()
 
         # 2. our quality drawing
@@ -214,8 +222,8 @@ def main() -> None:
               lambda: measure_closeness(image, target, networks["lpips"], networks["face_parser"], mask_ids))
         save()
 
-        # 6. the refinement budgets
-        for name in budgets:
+        # 6. the refinement budgets; the baseline before the longest one, so that an interrupted run has it
+        def run_budget(name):
             budget = FAITHFULNESS[name]
             refined = timer(f"refine: {name} ({budget.steps} steps, patience {budget.patience})",
                             lambda budget=budget: refine_latent(
@@ -226,6 +234,24 @@ def main() -> None:
             results["times"][f"refine: {name} ({budget.steps} steps, patience {budget.patience})"]["steps_run"] = \
                 len(refined.losses) - 1
             save()
+
+        longest = max(budgets, key=lambda name: FAITHFULNESS[name].steps)
+        for name in budgets:
+            if name != longest:
+                run_budget(name)
+        # the baseline on the same modules (SD-1.5's own U-Net again)
+        timer("LCM-LoRA: unfuse (before the baseline)", lambda: lora.unfuse(encoder.unet))
+        baseline = StableDiffusionControlNetPipeline(
+            vae=vae, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, unet=encoder.unet,
+            controlnet=controlnet, scheduler=encoder.make_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        baseline.set_progress_bar_config(disable=True)
+        timer("baseline: diffusers ControlNet pipeline, 20 DDIM steps, guidance 7.5",
+              lambda: baseline(PROMPT, image=mask_rgb, num_inference_steps=BASELINE_STEPS,
+                               guidance_scale=BASELINE_GUIDANCE, generator=torch.Generator().manual_seed(SEED)).images)
+        save()
+
+        run_budget(longest)
 
     # per face, and against the baseline
     times = {k: v["best_s"] for k, v in results["times"].items()}

@@ -40,7 +40,8 @@ def test_untrained_models_default_to_the_training_free_mode(editor, mask_path):
 
 
 def test_invert_mode_is_the_inverters_latent_of_the_diffusion_image(editor, mask_path):
-    out = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS, return_diffusion_image=True)
+    out = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS, return_diffusion_image=True,
+                 faithfulness="encoder")
     # By hand: the same noise, text and mask through the diffusion model, then the photo encoder.
     pipe = editor.generation
     controls, _ = pipe.prepare_conditions(mask=mask_path)
@@ -55,10 +56,10 @@ def test_invert_mode_is_the_inverters_latent_of_the_diffusion_image(editor, mask
 
 
 def test_invert_mode_is_deterministic_per_seed_and_batches(editor, mask_path):
-    first = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2)
-    again = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2)
+    first = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2, faithfulness="encoder")
+    again = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2, faithfulness="encoder")
     assert torch.equal(first.latents, again.latents) and first.seeds == [7, 8]
-    single = editor(PROMPT, mask=mask_path, seed=8, mode="invert", num_steps=STEPS)
+    single = editor(PROMPT, mask=mask_path, seed=8, mode="invert", num_steps=STEPS, faithfulness="encoder")
     torch.testing.assert_close(first.latents[1:], single.latents, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(first.latents[0], first.latents[1])
 

@@ -9,7 +9,8 @@ alignment (:func:`~mm2latent.editing.align.align_face`: dlib's 68 points, FFHQ's
 * otherwise the aligned crop is what gets inverted and refined against, and the user's mask, which the drawing
   follows, is warped by the same transform (nearest neighbour, background outside the drawing), so that the
   refinement's parser term and the closeness mIoU compare like with like;
-* when no face is found (an untrained or toy model draws none), the drawing is inverted as drawn, with a note.
+* when dlib finds no face (an untrained or toy model draws none), the drawing is inverted as drawn, with a note:
+  the Haar fallback of photo alignment is not used here, as it finds "faces" in textures a toy model draws.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def align_drawing(drawing: Image.Image, mask_ids: np.ndarray | None = None) -> D
     try:
         aligned = align_face(drawing, size=size, keep_aligned=True)
     except (NoFaceError, FaceTooSmallError):
+        aligned = None
+    if aligned is None or aligned.method != "dlib-68":
         return DrawingAlignment(drawing, mask_ids, messages=["no face was found in the diffusion drawing, so it was "
                                                              "inverted as drawn (not aligned)"])
     if aligned.already_aligned:

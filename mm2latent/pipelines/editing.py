@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..editing.clip import ClipGuide
+from ..editing.closeness import DEFAULT_FAITHFULNESS, measure_closeness
+from ..editing.drawing_alignment import align_drawing
 from ..editing.inversion import InversionResult, encode_images, invert, refine_latent
 from ..editing.methods import (
     LATENT_METHODS,
@@ -38,6 +40,7 @@ from ..errors import EmptyPromptError, InvalidSettingError
 from ..inputs.conditions import edges_from_photo, mask_to_color, parse_mask, parse_scribble
 from ..inputs.images import image_to_tensor, tensor_to_pil
 from ..inputs.templates import mask_edges
+from ..models.few_step import FewStepLoRA, make_scheduler, step_generators
 from .components import COMPONENTS, load_components, save_components, write_manifest
 from .generation import PRESETS, FacePipeline, FacePipelineOutput, word_maps
 from .request import GenerationRequest, check_seed
@@ -75,6 +78,8 @@ class FaceEditPipeline:
         identity: ArcFace IR-SE50, for the identity score and the CLIP refinement's identity term.
         lpips: LPIPS, for the inversion's refinement.
         clip: a :class:`~mm2latent.editing.clip.ClipGuide`, for text-guided refinement.
+        few_step: a :class:`~mm2latent.models.few_step.FewStepLoRA` (LCM-LoRA), for the training-free mode's
+            "fast" drawing of I^d_0 (fused into the U-Net on first use, unfused before any other U-Net pass).
     """
 
     def __init__(
@@ -85,10 +90,12 @@ class FaceEditPipeline:
         identity: nn.Module | None = None,
         lpips: nn.Module | None = None,
         clip: ClipGuide | None = None,
+        few_step: FewStepLoRA | None = None,
     ):
         self.generation = generation
         self.inverter, self.face_parser, self.identity, self.lpips, self.clip = (
             inverter, face_parser, identity, lpips, clip)
+        self.few_step = few_step
         for module in (inverter, face_parser, identity, lpips):
             if module is not None:
                 module.eval().requires_grad_(False)
@@ -116,6 +123,7 @@ class FaceEditPipeline:
             from .presets import public_manifest
 
             _, parts = load_components(public_manifest("editing"), pipeline="editing")
+            parts["few_step"] = _public_few_step()
         elif str(name_or_path) in PRESETS:
             parts = {}
         else:
@@ -131,6 +139,7 @@ class FaceEditPipeline:
         """Write every component and one manifest naming them all."""
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
+        self._plain_unet()  # the U-Net is saved without the few-step LoRA
         entries = save_components(self.components(), root)
         write_manifest(root, entries, {"trained": self.trained, "source": self.name}, engine=self.generation.engine)
         return root
@@ -174,6 +183,11 @@ class FaceEditPipeline:
             return "fast"
         return "fast" if self.trained or self.inverter is None else "invert"
 
+    @property
+    def default_drawing(self) -> str:
+        """The training-free mode's drawing: "fast" (4 LCM steps) with an LCM-LoRA loaded, else "quality"."""
+        return "fast" if self.few_step is not None else "quality"
+
     def __call__(
         self,
         prompt: str | None = None,
@@ -190,8 +204,10 @@ class FaceEditPipeline:
         combine: str = "mean",
         guidance_scale: float | None = None,
         noise_mode: str = "const",
-        refine_steps: int = 0,
+        refine_steps: int | None = None,
         callback_on_step_end: StepCallback | None = None,
+        drawing: str | None = None,
+        faithfulness: str | None = None,
         **render_kwargs,
     ) -> FacePipelineOutput:
         """Generate faces: :meth:`FacePipeline.__call__`'s arguments, plus the training-free mode.
@@ -199,17 +215,27 @@ class FaceEditPipeline:
         Args:
             mode: "fast", "quality" or "invert"; default :attr:`default_mode`.
             refine_steps: invert mode: optimisation steps after the encoder (L2 + LPIPS to I^d_0, the mask's
-                cross-entropy through the face parser, a latent regulariser); 0 = the encoder's answer.
-            guidance_scale: default 7.5 in invert mode (I^d_0 drawn with classifier-free guidance), else 1.
+                cross-entropy through the face parser, a latent regulariser); 0 = the encoder's answer; None = the
+                ``faithfulness`` budget.
+            drawing: invert mode: "fast" (4 LCM steps, needs ``few_step``) or "quality" (20 DDIM steps with
+                guidance); default :attr:`default_drawing`. It sets the defaults of ``num_steps`` and
+                ``guidance_scale``.
+            faithfulness: invert mode: a refinement budget of :data:`~mm2latent.editing.closeness.FAITHFULNESS`
+                ("encoder", "balanced", "close"); default "balanced" unless ``refine_steps`` is given.
+            guidance_scale: default the drawing's in invert mode (7.5 for "quality", 1 for "fast"), else 1.
             callback_on_step_end: invert mode: called after each step of the drawing of I^d_0 (see
                 :meth:`FacePipeline.denoise`; :func:`~mm2latent.pipelines.sampling.preview_callback` shows it
                 forming); ``{"stop": True}`` ends the drawing there and inverts what was drawn so far.
             (The other arguments as :meth:`FacePipeline.__call__`.)
         """
+        mode = mode or self.default_mode
+        if mode == "invert":
+            drawing = drawing or self.default_drawing
+            faithfulness = faithfulness or (DEFAULT_FAITHFULNESS if refine_steps is None else None)
         request = GenerationRequest.create(
-            prompt, mask, scribble, seed, mode or self.default_mode, num_steps, feature_steps, truncation, num_images,
+            prompt, mask, scribble, seed, mode, num_steps, feature_steps, truncation, num_images,
             combine, guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs,
-            refine_steps)
+            refine_steps or 0, drawing=drawing, faithfulness=faithfulness)
         return self.generate(request, callback_on_step_end=callback_on_step_end)
 
     def generate(self, request: GenerationRequest,
@@ -224,6 +250,8 @@ class FaceEditPipeline:
         watches the drawing of each invert-mode request."""
         results: list[FacePipelineOutput | None] = [None] * len(requests)
         others = [i for i, r in enumerate(requests) if r.mode != "invert"]
+        if others:
+            self._plain_unet()  # M and T read the plain U-Net's features
         for index, output in zip(others, self.generation.generate_batch([requests[i] for i in others])):
             results[index] = output
         for index, request in enumerate(requests):
@@ -256,11 +284,14 @@ class FaceEditPipeline:
                         callback_on_step_end: StepCallback | None = None) -> FacePipelineOutput:
         """``mode="invert"``: I^d_0 from the diffusion model, the photo encoder's W+ of it, optional refinement.
 
-        1. the diffusion model draws I^d_0 from the text and the visual input (DDIM, classifier-free guidance);
-        2. the inverter maps I^d_0 to W+ (w0);
-        3. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
-           G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode);
-        4. truncation and G, as every mode.
+        1. the diffusion model draws I^d_0 from the text and the visual input (``request.drawing``: "quality" =
+           DDIM with classifier-free guidance, "fast" = LCM steps with the fused LCM-LoRA);
+        2. the face in I^d_0 is put on the FFHQ template when it is off it (the mask is warped alike);
+        3. the inverter maps I^d_0 to W+ (w0);
+        4. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
+           G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode), early stop after
+           ``request.refine_patience`` steps without improvement;
+        5. truncation and G, as every mode, and the closeness of G(w) to I^d_0 (``output.closeness``).
 
         ``callback_on_step_end`` watches (and may stop) step 1, as in :meth:`FacePipeline.denoise`.
         """
@@ -279,33 +310,71 @@ class FaceEditPipeline:
             previews["mask"] = mask_to_color(ids)
         n = request.num_images
         prompts = pipe.encode_prompts([request.prompt] * n)
-        drawing = pipe.draw(prompts, controls, pipe.prepare_noise(request.seeds), num_steps=request.num_steps,
-                            guidance_scale=request.guidance_scale, return_attention=request.return_intermediates,
-                            callback_on_step_end=callback_on_step_end)
+        noise = pipe.prepare_noise(request.seeds)
+        with pipe.lock:  # the U-Net stays as the drawing needs it until the drawing is done
+            drawing = pipe.draw(prompts, controls, noise, num_steps=request.num_steps,
+                                guidance_scale=request.guidance_scale, return_attention=request.return_intermediates,
+                                callback_on_step_end=callback_on_step_end, **self._sampler(request, noise))
+        targets, mask_ids, notes = self.align_drawings(drawing.images, ids)
         with pipe.lock:
-            latents = encode_images(self.inverter, drawing.images, generator)
+            latents = encode_images(self.inverter, targets, generator)
             losses: list[float] = []
             if request.refine_steps:
-                mask_ids = torch.from_numpy(ids.astype("int64"))[None].expand(n, -1, -1) if ids is not None else None
                 refined = refine_latent(
-                    generator, latents, drawing.images, steps=request.refine_steps, lr=REFINE_LR, lpips=self.lpips,
-                    face_parser=self.face_parser, mask_ids=mask_ids, mask_weight=REFINE_MASK_WEIGHT,
-                    w_reg_weight=REFINE_W_REG, latent_avg=generator.latent_avg, progress=pipe.show_progress)
+                    generator, latents, targets, steps=request.refine_steps, lr=REFINE_LR, lpips=self.lpips,
+                    patience=request.refine_patience, face_parser=self.face_parser, mask_ids=mask_ids,
+                    mask_weight=REFINE_MASK_WEIGHT, w_reg_weight=REFINE_W_REG, latent_avg=generator.latent_avg,
+                    progress=pipe.show_progress)
                 latents, losses = refined.latent, refined.losses
         truncated = generator.truncate(latents.to(pipe.device), request.truncation)
-        images = tensor_to_pil(pipe.render(truncated, 1.0, request.noise_mode, **request.render_kwargs))
+        rendered = pipe.render(truncated, 1.0, request.noise_mode, **request.render_kwargs)
+        images = tensor_to_pil(rendered)
         settings = {**request.settings(), "inputs": sorted(previews), "model": self.name, "trained": self.trained}
         output = FacePipelineOutput(images=images, latents=truncated.float().cpu(), seeds=request.seeds,
                                     settings=settings, condition_images=previews, timesteps=drawing.timesteps,
                                     diffusion_images=tensor_to_pil(drawing.images))
         if losses:
             output.settings["refine_loss"] = [losses[0], min(losses)]
+        output.closeness = [c.as_dict() for c in measure_closeness(rendered, targets, self.lpips, self.face_parser,
+                                                                   mask_ids)]
+        output.warnings.extend(dict.fromkeys(notes))
         if prompts.truncated[0]:
             output.warnings.append("The prompt is longer than the 77 tokens CLIP reads; only its first part was used.")
         if request.return_intermediates:
             output.attention_words = prompts.words[0]
             output.attention_maps = word_maps(drawing.token_maps, prompts.word_tokens[0])
         return output
+
+    def _plain_unet(self) -> None:
+        """Unfuse the few-step LoRA if it is fused (for a pass that needs SD-1.5's own U-Net)."""
+        if self.few_step is not None:
+            with self.generation.lock:
+                self.few_step.unfuse(self.generation.encoder.unet)
+
+    def _sampler(self, request: GenerationRequest, noise: torch.Tensor) -> dict:
+        """The scheduler and step noise of the request's drawing, with the U-Net fused or unfused to match."""
+        encoder = self.generation.encoder
+        if request.drawing == "quality":
+            self._plain_unet()
+            return {}
+        if self.few_step is None:
+            raise InvalidSettingError("the fast drawing needs the LCM-LoRA (few_step), which this model has not "
+                                      "loaded: use drawing='quality'")
+        self.few_step.fuse(encoder.unet)
+        return {"scheduler": make_scheduler(self.few_step.sampler, encoder.scheduler_config),
+                "generator": step_generators(request.seeds, tuple(noise.shape[1:]))}
+
+    def align_drawings(self, images: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """Step 2 of the training-free mode: (what to invert [B, 3, H, W], the mask ids in its frame [B, h, w]
+        or None, notes). A drawing already on the FFHQ template is used as drawn, bit for bit."""
+        targets, masks, notes = [], [], []
+        for image in images:
+            aligned = align_drawing(tensor_to_pil(image[None])[0], ids)
+            targets.append(image_to_tensor(aligned.image, image.shape[-1]).to(images) if aligned.moved else image[None])
+            masks.append(aligned.mask_ids)
+            notes += [m for m in aligned.messages if aligned.moved]
+        mask_ids = None if ids is None else torch.from_numpy(np.stack(masks).astype(np.int64))
+        return torch.cat(targets), mask_ids, notes
 
     # ------------------------------------------------------------------ 1. invert
     def invert(self, photo: Any, refine_steps: int = 0, progress: bool | None = None,
@@ -530,3 +599,17 @@ class FaceEditPipeline:
 
     def _progress(self, progress: bool | None) -> bool:
         return self.generation.show_progress if progress is None else progress
+
+
+def _public_few_step() -> FewStepLoRA | None:
+    """The published LCM-LoRA for the public preset's fast drawing (None, with a warning, when it cannot be read)."""
+    import warnings
+
+    from ..errors import WeightsNotFoundError
+
+    try:
+        return FewStepLoRA.from_pretrained()
+    except WeightsNotFoundError as error:
+        warnings.warn(f"the fast drawing is unavailable ({error}); the training-free mode draws with 20 DDIM steps",
+                      stacklevel=3)
+        return None
