@@ -74,6 +74,25 @@ def test_prepare_and_read(tmp_path):
     assert batch["controls"]["mask"].shape == (2, 3, 32, 32) and len(batch["caption"]) == 2
 
 
+def test_captions_per_image_fixes_a_pool_and_samples_from_it(tmp_path):
+    """Stage 2's captions: n drawn once per image (the I^d_0 cache holds them), one of them sampled per epoch;
+    0 keeps every caption."""
+    root = fake_celebamask(tmp_path / "raw")
+    main(["prepare", "--root", str(root), "--output", str(tmp_path / "prepared"), "--mask-size", "16",
+          "--scribble-size", "16", "--test-fraction", "0"])
+    data = FaceDataset(tmp_path / "prepared", "train", 16, 16, 16, seed=3, captions_per_image=2)
+    for position in range(len(data)):
+        pool = data.candidate_captions(position)
+        assert len(pool) == 2 and pool == data.candidate_captions(position)  # fixed per image
+        assert set(pool) <= set(data.captions(data.ids[position]))
+        drawn = {data[(position, epoch)]["caption"] for epoch in range(16)}
+        assert drawn == set(pool)  # every cached caption is used, no other
+    pools = {tuple(data.candidate_captions(p)) for p in range(len(data))}
+    assert len({tuple(c.split(" of ")[0] for c in pool) for pool in pools}) > 1  # drawn per image, not one subset
+    every = FaceDataset(tmp_path / "prepared", "train", 16, 16, 16, captions_per_image=0)
+    assert every.candidate_captions(0) == every.captions(every.ids[0])
+
+
 def test_prepare_from_combined_masks(tmp_path, testdata):
     """Combined index / palette masks (../shared/testdata/masks) instead of part files."""
     root = tmp_path / "raw"

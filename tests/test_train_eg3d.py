@@ -86,3 +86,64 @@ def test_prepared_photos_carry_their_dataset_json_label(testdata, tmp_path):
     torch.testing.assert_close(by_id[1], labels["1.jpg"])
     with pytest.raises(ValueError, match="1.jpg"):
         FaceDataset(prepared, "train", 16, 16, 16, modalities=("mask",), camera_labels={"0.jpg": labels["0.jpg"]})
+
+
+def test_3d_stage_crops_identity_in_eg3ds_framing(eg3d_pipe, tmp_path):
+    """L_ID on a 3D generator's outputs crops the EG3D box (networks/arcface.py FACE_CROPS), which changes the
+    embedding of the same image."""
+    import copy
+
+    from mm2latent.models.networks import build_tiny_network
+
+    cameras = eg3d_pipe.generator.camera_labels([[0.0, 0.0]])
+    labels = write_dataset_json({"a.png": cameras[0]}, tmp_path / "dataset.json")
+    config = eg3d_config(tmp_path, labels)
+    config.loss.id = 0.1
+    config.networks.arcface = "tiny"
+    trainer = build(config, copy.deepcopy(eg3d_pipe))
+    arcface = trainer.stage.loss_fn.arcface
+    assert arcface.face_crop == "eg3d"
+    faces = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert not torch.allclose(arcface.embed(faces), arcface.embed(faces, framing="ffhq"))
+    assert build_tiny_network("arcface").face_crop == "ffhq"  # 2D keeps pSp's crop
+
+
+def test_dry_run_plans_a_3d_run_and_its_caption_cache(capsys, tmp_path):
+    """--dry-run --generator eg3d times steps on the EG3D generator and plans the I^d_0 cache of every caption."""
+    import json
+
+    from mm2latent.training.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("stage: 2\npipeline: tiny\ndata: {kind: synthetic, modalities: [mask, scribble]}\n"
+                      "train: {batch_size: 1, max_steps: 100}\nloss: {lpips: 0.0, id: 0.0}\n"
+                      "diffusion: {idd_steps: 1, idd_captions_per_image: 0}\n")
+    main(["--config", str(config), "--dry-run", "--steps", "1", "--generator", "eg3d"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["pipeline"] == "tiny-eg3d"
+    plan = report["idd_cache"]
+    # No prepared folder: CelebAMask-HQ's 27 000 training photos x 10 captions x (mask, scribble) are assumed.
+    assert plan["entries"] == 27000 * 10 * 2 and plan["bytes"] > 0
+    assert plan["hours"] == pytest.approx(plan["entries"] * plan["seconds_per_entry"] / 3600)
+    assert any(line.startswith("  I^d_0 cache: 27000 images x 10.0 captions") for line in lines)
+
+
+def test_3d_sample_grid_shows_each_output_from_other_views(eg3d_pipe, tmp_path):
+    """3D sample grids: target, output, then the output rendered at each SAMPLE_YAWS (multi-view samples)."""
+    import copy
+
+    import numpy as np
+
+    from mm2latent.training.stages import SAMPLE_YAWS
+
+    cameras = eg3d_pipe.generator.camera_labels([[-20.0, 0.0], [20.0, 0.0]])
+    labels = write_dataset_json({"a.png": cameras[0], "b.png": cameras[1]}, tmp_path / "dataset.json")
+    trainer = build(eg3d_config(tmp_path, labels), copy.deepcopy(eg3d_pipe))
+    batch = collate([trainer.dataset[(p, 0)] for p in range(2)])
+    _, _, images = trainer.stage.loss(batch, trainer.stage.model, torch.Generator().manual_seed(0))
+    grid = np.asarray(trainer.stage.sample_grid(batch, images)).astype(float)
+    size = images.shape[-1]
+    assert grid.shape[0] == (2 + len(SAMPLE_YAWS)) * size
+    left, right = grid[2 * size:3 * size], grid[3 * size:4 * size]
+    assert np.abs(left - right).mean() > 1.0  # two views of the same faces

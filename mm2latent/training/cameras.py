@@ -8,7 +8,10 @@ every training image needs EG3D's 25-number label (cam2world 4x4 + normalised in
   (a 3DMM) to each photo, crops it the EG3D way and writes ``dataset.json`` =
   ``{"labels": [[file name, [25 floats]], ...]}``. :func:`read_dataset_json` reads it; the photos must be the
   crops that recipe wrote (EG3D's crop differs from FFHQ's alignment).
-* **A coarse fallback** (:func:`label_from_landmarks`): the head pose from dlib's 68 landmarks by PnP
+* **``prepare --generator eg3d``** (:mod:`.prepare_3d`, the project's path): EG3D's crop of each photo, its
+  mask and scribble warped alike, and a full camera (rotation with roll) by PnP of 51 dlib landmarks against a
+  68-point mean face (:mod:`.face_model`), written as ``cameras.json`` in this layout.
+* **A coarse fallback** (:func:`label_from_landmarks`, for photos already in EG3D's crop): the head pose from dlib's 68 landmarks by PnP
   (``cv2.solvePnP``) against a six-point mean face (nose tip, chin, outer eye corners, mouth corners; the
   template of Mallick's "Head Pose Estimation using OpenCV and Dlib", LearnOpenCV 2016, in millimetre-like units),
   turned into EG3D's orbit camera (radius 2.7 around the pivot, default field of view). Its limits: only yaw and

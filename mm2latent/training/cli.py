@@ -2,6 +2,8 @@
 photo ``inverter`` (pSp-style encoder for real-photo editing).
 
     python -m mm2latent.training prepare --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text --output data/prepared
+    python -m mm2latent.training prepare --generator eg3d --root CelebAMask-HQ --text-dir MM-CelebA-HQ/text \
+        --output data/prepared-eg3d      # EG3D crops + cameras.json
     python -m mm2latent.training inverter --images ffhq/images1024x1024 --model mm2latent/mm2latent-celebahq --output runs/inverter
     python -m mm2latent.training --config configs/inverter.yaml --set data.root=ffhq/images1024x1024
     python -m mm2latent.training --config configs/stage1_mapper.yaml [--set train.batch_size=4 ...]
@@ -241,8 +243,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--limit", type=int)
         parser.add_argument("--workers", type=int, default=0)
+        parser.add_argument("--generator", choices=("stylegan2", "eg3d"), default="stylegan2",
+                            help="eg3d: EG3D's crop of each photo (mask and scribble warped alike) and its camera "
+                                 "label (cameras.json), see training/prepare_3d.py")
+        parser.add_argument("--image-dir", help="photos {i}.jpg (default ROOT/CelebA-HQ-img)")
         args = parser.parse_args(argv[1:])
         test_ids = [int(x) for x in Path(args.test_ids).read_text().split()] if args.test_ids else None
+        if args.generator == "eg3d":
+            from .prepare_3d import prepare_eg3d
+
+            print(prepare_eg3d(args.root, args.output, args.text_dir, args.mask_dir, test_fraction=args.test_fraction,
+                               test_ids=test_ids, seed=args.seed, limit=args.limit, image_dir=args.image_dir,
+                               workers=args.workers))
+            return
         out = prepare(args.root, args.output, args.text_dir, args.mask_dir, args.mask_size, args.scribble_size,
                       args.test_fraction, test_ids, args.seed, args.limit, args.workers)
         print(out)
@@ -258,13 +271,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="plan the run: time --steps real steps of stage 1 or 2 on full-size random models and "
                              "report time per step, peak memory and the projected time (training/dry_run.py)")
     parser.add_argument("--steps", type=int, default=2, help="steps a --dry-run times (default 2)")
+    parser.add_argument("--generator", choices=("stylegan2", "eg3d"), default="stylegan2",
+                        help="the generator a --dry-run builds at full size (eg3d: NVIDIA's FFHQ 512² EG3D)")
     args = parser.parse_args(argv)
     config = load_config(args.config, parse_overrides(args.set))
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.dry_run:
         from .dry_run import dry_run, format_report
 
-        report = dry_run(config, args.steps)
+        report = dry_run(config, args.steps, generator=args.generator)
         print(format_report(report))
         print(json.dumps(report))
         return

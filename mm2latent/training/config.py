@@ -84,6 +84,9 @@ class DiffusionConfig:
     # FacePipeline.draw, so training targets and the training-free mode draw alike); lllyasviel's demos use 9.0.
     idd_guidance_scale: float = 7.5
     idd_caption_index: int = 0  # which caption line of an image T sees (and I^d_0 is drawn with) when it is cached
+    # Captions per image cached and sampled (one per step, as stage 1 does): None = only idd_caption_index's line,
+    # 0 = every caption, n = n captions drawn once per image (seeded).
+    idd_captions_per_image: int | None = None
     idd_batch_size: int = 8
     idd_stale_cache: str = "refuse"  # a cache made with other settings: "refuse" (error naming them) or "rebuild"
     # "lcm": draw I^d_0 with the fused LCM-LoRA (idd_lcm_steps LCM steps, guidance 1; idd_steps and

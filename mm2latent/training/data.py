@@ -55,11 +55,13 @@ def combine_part_masks(anno_dir: str | Path, index: int, size: int = 512) -> np.
     return ids
 
 
-def _image_ids(image_dir: Path) -> list[int]:
+def image_ids(image_dir: Path) -> list[int]:
+    """The numeric ids of the ``{i}.jpg`` / ``{i}.png`` photos of a folder, sorted."""
     return sorted(int(p.stem) for p in image_dir.iterdir() if p.stem.isdigit() and p.suffix.lower() in (".jpg", ".png"))
 
 
-def _image_file(image_dir: Path, index: int) -> Path:
+def image_file(image_dir: Path, index: int) -> Path:
+    """The photo ``{index}`` of a folder, whatever its suffix."""
     for suffix in (".jpg", ".png", ".jpeg"):
         path = image_dir / f"{index}{suffix}"
         if path.is_file():
@@ -74,7 +76,7 @@ def _prepare_one(job: tuple) -> int:
     else:
         ids = combine_part_masks(anno_dir, index, mask_size)
     Image.fromarray(ids).save(Path(out) / "masks" / f"{index}.png")
-    edges = edges_from_photo(_image_file(Path(image_dir), index), size=scribble_size)
+    edges = edges_from_photo(image_file(Path(image_dir), index), size=scribble_size)
     Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)).save(Path(out) / "scribbles" / f"{index}.png")
     return index
 
@@ -124,7 +126,7 @@ def prepare(
         raise FileNotFoundError(f"{image_dir} does not exist: point --root at the CelebAMask-HQ folder")
     if mask_dir is None and not anno_dir.is_dir():
         raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
-    ids = _image_ids(image_dir)[:limit]
+    ids = image_ids(image_dir)[:limit]
     (output / "masks").mkdir(parents=True, exist_ok=True)
     (output / "scribbles").mkdir(parents=True, exist_ok=True)
     jobs = [(i, str(image_dir), str(anno_dir), None if mask_dir is None else str(mask_dir), str(output),
@@ -184,13 +186,16 @@ class FaceDataset(Dataset):
         modalities: which conditions to return ("mask", "scribble").
         seed: seeds the caption choice.
         caption_index: always use this caption line instead of a random one (stage 2, evaluation).
+        captions_per_image: with ``caption_index`` None, draw each item's caption from this many of the image's
+            captions, chosen once per image (seeded; 0 or None: all of them): the captions an I^d_0 cache holds.
         camera_labels: {photo file name: EG3D label [25]} (``cameras.read_dataset_json``): items then carry
             ``camera``, the label G renders at (training with EG3D).
     """
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 512, target_size: int = 1024,
                  condition_size: int = 512, modalities: tuple[str, ...] = ("mask", "scribble"), seed: int = 0,
-                 caption_index: int | None = None, camera_labels: dict[str, torch.Tensor] | None = None):
+                 caption_index: int | None = None, camera_labels: dict[str, torch.Tensor] | None = None,
+                 captions_per_image: int | None = None):
         self.root = Path(root)
         info = json.loads((self.root / "dataset.json").read_text())
         if info.get("_format") != PREPARED_FORMAT:
@@ -199,12 +204,12 @@ class FaceDataset(Dataset):
         self.ids = [int(line) for line in (self.root / f"{split}.txt").read_text().split()]
         self.image_size, self.target_size, self.condition_size = image_size, target_size, condition_size
         self.modalities, self.seed, self.caption_index = tuple(modalities), seed, caption_index
-        self.camera_labels = camera_labels
+        self.camera_labels, self.captions_per_image = camera_labels, captions_per_image
         if camera_labels is not None:
-            missing = [i for i in self.ids if _image_file(self.image_dir, i).name not in camera_labels]
+            missing = [i for i in self.ids if image_file(self.image_dir, i).name not in camera_labels]
             if missing:
                 raise ValueError(f"the camera labels have no entry for {len(missing)} photos of the {split} split "
-                                 f"(e.g. {_image_file(self.image_dir, missing[0]).name})")
+                                 f"(e.g. {image_file(self.image_dir, missing[0]).name})")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -216,15 +221,26 @@ class FaceDataset(Dataset):
         lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
         return [line for line in lines if line] or [""]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        position, epoch = key if isinstance(key, tuple) else (key, 0)
+    def candidate_captions(self, position: int) -> list[str]:
+        """The captions an item of this position can carry (what an I^d_0 cache must hold for it)."""
         image_id = self.ids[position]
         captions = self.captions(image_id)
         if self.caption_index is not None:
-            caption = captions[min(self.caption_index, len(captions) - 1)]
+            return [captions[min(self.caption_index, len(captions) - 1)]]
+        if self.captions_per_image and self.captions_per_image < len(captions):
+            chosen = np.random.default_rng([self.seed, image_id]).permutation(len(captions))[:self.captions_per_image]
+            return [captions[i] for i in sorted(chosen)]
+        return captions
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        position, epoch = key if isinstance(key, tuple) else (key, 0)
+        image_id = self.ids[position]
+        captions = self.candidate_captions(position)
+        if len(captions) == 1:
+            caption = captions[0]
         else:
             caption = captions[_rng(self.seed, image_id, epoch).integers(len(captions))]
-        with Image.open(_image_file(self.image_dir, image_id)) as photo:
+        with Image.open(image_file(self.image_dir, image_id)) as photo:
             photo = photo.convert("RGB")
             item = {"pixel_values": image_to_tensor(photo, self.image_size)[0],
                     "target": image_to_tensor(photo, self.target_size)[0]}
@@ -237,7 +253,7 @@ class FaceDataset(Dataset):
                 controls["scribble"] = scribble_control(scribble, self.condition_size)
         item.update(controls=controls, caption=caption, index=position, image_id=image_id)
         if self.camera_labels is not None:
-            item["camera"] = self.camera_labels[_image_file(self.image_dir, image_id).name]
+            item["camera"] = self.camera_labels[image_file(self.image_dir, image_id).name]
         return item
 
 
@@ -304,6 +320,10 @@ class SyntheticFaceDataset(Dataset):
         """Image id of each position (the position itself), as ``FaceDataset.ids``."""
         return list(range(len(self.targets)))
 
+    def candidate_captions(self, position: int) -> list[str]:
+        """The one caption of a position (as ``FaceDataset.candidate_captions``)."""
+        return [self[(position, 0)]["caption"]]
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         position, epoch = key if isinstance(key, tuple) else (key, 0)
         words = _rng(self.seed, position, 0).choice(len(SYNTHETIC_WORDS), size=2, replace=False)
@@ -369,6 +389,10 @@ class TemplatedCaptions(Dataset):
     @property
     def ids(self) -> list[int]:
         return self.base.ids
+
+    def candidate_captions(self, position: int) -> list[str]:
+        """The base dataset's candidate captions, rewritten by the template."""
+        return [self.template.format(caption=c).strip(" ,") for c in self.base.candidate_captions(position)]
 
     def __getitem__(self, key) -> dict:
         item = self.base[key]

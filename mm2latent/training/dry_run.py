@@ -26,7 +26,14 @@ from ..models.networks import NETWORKS, build_tiny_network
 from ..pipelines.generation import FacePipeline
 from .config import ConfigError, TrainingConfig
 from .data import SyntheticFaceDataset
-from .idd_cache import cache_key, combination_name, modality_combinations, needs_idd_cache
+from .idd_cache import (
+    cache_key,
+    combination_name,
+    draw_targets,
+    modality_combinations,
+    needs_idd_cache,
+    plan_idd_cache,
+)
 from .stages import LatentStage
 from .trainer import Trainer, make_accelerator
 
@@ -66,19 +73,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None) -> dict:
+def with_full_size_eg3d(pipe: FacePipeline, seed: int = 0) -> FacePipeline:
+    """The full-size random pipeline with NVIDIA's FFHQ 512² EG3D (random weights) in place of StyleGAN2, and M,
+    T sized from it (14 W+ layers of 512): what a 3D run trains, for timing and memory."""
+    from ..models.eg3d import TriPlaneGenerator, ffhq512_config
+    from ..models.mapping import MappingNetwork, StyleModulationNetwork
+    from ..pipelines.presets import mapper_config, modulator_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = TriPlaneGenerator(**ffhq512_config()).eval().requires_grad_(False)
+        pipe.generator = generator
+        pipe.mapper = MappingNetwork(**mapper_config(pipe.encoder, generator))
+        pipe.modulator = StyleModulationNetwork(**modulator_config(pipe.encoder, generator))
+    return pipe
+
+
+def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None, generator: str = "stylegan2") -> dict:
     """Run ``steps`` optimizer steps of ``config``'s stage on full-size random models; return the measurements.
 
     Args:
         config: the run to plan (stage 1 or 2; its batch size, accumulation, precision and loss weights are used).
         steps: optimizer steps to time (>= 2 gives a warm mean).
         pipeline: the models to time: default ``full-random``; ``tiny`` for a smoke test.
+        generator: "stylegan2", or "eg3d" (3D runs: NVIDIA's FFHQ 512² EG3D at full size, ``tiny-eg3d`` with
+            ``tiny``), rendered at the frontal camera.
     """
     if config.stage not in (1, 2):
         raise ConfigError(f"--dry-run plans stages 1 and 2, got stage {config.stage!r}")
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
-    pipeline = pipeline or ("tiny" if config.pipeline == "tiny" else "full-random")
+    if generator not in ("stylegan2", "eg3d"):
+        raise ConfigError(f"--generator must be stylegan2 or eg3d, got {generator!r}")
+    tiny = (pipeline or config.pipeline) in ("tiny", "tiny-eg3d")
+    pipeline = ("tiny-eg3d" if generator == "eg3d" else "tiny") if tiny else "full-random"
     run = copy.deepcopy(config)
     run.output_dir = tempfile.mkdtemp(prefix="mm2latent-dry-run-")
     train = run.train
@@ -87,8 +115,11 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
 
     load_start = time.perf_counter()
     pipe = FacePipeline.from_pretrained(pipeline, device="cpu", dtype=torch.float32)
+    if generator == "eg3d" and not tiny:
+        with_full_size_eg3d(pipe, run.seed)
+        pipeline = "full-random + FFHQ 512² EG3D"
     pipe.show_progress = False
-    lpips, arcface = loss_networks(run, tiny=pipeline == "tiny")
+    lpips, arcface = loss_networks(run, tiny=tiny)
     accelerator = make_accelerator(run)
     size = pipe.encoder.image_size
     # One batch of renders is enough: the sampler cycles through the dataset.
@@ -99,6 +130,7 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
                                                                        run.data.modality_sampling))
     trainer = Trainer(run, LatentStage(run, pipe, lpips, arcface), dataset, accelerator)
     load_seconds = time.perf_counter() - load_start
+    cache_plan = plan_cache(run, pipe, dataset) if needs_idd_cache(run) else None
 
     device = accelerator.device
     if device.type == "cuda":
@@ -129,7 +161,39 @@ def dry_run(config: TrainingConfig, steps: int = 2, pipeline: str | None = None)
         "projected_hours": per_step * config.train.max_steps / 3600,
         "last_losses": {k: v for k, v in trainer.history[-1].items() if k.startswith("loss/")},
         "output_dir": str(Path(run.output_dir)),
+        "idd_cache": cache_plan,
     }
+
+
+# CelebAMask-HQ's training split (90 % of 30 000 photos) and Multi-Modal CelebA-HQ's captions per photo: what the
+# cache plan assumes when data.root is not a prepared folder.
+ASSUMED_TRAIN_IMAGES = 27000
+ASSUMED_CAPTIONS_PER_IMAGE = 10
+
+
+def plan_cache(config: TrainingConfig, pipe: FacePipeline, dataset) -> dict:
+    """The I^d_0 cache of ``config``'s data: entries, disk and hours (one entry drawn and timed here)."""
+    combinations = modality_combinations(config.data.modalities, pipe.encoder.modalities,
+                                         config.data.modality_sampling)
+    start = time.perf_counter()
+    draw_targets(config, pipe, [dataset[(0, 0)]], combinations[0])
+    seconds = time.perf_counter() - start
+    per_image = config.diffusion.idd_captions_per_image
+    root = Path(config.data.root) if config.data.root else None
+    if root is not None and (root / "train.txt").is_file():
+        from .data import FaceDataset
+
+        real = FaceDataset(root, config.data.split, captions_per_image=per_image,
+                           caption_index=config.diffusion.idd_caption_index if per_image is None else None)
+        num_images, source = len(real), str(root)
+        captions = sum(len(real.candidate_captions(p)) for p in range(len(real))) / num_images if num_images else 0.0
+    else:
+        num_images, source = ASSUMED_TRAIN_IMAGES, "assumed: CelebAMask-HQ train split, 10 captions per image"
+        captions = 1 if per_image is None else (ASSUMED_CAPTIONS_PER_IMAGE if per_image == 0
+                                                else min(per_image, ASSUMED_CAPTIONS_PER_IMAGE))
+    plan = plan_idd_cache(num_images, captions, len(combinations), pipe.generator.resolution, seconds)
+    return {**plan, "num_images": num_images, "captions_per_image": captions, "combinations": len(combinations),
+            "seconds_per_entry": seconds, "source": source}
 
 
 def format_report(report: dict) -> str:
@@ -143,4 +207,9 @@ def format_report(report: dict) -> str:
         f"  time per step: {report['seconds_per_step']:.2f} s (mean after the first step)",
         f"  peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB",
         f"  projected: {report['max_steps']} steps -> {report['projected_hours']:.1f} h on this device",
-    ])
+    ] + ([] if not report.get("idd_cache") else [
+        f"  I^d_0 cache: {report['idd_cache']['num_images']} images x {report['idd_cache']['captions_per_image']:.1f} "
+        f"captions x {report['idd_cache']['combinations']} input combinations = {report['idd_cache']['entries']} "
+        f"entries, ~{report['idd_cache']['bytes'] / 2**30:.1f} GiB, {report['idd_cache']['hours']:.1f} h to draw "
+        f"on this device ({report['idd_cache']['seconds_per_entry']:.2f} s per entry; {report['idd_cache']['source']})",
+    ]))

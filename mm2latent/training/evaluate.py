@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import InvalidSettingError
 from ..inputs.images import image_to_tensor
+from ..models.generator import is_3d
 from ..models.networks import build_tiny_network, load_network
 from ..pipelines.generation import FacePipeline
 from . import metrics as M
@@ -42,15 +44,17 @@ MODALITY_TITLES = {"mask": "Text + Mask", "scribble": "Text + Scribble"}
 ImageSource = Callable[[dict, str, int], torch.Tensor]
 
 
-def _pil_inputs(item: dict, modality: str):
+def pil_inputs(item: dict, modality: str):
     control = (item["controls"][modality].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(control) if modality == "mask" else Image.fromarray(control[..., 0])
 
 
 def mm2latent_images(pipe: FacePipeline, mode: str = "fast") -> ImageSource:
-    """The method's images: the pipeline called with the item's caption, its visual input and the seed."""
+    """The method's images: the pipeline called with the item's caption, its visual input and the seed; a 3D
+    generator renders each at the item's own camera (``item["camera"]``, the photo's label), as training does."""
     def generate(item: dict, modality: str, seed: int) -> torch.Tensor:
-        out = pipe(item["caption"], seed=seed, mode=mode, **{modality: _pil_inputs(item, modality)})
+        view = {"camera": item["camera"]} if "camera" in item and is_3d(pipe.generator) else {}
+        out = pipe(item["caption"], seed=seed, mode=mode, **{modality: pil_inputs(item, modality)}, **view)
         return torch.cat([image_to_tensor(i) for i in out.images])
 
     return generate
@@ -108,6 +112,12 @@ def evaluate(
             :func:`controlnet_images` for the baseline row).
     """
     images = images or mm2latent_images(pipe, mode)
+    if is_3d(pipe.generator):
+        if len(dataset) and "camera" not in dataset[(0, 0)]:
+            raise InvalidSettingError("evaluating a 3D generator renders each sample at its photo's camera: give the "
+                                      "dataset camera labels (a `prepare --generator eg3d` folder or --camera-labels)")
+        if arcface is not None:
+            arcface.face_crop = "eg3d"  # the ID metric crops EG3D's framing (networks/arcface.py FACE_CROPS)
     positions = np.random.default_rng(seed).permutation(len(dataset))[:num_samples]
     results: dict[str, dict[str, float]] = {}
     for modality in modalities:
@@ -134,7 +144,7 @@ def evaluate(
             if modality == "mask" and face_parser is not None:
                 from ..inputs.conditions import parse_mask
 
-                ids = torch.from_numpy(parse_mask(_pil_inputs(item, "mask"), require_face=False).astype(np.int64))
+                ids = torch.from_numpy(parse_mask(pil_inputs(item, "mask"), require_face=False).astype(np.int64))
                 predicted = face_parser.parse(image, size=ids.shape[-1])[0].cpu()
                 confusion += M.confusion_matrix(predicted, ids)
             if fid is not None:
@@ -148,6 +158,25 @@ def evaluate(
         row["num_samples"] = len(positions)
         results[modality] = row
     return results
+
+
+@torch.no_grad()
+def multiview_grid(pipe: FacePipeline, dataset, modality: str = "mask", num_faces: int = 4,
+                   yaws: tuple[float, ...] = (-30.0, -15.0, 0.0, 15.0, 30.0), seed: int = 0) -> Image.Image:
+    """3D: the first ``num_faces`` test items generated from their inputs, each row one face seen from ``yaws``
+    (pitch 0), the first column the ground-truth photo (at its own camera)."""
+    rows = []
+    for position in range(min(num_faces, len(dataset))):
+        item = dataset[(position, 0)]
+        out = pipe(item["caption"], seed=seed + position, camera=item["camera"],
+                   **{modality: pil_inputs(item, modality)})
+        views = pipe.render_views(out.latents.to(pipe.device), yaws=list(yaws)).images[0]
+        size = views.shape[-1]
+        photo = torch.nn.functional.interpolate(item["target"][None].float(), size=(size, size), mode="bilinear",
+                                                align_corners=False)
+        rows.append(torch.cat([photo, views.float()]))
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
+    return Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
 def results_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -199,7 +228,9 @@ def parse_runs(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cameras import read_dataset_json
     from .data import FaceDataset
+    from .prepare_3d import prepared_camera_labels
 
     parser = argparse.ArgumentParser(prog="python -m mm2latent.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="add Table 1's ControlNet row (the first model's diffusion networks draw the images)")
     parser.add_argument("--baseline-steps", type=int, default=50)
     parser.add_argument("--baseline-guidance", type=float, default=7.5)
+    parser.add_argument("--camera-labels", default=None,
+                        help="EG3D dataset.json of the photos (default: the cameras.json of a `prepare --generator "
+                             "eg3d` folder); a 3D model renders each sample at its photo's camera")
+    parser.add_argument("--multiview", type=int, default=4,
+                        help="3D: also write multiview.png, this many faces from five yaws (0 = none)")
+    parser.add_argument("--multiview-only", action="store_true",
+                        help="3D: only write multiview.png (style transfer: no photo to compare with)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--lpips", default=None, help="LPIPS weights: default repo, folder, org/name or 'tiny'")
     parser.add_argument("--arcface", default=None, help="IR-SE50 weights: default repo, folder, org/name or 'tiny'")
@@ -236,25 +274,39 @@ def main(argv: list[str] | None = None) -> None:
 
     metric_nets = None
     rows: dict[str, dict] = {}
-    for label, model in runs.items():
+    for index, (label, model) in enumerate(runs.items()):
         pipe = FacePipeline.from_pretrained(model, device=args.device)
         pipe.show_progress = False
         device = pipe.device
-        if metric_nets is None:
-            metric_nets = dict(
-                lpips=load_network("lpips", args.lpips, device), arcface=load_network("arcface", args.arcface, device),
-                face_parser=load_network("face_parser", args.face_parser, device) if "mask" in args.modalities else None,
-                fid_feature={"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature],
-                clip=None if args.no_clip else M.CLIPScorer(args.clip, device))
+        camera_file = args.camera_labels or prepared_camera_labels(args.data)
         dataset = FaceDataset(args.data, args.split, image_size=pipe.encoder.image_size, target_size=pipe.resolution,
-                              condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed)
-        settings = dict(modalities=tuple(args.modalities), num_samples=args.num_samples, seed=args.seed,
-                        resolution=args.resolution or None, **metric_nets)
-        if args.controlnet_baseline and not rows:  # the first model's diffusion networks draw the reference row
-            images = controlnet_images(pipe, args.baseline_steps, args.baseline_guidance)
-            rows["ControlNet"] = evaluate(pipe, dataset, images=images, **settings)
-        rows[label] = evaluate(pipe, dataset, mode=args.mode, **settings)
+                              condition_size=pipe.encoder.image_size, modalities=tuple(args.modalities), seed=args.seed,
+                              camera_labels=read_dataset_json(camera_file) if camera_file else None)
+        if args.multiview_only and not is_3d(pipe.generator):
+            parser.error(f"--multiview-only needs a 3D model; {model} has a 2D generator")
+        if not args.multiview_only:
+            if metric_nets is None:
+                metric_nets = dict(
+                    lpips=load_network("lpips", args.lpips, device),
+                    arcface=load_network("arcface", args.arcface, device),
+                    face_parser=load_network("face_parser", args.face_parser, device)
+                    if "mask" in args.modalities else None,
+                    fid_feature={"inception": "inception", "tiny": tiny_fid_feature(), "none": None}[args.fid_feature],
+                    clip=None if args.no_clip else M.CLIPScorer(args.clip, device))
+            settings = dict(modalities=tuple(args.modalities), num_samples=args.num_samples, seed=args.seed,
+                            resolution=args.resolution or None, **metric_nets)
+            if args.controlnet_baseline and not rows:  # the first model's diffusion networks draw the reference row
+                images = controlnet_images(pipe, args.baseline_steps, args.baseline_guidance)
+                rows["ControlNet"] = evaluate(pipe, dataset, images=images, **settings)
+            rows[label] = evaluate(pipe, dataset, mode=args.mode, **settings)
+        if is_3d(pipe.generator) and (args.multiview or args.multiview_only):
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            path = Path(args.output) / ("multiview.png" if len(runs) == 1 else f"multiview_{index}.png")
+            multiview_grid(pipe, dataset, args.modalities[0], args.multiview or 4, seed=args.seed).save(path)
+            print("wrote", path, f"({label})")
         del pipe
+    if args.multiview_only:
+        return
     table_name = "table2.md" if args.runs else "table1.md"
     paths = write_report(rows, args.output, vars(args), table_name)
     print(results_table(rows))

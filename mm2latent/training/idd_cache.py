@@ -34,11 +34,13 @@ from ..pipelines.generation import FacePipeline
 from .config import ConfigError, TrainingConfig, loss_targets
 
 __all__ = ["CachedDiffusionImages", "DiffusionImageCache", "StaleCacheError", "build_idd_cache", "cache_key",
-           "cache_settings", "modality_combinations", "needs_idd_cache"]
+           "cache_settings", "item_captions", "modality_combinations", "needs_idd_cache", "plan_idd_cache"]
 
 CACHE_FORMAT = "mm2latent-idd-cache"
 SETTINGS_FILE = "settings.json"
 ENTRIES_FILE = "entries.jsonl"
+# An RGB face PNG: ~0.8 bytes per pixel (the 1024² test photos as PNG: 0.6-1.1 MB).
+PNG_BYTES_PER_PIXEL = 0.8
 
 
 class StaleCacheError(ConfigError):
@@ -95,6 +97,7 @@ def cache_settings(config: TrainingConfig, pipe: FacePipeline, combinations: lis
         "strength": diffusion.idd_strength,
         "guidance_scale": diffusion.idd_guidance_scale,
         "caption_index": diffusion.idd_caption_index,
+        **({} if diffusion.idd_captions_per_image is None else {"captions_per_image": diffusion.idd_captions_per_image}),
         "scheduler": {k: v for k, v in dict(encoder.scheduler_config).items() if not k.startswith("_")},
         "model": {"pipeline": config.pipeline, "components": config.components, "weights": _weights_digest(modules)},
         "seed": config.seed,
@@ -189,11 +192,12 @@ def _build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Datase
     todo = []
     for position in range(rank, len(dataset), world_size):
         item = None
-        for combo in combinations:
-            if item is None:
-                item = dataset[(position, 0)]
-            if cache_key(item["image_id"], combo, item["caption"]) not in done:
-                todo.append((item, combo))
+        for caption in item_captions(dataset, position):
+            for combo in combinations:
+                if item is None:
+                    item = dataset[(position, 0)]
+                if cache_key(item["image_id"], combo, caption) not in done:
+                    todo.append(({**item, "caption": caption}, combo))
     with open(cache_dir / ENTRIES_FILE, "a", encoding="utf-8") as log:
         for combo in combinations:
             jobs = [item for item, c in todo if c == combo]
@@ -208,6 +212,24 @@ def _build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Datase
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
     return combinations
+
+
+def item_captions(dataset: Dataset, position: int) -> list[str]:
+    """Every caption an item of ``position`` can carry (one entry each), or its one caption."""
+    if hasattr(dataset, "candidate_captions"):
+        return dataset.candidate_captions(position)
+    return [dataset[(position, 0)]["caption"]]
+
+
+def plan_idd_cache(num_images: int, captions_per_image: float, num_combinations: int, resolution: int,
+                   seconds_per_entry: float | None = None) -> dict:
+    """The size and cost of an I^d_0 cache: entries, disk (PNG at ~0.8 bytes per pixel) and drawing time
+    (``seconds_per_entry`` each, e.g. measured by the dry run)."""
+    entries = int(round(num_images * captions_per_image * num_combinations))
+    plan = {"entries": entries, "bytes": int(entries * resolution * resolution * PNG_BYTES_PER_PIXEL)}
+    if seconds_per_entry is not None:
+        plan["hours"] = entries * seconds_per_entry / 3600
+    return plan
 
 
 def draw_targets(config: TrainingConfig, pipe: FacePipeline, items: list[dict], combo: tuple[str, ...]) -> torch.Tensor:

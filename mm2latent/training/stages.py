@@ -33,6 +33,10 @@ from .config import ConfigError, TrainingConfig, loss_targets
 from .data import FaceDataset, PhotoFolderDataset, SyntheticFaceDataset, TemplatedCaptions
 from .idd_cache import combination_name, needs_idd_cache
 from .losses import LatentLoss
+from .prepare_3d import prepared_camera_labels
+
+#: 3D runs: the yaws (degrees, pitch 0) the sample grid also shows each output from.
+SAMPLE_YAWS = (-30.0, 30.0)
 
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -64,7 +68,9 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
     encoder = pipe_or_encoder.encoder if isinstance(pipe_or_encoder, FacePipeline) else pipe_or_encoder
     generator = generator if generator is not None else getattr(pipe_or_encoder, "generator", None)
     size = encoder.image_size
-    labels = read_dataset_json(data.camera_labels) if data.camera_labels else None
+    # A `prepare --generator eg3d` folder carries its cameras.json: used unless data.camera_labels names a file.
+    camera_file = data.camera_labels or (prepared_camera_labels(data.root) if data.kind == "celebamask" else None)
+    labels = read_dataset_json(camera_file) if camera_file else None
     if data.kind == "synthetic":
         cameras = torch.stack([labels[name] for name in sorted(labels)]) if labels else None
         dataset = SyntheticFaceDataset(generator, data.num_samples, size, size, tuple(data.modalities),
@@ -75,10 +81,14 @@ def build_dataset(config: TrainingConfig, pipe_or_encoder, generator=None) -> Da
         raise ValueError("data.root must point at the folder written by `python -m mm2latent.training prepare`")
     else:
         target = generator.resolution if generator is not None else size
+        # Cached runs (stage 2, I^d_0 targets) draw captions from what the cache holds: diffusion.idd_captions_per_image
+        # of each image, or the one line diffusion.idd_caption_index when that is unset.
+        cached = config.stage == 2 or needs_idd_cache(config)
+        per_image = config.diffusion.idd_captions_per_image if cached else None
         dataset = FaceDataset(data.root, data.split, image_size=size, target_size=target, condition_size=size,
                               modalities=tuple(data.modalities), seed=config.seed,
-                              caption_index=config.diffusion.idd_caption_index
-                              if config.stage == 2 or needs_idd_cache(config) else None, camera_labels=labels)
+                              caption_index=config.diffusion.idd_caption_index if cached and per_image is None else None,
+                              camera_labels=labels, captions_per_image=per_image)
     return dataset if data.caption_template == "{caption}" else TemplatedCaptions(dataset, data.caption_template)
 
 
@@ -117,6 +127,8 @@ class LatentStage:
     def __init__(self, config: TrainingConfig, pipe: FacePipeline, lpips: nn.Module | None, arcface: nn.Module | None):
         self.config, self.pipe, self.stage = config, pipe, config.stage
         assert self.stage in (1, 2)
+        if arcface is not None and is_3d(pipe.generator):
+            arcface.face_crop = "eg3d"  # L_ID crops EG3D's framing (networks/arcface.py FACE_CROPS)
         self.loss_fn = LatentLoss(config.loss, lpips, arcface, config.loss.resolution)
         self.recon_target, self.id_target = loss_targets(config)
         self.model = pipe.mapper if self.stage == 1 else pipe.modulator
@@ -135,6 +147,7 @@ class LatentStage:
         self.drawn_timesteps: list[int] = []  # since the last pop_timesteps (the trainer logs their histogram)
         self.last_target_keys: list[str] | None = None  # the I^d_0 cache keys of the last micro-batch
         self.last_idd: torch.Tensor | None = None  # and its I^d_0 (the sample grid shows it)
+        self.last_w: torch.Tensor | None = None  # and its w (3D: the sample grid renders it from other views)
 
     @property
     def name(self) -> str:
@@ -216,13 +229,21 @@ class LatentStage:
         recon_target, id_target = self.targets(batch, list(controls), images.device)
         total, logs = self.loss_fn(images, recon_target, id_target, w, self.pipe.generator.latent_avg)
         logs["t/mean"] = float(t.float().mean())
+        self.last_w = w.detach()
         return total, logs, images.detach()
 
     def sample_grid(self, batch: dict, images: torch.Tensor) -> Image.Image:
-        """Rows: target | output (| I^d_0 of the last visual inputs, when the run uses it)."""
+        """Rows: target | output (| I^d_0 of the last visual inputs, when the run uses it) (| 3D: the output seen
+        from each of :data:`SAMPLE_YAWS`, so the grid shows what the run makes of the whole head)."""
         rows = [batch["target"], images.cpu()]
         if self.last_idd is not None:
             rows.append(self.last_idd)
+        generator = self.pipe.generator
+        if is_3d(generator) and self.last_w is not None:
+            with torch.no_grad():
+                for yaw in SAMPLE_YAWS:
+                    cameras = generator.camera_labels([[yaw, 0.0]]).to(self.last_w.device)
+                    rows.append(generator.synthesis(self.last_w, camera=cameras.expand(len(self.last_w), -1)).cpu())
         return image_grid(rows)
 
     def export(self, model: nn.Module, folder: Path) -> Path:

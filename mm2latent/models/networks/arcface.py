@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ...errors import InvalidSettingError
+
 # (in_channels, depth, num_units) of the four stages of IR-50; the first unit of each stage has stride 2.
 IR50_STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
+
+#: The face box ArcFace reads, (top, bottom, left, right) in units of a 256² image, per framing of the input:
+#: "ffhq" is pSp's ``IDLoss`` crop of FFHQ-aligned faces (rows 35:223, columns 32:220); "eg3d" is that same
+#: box carried into EG3D's crop (``training/prepare_3d.py``), the mean over the 14 FFHQ photos of the test data
+#: (spread ±4–7 of 256), so a 3D generator's outputs are cropped around the same part of the face.
+FACE_CROPS = {"ffhq": (35.0, 223.0, 32.0, 220.0), "eg3d": (9.5, 204.2, 28.2, 222.9)}
 
 
 class Flatten(nn.Module):
@@ -93,6 +101,7 @@ class IRSE50(nn.Module, PyTorchModelHubMixin):
         stages = [tuple(s) for s in stages]
         first = stages[0][0]
         self.input_size = input_size
+        self.face_crop = "ffhq"  # the framing embed() crops for: a key of FACE_CROPS (set "eg3d" for EG3D outputs)
         self.input_layer = nn.Sequential(nn.Conv2d(3, first, 3, 1, 1, bias=False), nn.BatchNorm2d(first), nn.PReLU(first))
         units = []
         for in_channels, depth, num_units in stages:
@@ -112,14 +121,22 @@ class IRSE50(nn.Module, PyTorchModelHubMixin):
         x = self.output_layer(self.body(self.input_layer(x)))
         return F.normalize(x, dim=1)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed FFHQ-aligned faces of any size in [-1, 1], cropped as pSp's ``IDLoss`` does.
+    def embed(self, images: torch.Tensor, framing: str | None = None) -> torch.Tensor:
+        """Embed faces of any size in [-1, 1], cropped as pSp's ``IDLoss`` does.
 
-        pSp crops rows 35:223 and columns 32:220 of a 256² face, then pools to 112²; the same fractions
-        are used at every resolution.
+        pSp crops rows 35:223 and columns 32:220 of a 256² FFHQ-aligned face, then pools to 112²; the same
+        fractions are used at every resolution. EG3D's crop frames faces differently: its box is
+        ``FACE_CROPS["eg3d"]``.
+
+        Args:
+            images: [B, 3, H, W] faces in [-1, 1].
+            framing: a key of :data:`FACE_CROPS` (default ``self.face_crop``, "ffhq" unless set).
         """
+        framing = framing or self.face_crop
+        if framing not in FACE_CROPS:
+            raise InvalidSettingError(f"unknown face framing {framing!r}: expected one of {sorted(FACE_CROPS)}")
         size = images.shape[-1]
-        top, bottom, left, right = (round(size * v / 256) for v in (35, 223, 32, 220))
+        top, bottom, left, right = (round(size * v / 256) for v in FACE_CROPS[framing])
         face = images[:, :, top:bottom, left:right]
         face = F.adaptive_avg_pool2d(face, self.input_size)
         return self(face)
