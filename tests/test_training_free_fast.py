@@ -108,3 +108,32 @@ def test_bad_drawing_settings_are_refused(editor, mask_path):
     assert plain.default_drawing == "quality"
     with pytest.raises(InvalidSettingError, match="LCM-LoRA"):
         plain(PROMPT, mask=mask_path, mode="invert", drawing="fast")
+
+
+def test_the_training_cache_may_draw_with_lcm_and_says_so(editor, tmp_path):
+    from mm2latent.training.config import load_config
+    from mm2latent.training.idd_cache import build_idd_cache, cache_settings, prepare_cache_folder
+    from mm2latent.training.stages import build_dataset
+
+    def config(sampler):
+        return load_config(None, {
+            "stage": 2, "seed": 0, "pipeline": "tiny", "output_dir": str(tmp_path / sampler),
+            "data": {"kind": "synthetic", "num_samples": 2, "modalities": ["mask"], "num_workers": 0},
+            "diffusion": {"idd_steps": 3, "idd_strength": 0.5, "idd_batch_size": 2, "idd_sampler": sampler}})
+
+    pipe, unet = editor.generation, editor.generation.encoder.unet
+    editor.few_step.unfuse(unet)
+    lcm, ddim = config("lcm"), config("ddim")
+    combos = [("mask",)]
+    assert cache_settings(lcm, pipe, combos)["sampler"] == {"name": "lcm", "steps": 4,
+                                                           "lora": "latent-consistency/lcm-lora-sdv1-5"}
+    assert "sampler" not in cache_settings(ddim, pipe, combos)  # DDIM caches made before the option stay valid
+    images = {}
+    for name, cfg in (("lcm", lcm), ("ddim", ddim)):
+        folder = tmp_path / f"{name}_cache"
+        prepare_cache_folder(folder, cache_settings(cfg, pipe, combos), "refuse")
+        build_idd_cache(cfg, pipe, build_dataset(cfg, pipe), folder, few_step=editor.few_step)
+        images[name] = sorted(folder.glob("*.png"))
+        assert not editor.few_step.is_fused(unet)  # fused for the build only: training reads SD-1.5's features
+    assert len(images["lcm"]) == len(images["ddim"]) == 2
+    assert not np.array_equal(np.asarray(Image.open(images["lcm"][0])), np.asarray(Image.open(images["ddim"][0])))

@@ -55,7 +55,7 @@ def measure_closeness(
     """Closeness of faces G(w) to the drawings they invert, one per image.
 
     Args:
-        images: G(w), [B, 3, H, W] in [-1, 1].
+        images: G(w), [B, 3, H, W] in [-1, 1] (values beyond are clamped, as the image shows them).
         drawings: I^d_0 (aligned as inverted), [B, 3, H', W'] in [-1, 1].
         lpips: an LPIPS network (``lpips(a, b)`` -> [B]), or None.
         face_parser: a BiSeNet with ``parse(images, size)``; with ``mask_ids`` gives the mIoU.
@@ -63,8 +63,9 @@ def measure_closeness(
         size: the side both images are compared at.
     """
     assert images.ndim == 4 and drawings.ndim == 4 and images.shape[0] == drawings.shape[0], "one drawing per image"
-    a = to_resolution(images.float(), size)
-    b = to_resolution(drawings.to(images.device).float(), size)
+    # As shown: G's output clamped to the image range it is displayed in.
+    a = to_resolution(images.float().clamp(-1, 1), size)
+    b = to_resolution(drawings.to(images.device).float().clamp(-1, 1), size)
     l2 = (a - b).pow(2).mean(dim=(1, 2, 3)).tolist()
     perceptual = [None] * len(l2)
     if lpips is not None:
