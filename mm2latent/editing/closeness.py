@@ -94,11 +94,15 @@ class RefineBudget:
     patience: int
 
 
-#: Named budgets, from fastest to most faithful (see the module docstring for how they were chosen).
+#: Named budgets, from fastest to most faithful. A step is one G forward + backward and one LPIPS and parser pass:
+#: ~11 s at full size on the 2-core CPU (3.5x the measured 3.2 s G forward), ~30 ms on a GPU. "balanced" keeps a CPU
+#: Space's face near 3 minutes; on the tiny preset the loss still fell at 100 steps (no early stop), so "close"
+#: takes 50 with early stop (docs/training_free.md: provisional until benchmarks/refine_budget.py's curve on
+#: real weights is run).
 FAITHFULNESS = {
     "encoder": RefineBudget(0, 0),
-    "balanced": RefineBudget(30, 8),
-    "close": RefineBudget(100, 15),
+    "balanced": RefineBudget(10, 4),
+    "close": RefineBudget(50, 10),
 }
 DEFAULT_FAITHFULNESS = "balanced"
 
