@@ -17,6 +17,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from mm2latent.ui import canvases, text
+from mm2latent.ui.drawing import with_drawing_previews
 from mm2latent.ui.examples import mask_example_rows, sketch_example_rows, write_examples
 from mm2latent.ui.handlers import COMBINE_CHOICES, SpaceHandlers
 from mm2latent.ui.loading import load_fast_engine, load_pipeline
@@ -43,7 +44,8 @@ MODEL = load_pipeline(SETTINGS)
 # Output files live only until Gradio has copied them (room for every run in flight); Gradio's cache is
 # trimmed after every event (SpaceBlocks) and by age (delete_cache).
 STORE = OutputStore(max_runs=max(16, 4 * SETTINGS.concurrency), max_age_s=SETTINGS.cache_max_age_s)
-CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files)
+CACHE_LIMIT = GradioCacheLimit(SETTINGS.cache_max_files, max_bytes=SETTINGS.cache_max_mb * 2**20,
+                               max_age_s=SETTINGS.cache_max_age_s)
 
 
 @gpu_task(duration=SETTINGS.gpu_duration)
@@ -55,31 +57,55 @@ def run_pipeline(**request):
     return MODEL.editor(**request)
 
 
-FAST_ENGINE = load_fast_engine(SETTINGS, MODEL)  # the MM2Latent engine beside the main model, or None
+# The MM2Latent engine beside the main model, or None; the tiny one is built on its first use.
+FAST_ENGINE = load_fast_engine(SETTINGS, MODEL)
 
 
 @gpu_task(duration=SETTINGS.gpu_duration)
 def run_fast_engine(**request):
     """The engine selector's second engine (MM2Latent: no diffusion model)."""
-    return FAST_ENGINE(**request)
+    return FAST_ENGINE.get()(**request)
 
 
 HANDLERS = SpaceHandlers(MODEL.pipe, run=run_pipeline, settings=SETTINGS, store=STORE,
                          default_mode=MODEL.editor.default_mode,
-                         engines=None if FAST_ENGINE is None else {FAST_ENGINE.engine: run_fast_engine})
+                         engines=None if FAST_ENGINE is None else {"mm2latent": run_fast_engine})
 ENGINE_LABELS = {"ddgi": "diffusion features (DDGI)", "mm2latent": "fast (MM2Latent, no diffusion model)"}
-MODEL_3D = load_3d_pipeline(SETTINGS)  # None when MM2LATENT_3D_MODEL_REPO=off
+MODEL_3D = load_3d_pipeline(SETTINGS, MODEL)  # None: no 3D tab; tiny-eg3d is built on its first use
 HANDLERS_3D = None if MODEL_3D is None else ThreeDHandlers(MODEL_3D.pipe, settings=SETTINGS, store=STORE,
                                                            gpu=gpu_task(duration=SETTINGS.gpu_duration))
+# How long the plain template picture covers the mask editor (when the visitor does not touch it first): the
+# editor's own re-render took 3-6 s in headless Chromium on 2 software-rendering cores.
+TEMPLATE_PREVIEW_MS = 8000
 RESELECT_SKETCH_BRUSH = """() => { setTimeout(() => {
   document.querySelector('#sketchpad button[aria-label="Brush"]')?.click(); }, 250); }"""
 
 
 def template_loader_js(urls: dict[str, str]) -> str:
-    """A page function that takes a template's name and returns the mask editor's value showing it."""
+    """A page function that takes a template's name and returns the mask editor's value showing it.
+
+    The editor re-renders a new picture slowly where the browser draws WebGL in software (seconds), so the page
+    also lays the template over the editor at once, as a plain picture marked "loading", until the visitor
+    touches the editor or it has had time to draw it.
+    """
     return f"""(name) => {{
   const url = {json.dumps(urls)}[name];
   if (!url) return undefined;
+  const editor = document.querySelector('#mask-editor');
+  const canvas = editor && editor.querySelector('canvas');
+  if (canvas) {{
+    document.querySelector('#template-preview')?.remove();
+    const holder = canvas.parentElement;
+    if (getComputedStyle(holder).position === 'static') holder.style.position = 'relative';
+    const preview = document.createElement('div');
+    preview.id = 'template-preview';
+    preview.setAttribute('aria-live', 'polite');
+    preview.innerHTML = `<img alt="template: ${{name}}" src="${{url}}"><span>loading into the editor…</span>`;
+    holder.appendChild(preview);
+    const done = () => preview.remove();
+    editor.addEventListener('pointerdown', done, {{once: true, capture: true}});
+    setTimeout(done, {TEMPLATE_PREVIEW_MS});
+  }}
   const picture = {{path: "template.png", url: url, orig_name: "template.png", mime_type: "image/png",
                    meta: {{_type: "gradio.FileData"}}}};
   return {{background: picture, layers: [], composite: picture}};
@@ -91,11 +117,15 @@ def slug(name: str) -> str:
 
 
 def build_mask_tab() -> dict:
-    with gr.Tab("Text + mask", id="mask") as tab:
+    # Short tab labels: all four fit a phone's width (longer ones went behind an overflow button at 390 px).
+    with gr.Tab("Mask", id="mask") as tab:
+        # Generate sits above the 600 px canvas, so it is in view without scrolling.
         with gr.Row(equal_height=False):
             template = gr.Radio(list(canvases.TEMPLATE_CHOICES), value=canvases.DEFAULT_TEMPLATE,
                                 label="Start from a template", scale=5, elem_id="template")
-            reload_template = gr.Button("↺ Reset canvas", size="sm", scale=1, min_width=110)
+            with gr.Column(scale=1, min_width=130):
+                button = gr.Button("Generate", variant="primary", elem_id="generate-mask")
+                reload_template = gr.Button("↺ Reset canvas", size="sm", min_width=110)
         canvas = ReturnableCanvas(
             what="mask", store=STORE,
             value=canvases.template_canvas(canvases.DEFAULT_TEMPLATE), type="pil", image_mode="RGBA", format="png",
@@ -114,15 +144,16 @@ def build_mask_tab() -> dict:
                 status = gr.Markdown(elem_id="mask-status")
             upload = UploadedFile(label="Or upload a mask (class ids, palette PNG or colour map)",
                                   file_types=["image"], elem_id="mask-upload", scale=2, min_width=200)
-        button = gr.Button("Generate", variant="primary", elem_id="generate-mask")
     return {"tab": tab, "template": template, "reload": reload_template, "canvas": canvas, "upload": upload,
             "status": status, "button": button}
 
 
 def build_sketch_tab() -> dict:
-    with gr.Tab("Text + sketch", id="sketch") as tab:
-        stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
-                          elem_id="stroke-width")
+    with gr.Tab("Sketch", id="sketch") as tab:
+        with gr.Row(equal_height=False):
+            stroke = gr.Radio(list(canvases.STROKE_WIDTHS), value=canvases.DEFAULT_STROKE, label="Stroke width",
+                              elem_id="stroke-width", scale=5)
+            button = gr.Button("Generate", variant="primary", elem_id="generate-sketch", scale=1, min_width=130)
         canvas = ReturnableCanvas(
             what="sketch", store=STORE,
             value=canvases.sketch_canvas(), type="pil", image_mode="RGBA", format="png", sources=(), transforms=(),
@@ -133,7 +164,6 @@ def build_sketch_tab() -> dict:
         with gr.Row():
             upload = UploadedFile(label="Upload a sketch", file_types=["image"], elem_id="sketch-upload")
             photo = UploadedFile(label="Sketch from a photo (edges)", file_types=["image"], elem_id="photo-upload")
-        button = gr.Button("Generate", variant="primary", elem_id="generate-sketch")
     return {"tab": tab, "stroke": stroke, "canvas": canvas, "upload": upload, "photo": photo, "button": button}
 
 
@@ -194,10 +224,14 @@ def build_outputs() -> dict:
 
 def build_demo() -> gr.Blocks:
     cache_age = SETTINGS.cache_max_age_s
-    with SpaceBlocks(title="MM2Latent faces", cache_limit=CACHE_LIMIT,
+    with SpaceBlocks(title=text.TITLE, cache_limit=CACHE_LIMIT,
                      delete_cache=(min(300, cache_age), cache_age)) as demo:
-        gr.Markdown(MODEL.banner or "", visible=MODEL.banner is not None, elem_id="mm2l-banner")
-        gr.Markdown(f"# {text.TITLE}\n{text.INTRO}")
+        # What runs, in one sentence; why, and how to get real faces, folded under it.
+        with gr.Column(visible=MODEL.status is not None, elem_id="mm2l-status"):
+            gr.Markdown(MODEL.status or "", elem_id="mm2l-status-line")
+            with gr.Accordion("Why, and how to get real faces", open=False, elem_id="mm2l-status-details"):
+                gr.Markdown(MODEL.details or "")
+        gr.Markdown(f"# {text.TITLE}\n{text.INTRO}", elem_id="mm2l-intro")
         active_tab = gr.State("mask")
         with gr.Row(equal_height=False):
             with gr.Column(scale=6):
@@ -211,7 +245,8 @@ def build_demo() -> gr.Blocks:
                     mask = build_mask_tab()
                     sketch = build_sketch_tab()
                     edit = build_edit_tab(lambda: MODEL.editor, concurrency_limit=SETTINGS.concurrency, store=STORE,
-                                          session_ttl_s=SETTINGS.session_ttl_s)
+                                          session_ttl_s=SETTINGS.session_ttl_s,
+                                          max_prompt_chars=SETTINGS.max_prompt_chars)
                     three_d = (build_3d_tab(MODEL_3D, HANDLERS_3D, prompt, mask["canvas"], sketch["canvas"])
                                if MODEL_3D is not None else None)
                 with gr.Column() as settings_panel:
@@ -237,8 +272,10 @@ def build_demo() -> gr.Blocks:
         wire_events(prompt, active_tab, mask, sketch, settings, outputs)
         # The template choice says what the canvas shows, also after an example or an upload replaced it.
         mask_examples.load_input_event.then(HANDLERS.template_on_canvas, inputs=mask["canvas"],
-                                            outputs=mask["template"], api_visibility="private", queue=False)
-    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency)
+                                            outputs=mask["template"], api_visibility="private",
+                                            concurrency_id="uploads", concurrency_limit=2)
+    # api_open=False: POST /gradio_api/run/<name> would run a queued event at once, past its concurrency limit.
+    demo.queue(max_size=SETTINGS.queue_size, default_concurrency_limit=SETTINGS.concurrency, api_open=False)
     return demo
 
 
@@ -278,13 +315,15 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
     mask["upload"].upload(HANDLERS.check_mask_upload, inputs=mask["upload"], **check).success(
         HANDLERS.upload_mask, inputs=mask["upload"], outputs=[mask["canvas"], mask["status"]],
         api_name="upload_mask", concurrency_id="uploads", concurrency_limit=2).success(
-        HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], **quick)
+        HANDLERS.template_on_canvas, inputs=mask["canvas"], outputs=mask["template"], api_visibility="private",
+        concurrency_id="uploads", concurrency_limit=2)
     sketch["upload"].upload(HANDLERS.check_sketch_upload, inputs=sketch["upload"], **check).success(
         HANDLERS.upload_sketch, inputs=sketch["upload"], outputs=sketch["canvas"], api_name="upload_sketch",
-        concurrency_id="uploads", concurrency_limit=2)
+        concurrency_id="uploads", concurrency_limit=2).success(lambda: None, outputs=sketch["photo"], **quick)
     sketch["photo"].upload(HANDLERS.check_photo_upload, inputs=sketch["photo"], **check).success(
         HANDLERS.sketch_from_photo, inputs=[sketch["photo"], sketch["stroke"]], outputs=sketch["canvas"],
-        api_name="sketch_from_photo", concurrency_id="uploads", concurrency_limit=2)
+        api_name="sketch_from_photo", concurrency_id="uploads", concurrency_limit=2).success(
+        lambda: None, outputs=sketch["upload"], **quick)  # only the file now on the pad keeps its name
     # A new brush re-creates the editor's tools; re-selecting the brush lets the visitor draw straight on.
     sketch["stroke"].change(lambda width: gr.ImageEditor(brush=sketch_brush(width)), inputs=sketch["stroke"],
                             outputs=sketch["canvas"], api_name="set_stroke_width", **quick).then(
@@ -293,14 +332,17 @@ def wire_events(prompt, active_tab, mask: dict, sketch: dict, settings: list, ou
     mask["tab"].select(lambda: "mask", outputs=active_tab, api_name="select_mask_tab", **quick)
     sketch["tab"].select(lambda: "sketch", outputs=active_tab, api_name="select_sketch_tab", **quick)
 
-    mask["button"].click(HANDLERS.generate_from_mask, inputs=[prompt, mask["canvas"], *settings],
+    # The training-free mode shows its drawing while it forms (ui/drawing.py); the API returns the final result.
+    mask["button"].click(with_drawing_previews(HANDLERS.generate_from_mask, len(outputs)),
+                         inputs=[prompt, mask["canvas"], *settings],
                          api_name="generate_from_mask", **generation)
-    sketch["button"].click(HANDLERS.generate_from_sketch, inputs=[prompt, sketch["canvas"], *settings],
+    sketch["button"].click(with_drawing_previews(HANDLERS.generate_from_sketch, len(outputs)),
+                           inputs=[prompt, sketch["canvas"], *settings],
                            api_name="generate_from_sketch", **generation)
     show_diffusion = settings[8]
     show_diffusion.change(lambda show: gr.Gallery(visible=show), inputs=show_diffusion, outputs=outputs[-1],
                           api_name="show_diffusion_preview", **quick)
-    prompt.submit(HANDLERS.generate_from_active_tab,
+    prompt.submit(with_drawing_previews(HANDLERS.generate_from_active_tab, len(outputs)),
                   inputs=[active_tab, prompt, mask["canvas"], sketch["canvas"], *settings],
                   api_name="generate_from_active_tab", api_visibility="private", **generation)
 

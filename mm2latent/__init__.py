@@ -19,9 +19,9 @@ from .errors import (  # noqa: E402
 
 # Importing torch/diffusers takes seconds; the heavy modules load only when one of these is used.
 _LAZY = {
-    "FacePipeline": "pipelines.generation", "FacePipelineOutput": "pipelines.generation",
-    "LatentPrediction": "pipelines.generation", "GenerationRequest": "pipelines.request",
-    "FaceEditPipeline": "pipelines.editing", "FacePipelineBase": "pipelines.generation",
+    "FacePipeline": "pipelines.ddgi", "FacePipelineOutput": "pipelines.outputs",
+    "LatentPrediction": "pipelines.outputs", "GenerationRequest": "pipelines.request",
+    "FaceEditPipeline": "pipelines.editing", "FacePipelineBase": "pipelines.base",
     "MM2LatentPipeline": "pipelines.mm2latent_engine", "StyleGAN2Generator": "models.stylegan2", "Generator": "models.generator",
 }
 

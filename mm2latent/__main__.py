@@ -1,4 +1,4 @@
-"""Command line: ``python -m mm2latent generate ...`` and ``python -m mm2latent convert ...``."""
+"""Command line: ``python -m mm2latent generate ...``, ``convert ...`` and ``doctor [--preset public|<repo>]``."""
 
 from __future__ import annotations
 
@@ -121,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate_arguments(generate)
     convert = commands.add_parser("convert", help="convert a StyleGAN2 or EG3D checkpoint to safetensors (offline)")
     add_convert_arguments(convert)
+    from .doctor import add_doctor_arguments, run_doctor
+
+    add_doctor_arguments(commands.add_parser("doctor", help="check every file of a model (present / converted / "
+                                                            "mismatch, with the fix)"))
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor":
+            return run_doctor(args)
         return run_generate(args) if args.command == "generate" else run_convert(args)
     except MM2LatentError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -56,3 +56,15 @@ def other_mask_path(testdata) -> Path:
 @pytest.fixture(scope="session")
 def sketch_path(testdata) -> Path:
     return testdata / "sketches" / "edges_0.jpg"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty huggingface_hub cache, offline (lay repositories into it with helpers.put_in_cache)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

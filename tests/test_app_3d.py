@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
 import pytest
+from helpers import running_space
 from PIL import Image
-from test_app import running_space
 
 from mm2latent.inputs.templates import template_sketch
 from mm2latent.ui import canvases, outputs
+from mm2latent.ui.loading import LoadedModel
 from mm2latent.ui.settings import Settings, SettingsError
 
 PROMPT = "She has long wavy blonde hair and is smiling."
@@ -40,7 +42,7 @@ def video_frames(path: str) -> list[np.ndarray]:
 
 
 def test_3d_settings_from_the_environment():
-    assert Settings.from_env({}).model_3d_repo == "tiny-eg3d"
+    assert Settings.from_env({}).model_3d_repo == "auto"
     for off in ("off", "OFF", " none ", "0"):
         assert Settings.from_env({"MM2LATENT_3D_MODEL_REPO": off}).model_3d_repo is None
     settings = Settings.from_env({"MM2LATENT_3D_MODEL_REPO": "someone/eg3d-faces",
@@ -51,14 +53,35 @@ def test_3d_settings_from_the_environment():
         Settings.from_env({"MM2LATENT_TURNTABLE_MAX_FRAMES": "1000"})
 
 
-def test_3d_model_is_off_or_falls_back_to_tiny_eg3d_when_the_named_one_is_2d():
+def _main(name: str) -> LoadedModel:
+    return LoadedModel(editor=SimpleNamespace(generation=SimpleNamespace(name=name, engine="ddgi")), status=None,
+                       details=None, requested=name)
+
+
+@pytest.mark.parametrize("requested, main, tab", [
+    ("auto", "tiny", "tiny-eg3d"),         # the offline demo: a toy 3D tab beside a toy model
+    ("auto", "org/trained", None),         # no untrained 3D tab beside real weights
+    (None, "tiny", None),                  # MM2LATENT_3D_MODEL_REPO=off
+    ("tiny", "tiny", "tiny-eg3d"),         # a 2D model named: the toy tab, beside a toy model only
+    ("tiny", "org/trained", None),
+])
+def test_which_3d_tab_is_offered(requested, main, tab):
+    from mm2latent.ui.three_d import load_3d_pipeline
+
+    model = load_3d_pipeline(Settings(model_3d_repo=requested, device="cpu"), _main(main))
+    assert (model.pipe.name if model else None) == tab
+    if model is not None:
+        assert not model.pipe.is_loaded  # the toy 3D model is built when the tab is first used
+        assert "Untrained 3D demo" in model.banner and "Error" not in model.banner
+
+
+def test_a_3d_model_that_is_2d_falls_back_with_a_plain_note():
     from mm2latent.models.generator import is_3d
     from mm2latent.ui.three_d import load_3d_pipeline
 
-    assert load_3d_pipeline(Settings(model_3d_repo=None)) is None
-    model = load_3d_pipeline(Settings(model_3d_repo="tiny", device="cpu"))  # a 2D preset
-    assert model.pipe.name == "tiny-eg3d" and is_3d(model.pipe.generator)
-    assert "2D" in model.problem and "`tiny` could not be used as the 3D model" in model.banner
+    model = load_3d_pipeline(Settings(model_3d_repo="tiny", device="cpu"), _main("tiny"))
+    assert "2D" in model.problem and "`tiny` could not be used: its generator" in model.banner
+    assert is_3d(model.pipe.get().generator) and model.pipe.get().name == "tiny-eg3d"
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +149,21 @@ def test_render_view_turns_the_same_face_without_encoding_again(handlers, genera
     assert json.loads(png_text(turned)["camera"]) == [-40, 10]
     assert json.loads(png_text(turned)["parameters"])["seed"] == 5
     assert turned_depth is not None and Image.open(turned_depth).size == (16, 16)
+
+
+def test_the_sliders_turn_the_face_and_the_summary_names_the_new_camera(handlers, generated):
+    face = generated[-1]
+    image, depth, files, summary = handlers.turn_view(face, 40, 5, False)
+    assert json.loads(png_text(image)["camera"]) == [40, 5] and depth is None
+    assert "yaw 40°, pitch 5°" in summary and "yaw 20°" not in summary and "`5`" in summary  # the face's seed
+
+
+def test_the_sliders_before_a_face_exists_give_one_hint_and_leave_the_pictures(handlers):
+    import gradio as gr
+
+    image, depth, files, summary = handlers.turn_view(None, 40, 5, False)  # no error: no pop-up, no badges
+    assert all(isinstance(value, type(gr.skip())) for value in (image, depth, files))
+    assert summary.startswith("Generate a face first")
 
 
 def test_turntable_is_an_h264_loop_of_the_face(handlers, generated, eg3d_pipe):

@@ -56,8 +56,8 @@ def test_an_unknown_engine_is_refused_in_plain_words(two_engines):
 
 
 def _main(name: str, engine: str = "ddgi") -> LoadedModel:
-    return LoadedModel(editor=SimpleNamespace(generation=SimpleNamespace(name=name, engine=engine)), banner=None,
-                       requested=name)
+    return LoadedModel(editor=SimpleNamespace(generation=SimpleNamespace(name=name, engine=engine)), status=None,
+                       details=None, requested=name)
 
 
 @pytest.mark.parametrize("requested, main, engine, loaded", [
@@ -74,8 +74,12 @@ def test_which_fast_engine_is_offered(requested, main, engine, loaded):
         asked.append(name)
         return SimpleNamespace(name=name, engine="mm2latent", trained=False)
 
-    pipe = load_fast_engine(Settings(fast_engine_repo=requested), _main(main, engine), load=load)
-    assert asked == ([loaded] if loaded else []) and (pipe.name if pipe else None) == loaded
+    engine = load_fast_engine(Settings(fast_engine_repo=requested), _main(main, engine), load=load)
+    assert (engine.name if engine else None) == loaded
+    # The tiny engine of the offline demo is built on its first use; a named model is loaded (and checked) now.
+    assert asked == ([loaded] if loaded and requested != "auto" else [])
+    if engine is not None:
+        assert engine.get().name == loaded and asked == [loaded]
 
 
 def test_a_fast_engine_that_fails_or_is_not_mm2latent_is_left_out():
@@ -115,3 +119,22 @@ def test_training_free_mode_in_the_space(tmp_path):
     assert read_png_settings(example[0][0][0])["mode"] == "invert"
     with pytest.raises(ValueError, match="default_mode"):
         SpaceHandlers(editor.generation, default_mode="slow")
+
+
+@pytest.mark.parametrize("mode, show_diffusion, note", [
+    ("fast", False, None),                       # nothing chosen: no note on every run
+    ("invert", False, None),                     # the Space's default mode on these weights: no choice either
+    ("quality", False, "the quality mode do"),
+    ("fast", True, "the diffusion image do"),
+])
+def test_the_fast_engine_notes_only_a_choice_it_ignores(tiny_pipe, tiny_mm2latent_pipe, tmp_path, monkeypatch,
+                                                        mode, show_diffusion, note):
+    from mm2latent.ui.handlers import SpaceHandlers
+
+    handlers = SpaceHandlers(tiny_pipe, settings=Settings(model_repo="tiny"), engines={"mm2latent": tiny_mm2latent_pipe},
+                             store=outputs.OutputStore(tmp_path), default_mode="invert")
+    notes = []
+    monkeypatch.setattr(gr, "Info", notes.append)
+    handlers.generate_from_mask(PROMPT, canvases.template_canvas("long hair"), mode=mode, steps=2,
+                                show_diffusion=show_diffusion, engine="mm2latent")
+    assert len(notes) == (0 if note is None else 1) and (note is None or note in notes[0])

@@ -7,7 +7,7 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-from test_app import huge_png, not_an_image
+from helpers import huge_png, not_an_image
 
 from mm2latent.inputs.conditions import CELEBAMASK_CLASSES, mask_to_palette_image
 from mm2latent.inputs.templates import template_mask

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import running_space
 from PIL import Image
-from test_app import running_space
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,6 +30,8 @@ HAIR_RGB = (0, 0, 204)
 GLASSES_RGB = (204, 204, 0)
 HAT_RGB = (255, 51, 153)
 MOVES_PER_STROKE = 4
+INK_RGB = (0, 0, 0)
+PAPER_RGB = (255, 255, 255)
 
 
 def require_browser():
@@ -134,7 +137,7 @@ def loaded_image_sizes(images) -> list[tuple[int, int]]:
 
 
 def test_mask_tab_template_palette_brush_and_generate(page, shots):
-    assert page.locator("#mm2l-banner").get_by_text("Untrained demo weights").is_visible()
+    assert page.locator("#mm2l-status-line").get_by_text("Demo mode").is_visible()
     editor = page.locator("#mask-editor")
     assert pixels_near(editor.screenshot(), GLASSES_RGB) < 50  # the default template has no glasses
     page.locator("#template").get_by_text("glasses", exact=True).click()
@@ -153,16 +156,37 @@ def test_mask_tab_template_palette_brush_and_generate(page, shots):
     page.screenshot(path=str(shots / "mask-generated.png"), full_page=True)
 
 
+# Set in the page when the app's script re-selects the sketchpad's brush (after a new stroke width arrives).
+WATCH_BRUSH_RESELECTION = """() => { window.brushReselected = false; document.addEventListener('click', (event) => {
+  if (event.target.closest('#sketchpad button[aria-label="Brush"]')) window.brushReselected = true; }, true); }"""
+
+
 def test_sketch_tab_strokes_and_generate(page, shots):
-    page.get_by_role("tab", name="Text + sketch").click()
+    page.get_by_role("tab", name="Sketch", exact=True).click()
     pad = page.locator("#sketchpad")
     canvas = pad.locator("canvas").first
     canvas.wait_for()
-    page.wait_for_timeout(500)
-    draw(page, canvas, [(0.35, 0.3, 0.65, 0.3), (0.3, 0.25, 0.5, 0.8)])
+
+    def ink() -> int:
+        return pixels_near(canvas.screenshot(), INK_RGB, tolerance=60)
+
+    box = canvas.bounding_box()
+    wait_until(lambda: pixels_near(canvas.screenshot(), PAPER_RGB) > 0.9 * box["width"] * box["height"],
+               "the white paper")
+    before = ink()
+    draw(page, canvas, [(0.35, 0.3, 0.65, 0.3)])
+    wait_until(lambda: ink() > before, "the first stroke")
+    medium = ink() - before
+    before += medium
+    draw(page, canvas, [(0.3, 0.25, 0.5, 0.8)])
+    wait_until(lambda: ink() > before, "the second stroke")
+    page.evaluate(WATCH_BRUSH_RESELECTION)
     page.locator("#stroke-width").get_by_text("thick", exact=True).click()
-    page.wait_for_timeout(800)  # the new brush is set and re-selected
-    draw(page, canvas, [(0.4, 0.65, 0.6, 0.65)])
+    page.wait_for_function("() => window.brushReselected")
+    before = ink()
+    draw(page, canvas, [(0.55, 0.7, 0.85, 0.7)])  # as long as the first stroke, clear of the others
+    wait_until(lambda: ink() > before, "the thick stroke")
+    assert ink() - before > 1.5 * medium, (ink() - before, medium)  # thick (12 px) against medium (6 px)
     page.screenshot(path=str(shots / "sketch-drawn.png"), full_page=True)
     prompt_box(page).fill("The man has short brown hair and bushy eyebrows.")
     page.locator("#generate-sketch").click()
@@ -198,7 +222,7 @@ def box_inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
 def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     generation_only = [page.locator(selector) for selector in ("#prompt", "#gallery", "#advanced")]
     assert all(part.is_visible() for part in generation_only)
-    page.get_by_role("tab", name="Edit a photo").click()
+    page.get_by_role("tab", name="Edit photo", exact=True).click()
     upload = page.locator("#edit-photo-upload")
     upload.wait_for()
     # The edit tab shows only its own description box, settings and results.
@@ -245,7 +269,7 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
     assert downloads.locator("a[href*='mm2latent-edited-']").count() >= 2
     assert downloads.locator("a[href$='.npy']").count() == 1 and downloads.locator("a[href*='.pt']").count() == 0
     # Back on a generation tab, its panels return.
-    page.get_by_role("tab", name="Text + mask").click()
+    page.get_by_role("tab", name="Mask", exact=True).click()
     wait_until(lambda: all(part.is_visible() for part in generation_only), "the generation panels to return")
 
 
@@ -254,7 +278,6 @@ def test_edit_tab_upload_invert_and_edit_a_photo(page, shots, testdata):
 # --------------------------------------------------------------------------------------------
 
 PROMPT_WORDS = ["she", "has", "long", "wavy", "blonde", "hair", "and", "is", "smiling"]
-TEMPLATE_TARGET_S = 2.0
 
 
 def open_space(browser, space_url, width: int, height: int):
@@ -295,7 +318,16 @@ def test_attention_shows_every_word_label_without_clipping(browser, space_url, s
         context.close()
 
 
-def test_template_appears_on_the_canvas_quickly(page, shots):
+PREVIEW_SHOWN = """(alt) => {
+  const picture = document.querySelector('#template-preview img');
+  const note = document.querySelector('#template-preview span');
+  return !!picture && picture.alt === alt && picture.complete && picture.naturalWidth > 0
+         && !!note && note.textContent === 'loading into the editor…';
+}"""
+
+
+def test_template_is_visible_at_once(page, shots):
+    """A template shows at once as a plain picture over the editor, then in the editor itself."""
     canvas = page.locator("#mask-editor canvas").first
     uploads = []  # the editor exporting its content (seconds each in software WebGL) shows up as uploads
     page.on("request", lambda request: uploads.append(request.url) if "/gradio_api/upload" in request.url else None)
@@ -303,16 +335,17 @@ def test_template_appears_on_the_canvas_quickly(page, shots):
     for name, shows_glasses in (("glasses", True), ("long hair", False), ("glasses", True)):
         started = time.monotonic()
         page.locator("#template").get_by_text(name, exact=True).click()
-        wait_until(lambda want=shows_glasses: (pixels_near(canvas.screenshot(), GLASSES_RGB) > 300) == want,
-                   f"the {name} template")
+        page.wait_for_function(PREVIEW_SHOWN, arg=f"template: {name}")  # the plain picture, marked loading
         timings.append(time.monotonic() - started)
+        if len(timings) == 1:
+            page.screenshot(path=str(shots / "template-preview.png"))
+        # Once the plain picture gives way, the editor's own drawing shows the template.
+        wait_until(lambda: page.locator("#template-preview").count() == 0, "the plain picture to give way")
+        wait_until(lambda want=shows_glasses: (pixels_near(canvas.screenshot(), GLASSES_RGB) > 300) == want,
+                   f"the editor to show {name}")
     (shots / "template-timings.txt").write_text(" ".join(f"{t:.2f}" for t in timings) + "\n")
-    print(f"template shown after {', '.join(f'{t:.1f} s' for t in timings)}")
+    print(f"template visible after {', '.join(f'{t:.1f} s' for t in timings)}")
     assert uploads == []  # the page sets a template itself; nothing is exported or sent to the server
-    appearing = timings[::2]  # the glasses drawn; in between, their disappearance is no full new picture
-    if max(appearing) > TEMPLATE_TARGET_S:
-        pytest.xfail(f"a template takes {max(appearing):.1f} s to show (target {TEMPLATE_TARGET_S} s): the "
-                     "page is busy rendering the editor after a new value, see README (The Space)")
 
 
 def test_damaged_upload_is_a_toast_and_leaves_the_painted_mask(page, shots, tmp_path):
@@ -342,7 +375,7 @@ def test_template_choice_follows_an_example(page):
 
 
 def test_3d_tab_turns_the_same_face_shows_depth_and_plays_a_turntable(page, shots):
-    page.get_by_role("tab", name="3D").click()
+    page.get_by_role("tab", name="3D", exact=True).click()
     prompt_box(page).fill("She has long wavy blonde hair and is smiling.")
     page.locator("#generate-3d").click()
     page.wait_for_selector("#summary-3d :text('Seed')")
@@ -355,6 +388,8 @@ def test_3d_tab_turns_the_same_face_shows_depth_and_plays_a_turntable(page, shot
     yaw.press("Enter")
     wait_until(lambda: face.get_attribute("src") != first and "yaw40" in face.get_attribute("src"),
                "the face seen from yaw 40°")
+    # The summary follows the sliders: it names the camera the face is seen from now.
+    wait_until(lambda: "yaw 40°, pitch 0°" in page.locator("#summary-3d").inner_text(), "the summary to say yaw 40°")
     page.locator("#depth-3d input[type=checkbox]").check()
     depth = page.locator("#depth-image-3d img")
     depth.wait_for()
@@ -365,3 +400,103 @@ def test_3d_tab_turns_the_same_face_shows_depth_and_plays_a_turntable(page, shot
     wait_until(lambda: video.evaluate("v => v.readyState >= 1 && v.duration > 0"), "the turntable to load")
     assert abs(video.evaluate("v => v.duration") - 1.0) < 0.1  # 24 frames at 24 fps
     page.screenshot(path=str(shots / "3d-tab.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The page as a visitor finds it, at a desktop and a phone size (issue 22)
+# --------------------------------------------------------------------------------------------
+
+SIZES = {"1400px": (1400, 900), "phone": (390, 844)}
+SCREENS = Path(os.environ.get("MM2LATENT_SCREENS", "")) if os.environ.get("MM2LATENT_SCREENS") else None
+TABS = {"Mask": "#generate-mask", "Sketch": "#generate-sketch", "Edit photo": "#invert-photo",
+        "3D": "#generate-3d"}
+
+
+def screen(page, shots: Path, name: str) -> None:
+    """A screenshot of the viewport into the test's folder (and MM2LATENT_SCREENS when set)."""
+    for folder in (shots, SCREENS):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(folder / f"{name}.png"))
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+    page.locator(TABS[name]).wait_for()
+    page.evaluate("window.scrollTo(0, 0)")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=list(SIZES))
+def test_the_status_is_one_sentence_with_its_details_folded(browser, space_url, shots, size):
+    context, page = open_space(browser, space_url, *SIZES[size])
+    try:
+        line = page.locator("#mm2l-status-line")
+        text = line.inner_text()
+        assert "Demo mode" in text and "not faces" in text and text.count(". ") == 0
+        # No operator's log: no exception names, no server paths, no cut-off sentences.
+        status = page.locator("#mm2l-status").inner_text()
+        assert not re.search(r"[A-Z][a-z]+Error|/root/|/tmp/|\.cache|…\s*$", status), status
+        details = page.locator("#mm2l-status-details")
+        how = details.get_by_text("To get real faces, run the Space")
+        assert not how.is_visible()  # folded
+        lines = line.locator("p").first.evaluate("""p => {
+          const style = getComputedStyle(p);
+          const height = parseFloat(style.lineHeight) || 1.2 * parseFloat(style.fontSize);
+          return p.getBoundingClientRect().height / height; }""")
+        assert lines <= (1.5 if size == "1400px" else 5), f"the status takes {lines:.1f} lines"
+        screen(page, shots, f"status-{size}")
+        details.get_by_text("Why, and how to get real faces").click()
+        how.wait_for()
+        screen(page, shots, f"status-details-{size}")
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=list(SIZES))
+def test_every_tab_is_reachable_and_its_main_button_in_view(browser, space_url, shots, size):
+    width, height = SIZES[size]
+    context, page = open_space(browser, space_url, width, height)
+    try:
+        for name in TABS:  # every tab's own button, none behind an overflow menu
+            assert page.get_by_role("tab", name=name, exact=True).is_visible(), f"tab {name} is hidden at {width} px"
+        for name, button in TABS.items():
+            open_tab(page, name)
+            box = page.locator(button).bounding_box()
+            # In view without scrolling on a desktop; within one screen's scroll on a phone.
+            limit = height if size == "1400px" else 2 * height
+            assert box["y"] >= 0 and box["y"] + box["height"] <= limit, f"{name}: {button} at y={box['y']:.0f}"
+            screen(page, shots, f"tab-{name.replace(' ', '-').lower()}-{size}")
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=list(SIZES))
+def test_3d_sliders_before_a_face_give_one_hint_then_turn_the_face(browser, space_url, shots, size):
+    context, page = open_space(browser, space_url, *SIZES[size])
+    try:
+        open_tab(page, "3D")
+        yaw = page.locator("#yaw input[type=number]")
+        for angle in ("10", "20", "30"):  # several events before any face exists
+            yaw.fill(angle)
+            yaw.press("Enter")
+        summary = page.locator("#summary-3d")
+        wait_until(lambda: summary.inner_text().startswith("Generate a face first"), "the hint")
+        screen(page, shots, f"3d-hint-{size}")
+        assert page.locator(".toast-body").count() == 0  # no error pop-ups
+        for box in ("#image-3d", "#depth-image-3d"):
+            assert page.locator(box).get_by_text("Error", exact=True).count() == 0  # no error badges
+        prompt_box(page).fill("She has long wavy blonde hair and is smiling.")
+        page.locator("#generate-3d").click()
+        wait_until(lambda: "yaw 30°, pitch 0°" in summary.inner_text() and "Seed" in summary.inner_text(),
+                   "the face at yaw 30°")
+        pitch = page.locator("#pitch input[type=number]")
+        pitch.fill("-10")
+        pitch.press("Enter")
+        wait_until(lambda: "yaw 30°, pitch -10°" in summary.inner_text(), "the summary after turning")
+        face = page.locator("#image-3d img")
+        wait_until(lambda: "pitch-10" in (face.get_attribute("src") or ""), "the face seen from pitch -10°")
+        picture, frame = face.bounding_box(), page.locator("#image-3d").bounding_box()
+        assert picture["width"] >= 0.8 * min(frame["width"], frame["height"])  # the face fills its box
+        screen(page, shots, f"3d-turned-{size}")
+    finally:
+        context.close()

@@ -110,8 +110,12 @@ def test_depth_and_raw_images_on_request(eg3d_pipe, face, mask_path):
     # The by-products change nothing about the image.
     assert np.array_equal(pixels(out.images[0]), pixels(face.images[0]))
     assert out.depth.shape == (1, 1, 16, 16) and out.raw_images[0].size == (16, 16)
-    options = eg3d_pipe.generator.rendering
-    assert options.ray_start <= out.depth.min() and out.depth.max() <= options.ray_end
+    # The depth is the one rendered with this image (same latents, camera and seeded ray samples), and it moves
+    # with the camera (the renderer's depth itself is checked against a known surface in test_eg3d.py).
+    with torch.no_grad():
+        rendered = eg3d_pipe.generator.render(face.latents, camera_label(0, 0)[None])
+        side = eg3d_pipe.generator.render(face.latents, camera_label(30, 0)[None])
+    assert torch.equal(out.depth, rendered.depth) and not torch.allclose(out.depth, side.depth)
     grey = np.asarray(views.depth_to_image(out.depth[0]))
     # Near is white: the nearest pixel is 255, the farthest 0.
     flat = out.depth[0, 0].flatten()

@@ -41,7 +41,6 @@ def test_features_have_the_sd15_structure(encoder):
     assert len(features.attn_probs) == 9
     for probs in features.attn_probs:
         assert probs.shape[:2] == (2, 77)
-        assert probs.min() >= 0 and probs.max() <= 1
         # A max over heads of distributions over tokens sums to at least one at every pixel.
         assert (probs.sum(dim=1) >= 1 - 1e-5).all()
 

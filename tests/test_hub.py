@@ -2,11 +2,10 @@
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
-from huggingface_hub import constants
+from helpers import put_in_cache
 
 from mm2latent import FacePipeline
 from mm2latent.errors import WeightsNotFoundError
@@ -17,25 +16,6 @@ from mm2latent.pipelines.hub import (
     parse_repo_reference,
     resolve_component,
 )
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def put_in_cache(cache, repo_id: str, folder) -> None:
-    """Lay a folder out the way huggingface_hub caches a downloaded model repository."""
-    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo_dir / "snapshots" / COMMIT)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(COMMIT)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +93,16 @@ def test_unreachable_hub_is_detected_at_once_and_the_cache_still_serves(hub_cach
     probes = []
     real_session = hub.get_session
     monkeypatch.setattr(hub, "get_session", lambda: probes.append(1) or real_session())
-    start = time.monotonic()
+    lookups = []  # (function, local_files_only) of every huggingface_hub download call
+    for name in ("hf_hub_download", "snapshot_download"):
+        real = getattr(hub, name)
+        monkeypatch.setattr(hub, name, lambda *args, _name=name, _real=real, **kwargs: lookups.append(
+            (_name, kwargs.get("local_files_only"))) or _real(*args, **kwargs))
     with pytest.raises(WeightsNotFoundError) as info:
         hub.load_manifest("nobody/nothing")
     message = str(info.value)
-    assert time.monotonic() - start < 5  # huggingface_hub alone retries for ~23 s
+    # After the failed probe the manifest is looked up in the cache only (huggingface_hub alone retries ~23 s).
+    assert lookups == [("hf_hub_download", True)] and len(probes) == 1
     assert "cannot be reached" in message and "`hf download nobody/nothing mm2latent.json`" in message
     assert "huggingface-cli" not in message
 
@@ -127,7 +112,7 @@ def test_unreachable_hub_is_detected_at_once_and_the_cache_still_serves(hub_cach
     put_in_cache(hub_cache, "someone/scheduler", folder)
     spec = {"repo_id": "someone/scheduler", "revision": "main", "allow_patterns": ["*.json"]}
     assert (resolve_component("scheduler", spec, None, None) / "scheduler_config.json").is_file()
-    assert len(probes) == 1  # the probe's answer is reused
+    assert len(probes) == 1 and lookups[1:] == [("snapshot_download", True)]  # the probe's answer is reused
 
 
 def test_local_folder_without_manifest(tmp_path):
@@ -157,3 +142,20 @@ def test_repo_references(monkeypatch):
     # Only safetensors weights are ever requested.
     patterns = [p for spec in DEFAULT_COMPONENTS.values() for p in spec.get("allow_patterns", [])]
     assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in patterns)
+
+
+def test_unpublished_project_repositories_are_skipped_without_a_request(monkeypatch):
+    from mm2latent.pipelines import hub
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("a published() / model_plan() call must not touch the network")
+
+    monkeypatch.setattr(hub, "hub_status", no_request)
+    assert not hub.published("mm2latent/mm2latent-celebahq")
+    assert hub.published("timm/vgg16.tv_in1k") and hub.published("someone/their-model@v2")
+    plan = hub.model_plan("mm2latent/mm2latent-celebahq")
+    assert plan.skipped and plan.load == "public" and "not published" in plan.sentence
+    kept = hub.model_plan("someone/their-model")
+    assert not kept.skipped and kept.load == "someone/their-model" and kept.sentence == ""
+    repos = [spec.get("repo_id") or spec.get("repo") for spec in {**hub.DEFAULT_COMPONENTS, **hub.PUBLIC_COMPONENTS}.values()]
+    assert all(hub.published(r) and r in hub.PUBLISHED_REPOS for r in repos if r)

@@ -73,7 +73,7 @@ def test_clip_score(tiny_pipe, monkeypatch, tmp_path):
     scorer = M.CLIPScorer("tiny")
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     scores = scorer(images, ["she is smiling", "a man with a beard"])
-    assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
+    assert scores.shape == (2,)
     # The score is 100 * max(cos, 0) of the two embeddings, prompt by prompt.
     cos = (scorer.guide.encode_image(images[:1]) * scorer.guide.encode_text("she is smiling")).sum()
     torch.testing.assert_close(scores[0], 100 * cos.clamp(min=0))

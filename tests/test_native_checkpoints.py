@@ -12,10 +12,9 @@ import itertools
 import math
 
 import pytest
-import test_hub
 import torch
 import torch.nn.functional as F
-from test_hub import COMMIT, put_in_cache
+from helpers import COMMIT, put_in_cache
 from torch import nn
 
 from mm2latent.editing.inversion import (
@@ -37,8 +36,6 @@ from mm2latent.pipelines.hub import (
     PUBLIC_COMPONENTS,
     resolve_component,
 )
-
-hub_cache = test_hub.hub_cache  # the fixture: an empty huggingface_hub cache, offline
 
 # Toy IR-SE stages: depths must increase, as in every real IR-50/100/152 (stages are read off the depths).
 TINY_STAGES = ((8, 8, 1), (8, 16, 2), (16, 24, 1), (24, 32, 1))
@@ -290,10 +287,28 @@ def test_real_ir_se50_layout_gives_the_ir50_config():
 
 
 def rosinality_file() -> tuple[dict, StyleGAN2Generator]:
+    """rosinality's convert_weight.py output (the public ffhq.pt): ``{"g_ema", "latent_avg"}`` (convert_weight.py:254)."""
     g = tiny_generator(2)
-    # rosinality's train.py also stores the discriminator, optimisers and its argparse options.
-    checkpoint = {"g_ema": g.rosinality_state_dict(), "latent_avg": g.latent_avg.clone(), "d": {"x": torch.zeros(1)},
-                  "args": argparse.Namespace(size=32, latent=WIDTH, n_mlp=2, channel_multiplier=2)}
+    return {"g_ema": g.rosinality_state_dict(), "latent_avg": g.latent_avg.clone()}, g
+
+
+def rosinality_training_file() -> tuple[dict, StyleGAN2Generator]:
+    """A checkpoint of rosinality's train.py (train.py:318-327): both generators, the discriminator, both Adam
+    states, the argparse options and ``ada_aug_p``; no ``latent_avg``."""
+    g = tiny_generator(2)
+    d = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(1))
+    d(torch.zeros(1, 3, 8, 8))
+    g_optim = torch.optim.Adam(g.parameters(), lr=0.002, betas=(0.0, 0.99))
+    d_optim = torch.optim.Adam(d.parameters(), lr=0.002, betas=(0.0, 0.99))
+    for optim, module in ((g_optim, g), (d_optim, d)):
+        for p in module.parameters():
+            p.grad = torch.ones_like(p)
+        optim.step()
+    args = argparse.Namespace(path="ffhq.lmdb", iter=800000, batch=16, size=32, r1=10, path_regularize=2,
+                              mixing=0.9, ckpt=None, lr=0.002, channel_multiplier=2, augment=False, ada_target=0.6,
+                              latent=WIDTH, n_mlp=2, start_iter=0)
+    checkpoint = {"g": g.rosinality_state_dict(), "d": d.state_dict(), "g_ema": g.rosinality_state_dict(),
+                  "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "args": args, "ada_aug_p": 0.0}
     return checkpoint, g
 
 
@@ -310,7 +325,19 @@ def ir_se50_file() -> tuple[dict, IRSE50]:
 
 
 def e4e_file() -> tuple[dict, tuple[ReferenceEncoder, torch.Tensor]]:
+    """e4e's coach.py __get_save_dict (:323-339) with --save_training_data and --w_discriminator_lambda > 0:
+    ``opts`` is ``vars(argparse.Namespace)`` (a dict), ``latent_avg`` [18, 512] (psp.py:103-104 repeats the
+    StyleGAN mean), and the training state beside ``state_dict``: the latent discriminator's own
+    ``discriminator_state_dict`` (LatentCodesDiscriminator(512, 4): ``mlp.{0,2,4,6}``), never inside ``state_dict``."""
     reference, checkpoint = encoder_checkpoint(seed=6)
+    checkpoint["opts"] = vars(argparse.Namespace(**checkpoint["opts"], save_training_data=True,
+                                                 w_discriminator_lambda=0.1, w_discriminator_lr=2e-5))
+    discriminator = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(8, 8), nn.LeakyReLU(0.2))], nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-4)
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-5)
+    checkpoint.update(global_step=20000, optimizer=optimizer.state_dict(), best_val_loss=0.31,
+                      discriminator_state_dict={f"mlp.{k}": v for k, v in discriminator.state_dict().items()},
+                      discriminator_optimizer_state_dict=d_optimizer.state_dict())
     return checkpoint, (reference, checkpoint["latent_avg"])
 
 
@@ -391,7 +418,7 @@ def test_env_overrides_name_native_files(hub_cache, tmp_path, monkeypatch):
     checkpoint, generator = rosinality_file()
     put_file_in_cache(hub_cache, tmp_path, "gan-lab/weights", "stylegan2/ffhq-32.pt", checkpoint)
     monkeypatch.setenv("MM2LATENT_GENERATOR_REPO", "gan-lab/weights@main:stylegan2/ffhq-32.pt")
-    folder = resolve_component("generator", DEFAULT_COMPONENTS["generator"], None, None)  # a folder repo by default
+    folder = resolve_component("generator", DEFAULT_COMPONENTS["generator"], None, None)  # the public ffhq.pt by default
     assert folder.parts[-2:] == ("stylegan2", "ffhq-32.pt") and "rosinality" in folder.parts
     outputs_match("generator", folder, generator)
 
@@ -422,3 +449,14 @@ def test_missing_native_file_names_the_download_command(hub_cache):
     message = str(info.value)
     assert "`hf download AIRI-Institute/HairFastGAN pretrained_models/encoder4editing/e4e_ffhq_encode.pt`" in message
     assert "MM2LATENT_INVERTER_REPO" in message and "huggingface-cli" not in message
+
+
+def test_rosinality_training_checkpoint_converts_with_its_optimiser_states(tmp_path):
+    checkpoint, g = rosinality_training_file()
+    torch.save(checkpoint, tmp_path / "100000.pt")
+    with pytest.warns(UserWarning, match="latent_avg"):  # train.py stores none: estimated from the mapping network
+        folder = native_checkpoints.convert_native_file(tmp_path / "100000.pt", "rosinality", tmp_path / "out", progress=False)
+    loaded = StyleGAN2Generator.from_pretrained(folder).eval()
+    ws = torch.randn(1, loaded.num_ws, WIDTH, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(loaded.synthesis(ws, noise_mode="const"), g.eval().synthesis(ws, noise_mode="const"))

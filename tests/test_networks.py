@@ -64,3 +64,47 @@ def test_convert_public_checkpoints(tmp_path):
     torch.save({"module.wrong.key": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointFormatError):
         convert("arcface", str(tmp_path / "bad.pth"), str(tmp_path / "bad"))
+
+
+def test_lpips_from_the_public_files_matches_the_lpips_package(tmp_path):
+    """The public LPIPS: timm/vgg16.tv_in1k's model.safetensors + the lpips wheel's v0.1 linear layers.
+
+    The VGG16 fixture is written in timm's layout (timm/models/vgg.py: ``features.N`` as torchvision's
+    ``vgg16().features``, the classifier renamed by its ``_filter_fn`` to ``pre_logits.fc2`` and ``head.fc``;
+    ``pre_logits.fc1`` [4096, 512, 7, 7] is left out of the fixture for its 400 MB: the converter reads only
+    ``features``). The reference is the lpips package's own network on the same trunk weights.
+    """
+    lpips_package = pytest.importorskip("lpips")
+    from safetensors.torch import save_file
+
+    from mm2latent.models.native_checkpoints import convert_native_file
+
+    torch.manual_seed(0)
+    reference = lpips_package.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    trunk = {}
+    for name, value in reference.net.state_dict().items():  # "slice{k}.{N}.weight" -> timm's "features.{N}.weight"
+        _, index, leaf = name.split(".")
+        trunk[f"features.{index}.{leaf}"] = value.clone().contiguous()
+    trunk.update({"pre_logits.fc2.weight": torch.randn(4096, 4096, 1, 1) * 0.01, "pre_logits.fc2.bias": torch.zeros(4096),
+                  "head.fc.weight": torch.randn(1000, 4096) * 0.01, "head.fc.bias": torch.zeros(1000)})
+    save_file(trunk, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    out = convert_native_file(tmp_path / "model.safetensors", "lpips_vgg", tmp_path / "lpips", progress=False)
+    ours = LPIPS.from_pretrained(out).eval()
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = reference(x, y).flatten()
+        assert torch.allclose(ours(x, y), expected, rtol=1e-5, atol=1e-6)
+    lins = {k: v for k, v in ours.state_dict().items() if k.startswith("lin")}
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in lins.items())  # the wheel's own layers
+
+
+def test_network_defaults_are_public_files():
+    from mm2latent.models.networks import network_spec
+    from mm2latent.pipelines.hub import PUBLIC_COMPONENTS, published
+
+    for kind in ("arcface", "lpips", "face_parser"):
+        spec = network_spec(kind)
+        assert "format" in spec and published(spec["repo"])
+    assert network_spec("lpips")["repo"] == "timm/vgg16.tv_in1k" and "lpips" in PUBLIC_COMPONENTS
+    folder_spec = network_spec("lpips", "me/my-lpips@v1")
+    assert folder_spec["repo_id"] == "me/my-lpips" and folder_spec["revision"] == "v1" and "format" not in folder_spec

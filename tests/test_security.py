@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from helpers import huge_png, running_space
 from PIL import Image, ImageDraw
-from test_app import huge_png, running_space
 
 from mm2latent.inputs.conditions import MAX_IMAGE_PIXELS, read_image_size
 
 pytestmark = pytest.mark.slow
 
 CACHE_MAX_FILES = 60
+CACHE_MAX_MB = 2
+MAX_SESSIONS = 5
 MAX_UPLOAD_BYTES = 2_000_000
 NOT_UPLOADED = "Only files uploaded to this Space can be used"
 GRADIO_NOT_UPLOADED = "it was not uploaded by a user"  # Gradio's own refusal of a file with `meta`
@@ -43,6 +45,7 @@ def space(tmp_path_factory):
     (workdir / "tmp").mkdir()
     with running_space(workdir, MM2LATENT_MODEL_REPO="tiny", MM2LATENT_CACHE_EXAMPLES="off",
                        MM2LATENT_CACHE_MAX_FILES=str(CACHE_MAX_FILES), MM2LATENT_MAX_FILE_SIZE="2mb",
+                       MM2LATENT_CACHE_MAX_MB=str(CACHE_MAX_MB), MM2LATENT_MAX_SESSIONS=str(MAX_SESSIONS),
                        TMPDIR=str(workdir / "tmp")) as url:
         yield url, workdir, server_process(workdir)
 
@@ -285,7 +288,7 @@ def test_two_hundred_calls_keep_the_file_count_bounded(space, client, tmp_path, 
     cached = files_under(cache)
     # Kept on purpose (canvases' initial values, example inputs) + the cap + one event's own files.
     assert len(cached) <= CACHE_MAX_FILES + 40, f"{len(cached)} files in Gradio's cache"
-    run_folders = [folder for store in temp.glob("mm2latent-space-*") for folder in store.iterdir()]
+    run_folders = [folder for store in temp.glob("mm2latent-space-*") for folder in store.iterdir() if folder.is_dir()]
     assert 1 <= len(run_folders) <= 16, f"{len(run_folders)} run folders in the output store"
     assert not list(temp.rglob("mm2latent-*.pt")) and not list(temp.glob("tmp*"))
     stray = [path for path in files_under(temp) if "mm2latent-space-" not in str(path)]
@@ -314,11 +317,11 @@ def test_every_bad_request_carries_a_message(space, client, tmp_path):
                        "seed must be"),
         "400-digit seed": ("generate_from_sketch", '{"data": ["A face.", null, "fast", 20, "all", "mean", 1' + "0" * 399
                            + ', false, 1.0, 1, false, "ddgi"]}', "seed must be"),
-        "seed 1.5": ("generate_from_mask", generation(None, seed=1.5, randomize=False), "1.5 is not"),
+        "seed 1.5": ("generate_from_mask", generation(None, seed=1.5, randomize=False), "got 1.5"),
         "edit seed 1.5": ("edit_photo", [None, 0, "x", None, False, 1.0, "all", "modulate", 1.5, 0], "seed must be"),
-        "truncation 'abc'": ("generate_from_mask", generation(None, truncation="abc"), "'abc'"),
-        "mask as a string": ("generate_from_mask", generation("a mask"), "EditorData"),
-        "too few arguments": ("generate_from_mask", ["A face."], "didn't receive enough input values"),
+        "truncation 'abc'": ("generate_from_mask", generation(None, truncation="abc"), "“Truncation ψ” cannot be read"),
+        "mask as a string": ("generate_from_mask", generation("a mask"), "cannot read"),
+        "too few arguments": ("generate_from_mask", ["A face."], "takes 12 input values"),
     }
     for what, (endpoint, body, words) in raw.items():
         message = error_message(url, endpoint, body)
@@ -348,6 +351,134 @@ def test_a_whole_number_seed_still_generates_and_is_echoed(space, client):
 
 
 # --------------------------------------------------------------------------------------------
+# Round 2 (issue 19): through the HTTP API of the running Space
+# --------------------------------------------------------------------------------------------
+
+INTERNALS = re.compile(r"object at 0x|Error\b|Traceback|pydantic|/tmp/|/work/|\\|Original error|Errno")
+
+
+def upload(url: str, name: str, content: bytes) -> dict:
+    """POST /gradio_api/upload; the uploaded file as an input payload."""
+    import httpx
+
+    path = httpx.post(f"{url}gradio_api/upload", files={"files": (name, content, "image/png")}).json()[0]
+    return {"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+
+
+def solid_png(side: int, colour=(204, 0, 0)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def peak_rss_during(server: psutil.Process, action) -> float:
+    """Peak RSS growth (MB) of the server while ``action`` runs: the kernel's high-water mark, reset first."""
+    Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = server.memory_info().rss
+    result = action()
+    status = Path(f"/proc/{server.pid}/status").read_text()
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1])
+    return (peak_kb * 1024 - before) / 2**20, result
+
+
+def test_a_huge_canvas_and_many_layers_cost_little_memory(space):
+    """6300 x 6300 solid PNG (under the 40 MP limit): +1.8 GB in the palette snapping and 11 s unqueued before;
+    32 layers of it: 6.26 GB before."""
+    url, _, server = space
+    picture = upload(url, "solid.png", solid_png(6300))
+    grown, (event, data) = peak_rss_during(
+        server, lambda: call(url, "generate_from_mask", generation({**canvas_of(picture)}, seed=1, randomize=False)))
+    assert event == "complete", data
+    assert grown < 600, f"peak RSS grew by {grown:.0f} MB for a 6300-pixel canvas"
+    layered = {**canvas_of(picture), "layers": [picture] * 32}
+    grown, message = peak_rss_during(server, lambda: error_message(url, "generate_from_mask", generation(layered)))
+    assert "at most 8 layers" in message and grown < 100, (message, grown)
+
+
+def test_returned_names_go_through_the_image_checks(space):
+    url = space[0]
+    cases = [("mask-0123456789abcde0.png", huge_png(Path(space[1]) / "sixty.png", 7746, 7746), "too large"),
+             ("mask-0123456789abcde1.png", None, "cannot read 'mask-0123456789abcde1.png'"),
+             ("mask-0123456789abcde2.png", huge_png(Path(space[1]) / "bomb.png", 20_000, 20_000), "too large")]
+    for name, picture, words in cases:
+        upload(url, name, picture.read_bytes() if picture else b"<html><script>alert(1)</script></html>")
+        named = {"background": name, "layers": [], "composite": name}
+        message = error_message(url, "generate_from_mask", generation(named))
+        assert words.lower() in message.lower() and not INTERNALS.search(message), message
+
+
+def test_stateless_calls_do_not_evict_a_3d_face(space, client):
+    """MAX_SESSIONS=5: six anonymous /load_template calls used to evict the 3D face of a visitor."""
+    url = space[0]
+    client.predict("A face.", "text only", None, None, 3, False, 0.7, 0, 0, False, api_name="/generate_3d")
+    for _ in range(3 * MAX_SESSIONS):
+        assert call(url, "load_template", ["glasses"])[0] == "complete"
+    image, _, files = client.predict(10, 5, False, api_name="/render_view")  # refused if the face were gone
+    assert image is not None and len(files) == 2
+
+
+def test_disk_is_bounded_in_bytes_after_uploads_without_events(space):
+    """1,000 uploads with no event left 2,359 files (cap 2,000) and GBs before."""
+    url, workdir, _ = space
+    noise = io.BytesIO()
+    Image.effect_noise((180, 180), 90).convert("RGB").save(noise, format="PNG")  # ~100 KB that does not compress
+    for index in range(1000):
+        upload(url, f"upload-{index}.png", noise.getvalue() + index.to_bytes(4, "big"))
+    cached = files_under(workdir / "gradio")
+    kept_on_purpose_mb = 2  # canvases' initial values and example inputs (never deleted) are far below this
+    total_mb = sum(path.lstat().st_size for path in cached) / 2**20
+    assert total_mb <= CACHE_MAX_MB + kept_on_purpose_mb, f"{total_mb:.1f} MB in Gradio's cache"
+    assert len(cached) <= CACHE_MAX_FILES + 40, f"{len(cached)} files in Gradio's cache"
+
+
+def test_a_picture_sent_back_is_never_pruned_while_in_use(space, client):
+    """The cache limit deleted a template still in use; the next 48 calls failed "does not exist"."""
+    url = space[0]
+    template = client.predict("glasses", api_name="/load_template")
+    name = Path(template["background"]["path"]).name
+    named = {"background": name, "layers": [], "composite": name}
+    for seed in range(CACHE_MAX_FILES // 2):  # every run adds files: beyond the cap many times over
+        event, data = call(url, "generate_from_mask", generation(named, seed=seed, randomize=False))
+        assert event == "complete", f"call {seed}: {data}"
+
+
+def test_no_error_names_a_path_a_class_or_an_address(space):
+    url = space[0]
+    long_data = "data:image/png;base64," + "A" * 5000
+    raw = {  # the issue's reproductions, and wrong types
+        "too few arguments": ("generate_from_mask", ["A face."], "takes 12 input values"),
+        "steps 'x'": ("generate_from_mask", ["A face.", None, "fast", "x", "all", "mean", 0, True, 1.0, 1, False,
+                                             "ddgi"], "steps"),
+        "file without meta": ("upload_mask", [{"path": "mask.png"}], "uploaded file"),
+        "relative path with meta": ("upload_mask", [file_data("app.py")], "uploaded"),
+        "long data path": ("upload_mask", [file_data(long_data)], "uploaded"),
+        "prompt 12345": ("generate_from_mask", [12345, None, "fast", 20, "all", "mean", 0, True, 1.0, 1, False,
+                                               "ddgi"], "must be text"),
+        "checkbox 'yes'": ("generate_from_mask", ["A face.", None, "fast", 20, "all", "mean", 0, "yes", 1.0, 1,
+                                                  False, "ddgi"], "true or false"),
+        "edit prompt of 5,000 characters": ("edit_photo", [None, 0, "x" * 5000, None, False, 1.0, "all",
+                                                           "modulate", 0, 0], "characters long"),
+    }
+    for what, (endpoint, body, words) in raw.items():
+        message = error_message(url, endpoint, body)
+        assert words.lower() in message.lower(), f"{what}: {message}"
+        assert not INTERNALS.search(message), f"{what}: {message}"
+
+
+def test_template_matching_is_queued(space):
+    """POST /gradio_api/run/template_on_canvas ran outside the queue, as many at once as arrived."""
+    import httpx
+
+    url = space[0]
+    config = httpx.get(f"{url}config").json()
+    dependency = next(d for d in config["dependencies"] if d.get("api_name") == "template_on_canvas")
+    assert dependency["queue"] is True, dependency  # was False: run at once, as many as arrived
+    for api_name in ("template_on_canvas", "generate_from_mask"):  # the direct route would skip the queue
+        response = httpx.post(f"{url}gradio_api/run/{api_name}", json={"data": [None]})
+        assert response.status_code >= 400 and "queue" in response.text, response.text
+
+
+# --------------------------------------------------------------------------------------------
 # The pieces, without a server
 # --------------------------------------------------------------------------------------------
 
@@ -371,34 +502,6 @@ def test_upload_paths_are_judged_by_their_real_path(tmp_path):
         with pytest.raises(gr.Error) as caught:
             checked_upload_path(path, folders)
         assert caught.value.message.startswith(NOT_UPLOADED) or "names no file" in caught.value.message
-
-
-@pytest.mark.parametrize("value, expected", [
-    (3, 3), (3.0, 3), (10**400, 10**400), (np.int64(7), 7), (1.5, None), ("3", None), (True, None),
-    (float("nan"), None), (float("inf"), None), (None, None), ([1], None),
-])
-def test_whole_number_takes_raw_api_values(value, expected):
-    from mm2latent.ui.handlers import whole_number
-
-    assert whole_number(value) == expected
-
-
-def test_seed_and_number_checks_refuse_in_words():
-    import gradio as gr
-
-    from mm2latent.ui.handlers import checked_int, checked_number, resolve_seed
-
-    for seed, words in ((10**400, "00000000000… is not"), (1.5, "1.5 is not"), (float("nan"), "nan is not"),
-                        ("abc", "'abc' is not"), (-1, "-1 is not")):
-        with pytest.raises(gr.Error, match="seed must be a whole number") as caught:
-            resolve_seed(seed, randomize=False)
-        assert words in caught.value.message
-    assert resolve_seed(4_294_967_295.0, randomize=False) == 4_294_967_295
-    with pytest.raises(gr.Error, match="Steps must be a whole number from 1 to 50, got inf"):
-        checked_int(1e400, "Steps", 1, 50)
-    for value in (float("nan"), 10**400, "0.5", None):
-        with pytest.raises(gr.Error, match="Strength must be a number from 0 to 2"):
-            checked_number(value, "Strength", 0.0, 2.0)
 
 
 def test_read_image_size_reads_the_header_only(tmp_path):
@@ -452,30 +555,97 @@ def test_gradio_cache_limit_deletes_oldest_and_spares_kept_files(tmp_path):
     assert limit.prune() == 0
 
 
-def test_drawing_blobs_are_bounded():
-    import gradio as gr
+class Session:
+    """Stands for Gradio's per-visitor config object, which keys a session's drawings."""
+
+
+def blob(drawing_id: str, picture: bytes, kind: str = "composite", index: str = "null"):
+    """What Gradio's component_server route passes to accept_blobs: the form fields (text) and the file."""
     from gradio.data_classes import DataWithFiles
+
+    return DataWithFiles(data={"type": kind, "index": index, "id": drawing_id}, files=[("blob", picture)])
+
+
+def send_blob(canvas, session, *args) -> None:
+    from gradio.context import LocalContext
+
+    token = LocalContext.blocks_config.set(session)  # what component_server sets for the posting session
+    try:
+        canvas.accept_blobs(blob(*args))
+    finally:
+        LocalContext.blocks_config.reset(token)
+
+
+def read_drawing(canvas, session, drawing_id: str):
+    from mm2latent.ui.security import CURRENT_SESSION
+
+    token = CURRENT_SESSION.set(session)  # what SpaceBlocks.preprocess_data sets for the event's session
+    try:
+        return canvas.preprocess(canvas.data_model(id=drawing_id))
+    finally:
+        CURRENT_SESSION.reset(token)
+
+
+def png_bytes(size=(8, 8), colour=(204, 0, 0, 255)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_another_session_cannot_evict_a_drawing_and_a_missing_one_is_an_error():
+    """The issue's reproduction: 70 one-pixel posts from another session used to evict the victim's drawing,
+    and the victim's Generate then silently ran from text alone."""
+    import gradio as gr
+    from fastapi import HTTPException
 
     from mm2latent.ui import security
 
     canvas = security.DrawingCanvas(type="pil")
-    picture = io.BytesIO()
-    Image.new("RGBA", (8, 8)).save(picture, format="PNG")
+    victim, attacker = Session(), Session()
+    send_blob(canvas, victim, "victim-drawing", png_bytes((8, 8)))
+    for index in range(70):
+        send_blob(canvas, attacker, f"spam-{index}", png_bytes((1, 1)))
+    assert canvas.pending.count(attacker) == security.MAX_PENDING_DRAWINGS  # its own quota, its own oldest go
+    with pytest.raises(gr.Error, match="did not reach the server"):
+        read_drawing(canvas, attacker, "victim-drawing")  # another session cannot read it either
+    assert read_drawing(canvas, victim, "victim-drawing")["composite"].size == (8, 8)
+    with pytest.raises(gr.Error, match="did not reach the server"):  # used once: never an empty canvas after
+        read_drawing(canvas, victim, "victim-drawing")
+    for index in ("8", str(10**9), "-1", "x"):
+        with pytest.raises(HTTPException) as caught:
+            send_blob(canvas, attacker, "layered", png_bytes(), "layer", index)
+        assert caught.value.status_code == 400 and "at most 8 layers" in caught.value.detail
 
-    def blob(drawing_id: str, kind: str = "composite", index: str = "null"):
-        """What Gradio's component_server route passes: the form fields (text) and the file."""
-        return DataWithFiles(data={"type": kind, "index": index, "id": drawing_id},
-                             files=[("blob", picture.getvalue())])
 
-    with pytest.raises(gr.Error, match="at most"):
-        canvas.accept_blobs(blob("a", "layer", str(10**9)))
-    assert "a" not in canvas.blob_storage
-    for index in range(security.MAX_PENDING_DRAWINGS + 20):
-        canvas.accept_blobs(blob(f"drawing-{index}"))
-    assert len(canvas.blob_storage) == security.MAX_PENDING_DRAWINGS
-    assert f"drawing-{security.MAX_PENDING_DRAWINGS + 19}" in canvas.blob_storage and "drawing-0" not in canvas.blob_storage
-    value = canvas.preprocess(canvas.data_model(id=f"drawing-{security.MAX_PENDING_DRAWINGS + 19}"))
-    assert value["composite"].size == (8, 8)
+def test_all_sessions_together_are_bounded_and_the_largest_pays(monkeypatch):
+    from mm2latent.ui import security
+
+    monkeypatch.setattr(security, "MAX_ALL_PENDING_DRAWING_BYTES", 20_000)
+    canvas = security.DrawingCanvas(type="pil")
+    victim, attacker = Session(), Session()
+    small = png_bytes((8, 8))
+    send_blob(canvas, victim, "victim-drawing", small)
+    noise = io.BytesIO()
+    Image.effect_noise((64, 64), 80).save(noise, format="PNG")  # ~4 KB that does not compress
+    for index in range(security.MAX_PENDING_DRAWINGS):
+        send_blob(canvas, attacker, f"big-{index}", noise.getvalue())
+    assert canvas.pending.count(victim) == 1 and canvas.pending.count(attacker) < security.MAX_PENDING_DRAWINGS
+
+
+def test_a_huge_canvas_is_read_on_a_small_copy(tmp_path):
+    """6300 x 6300 (under the 40 MP limit): Gradio decoded it whole and the palette snapping took +1.8 GB."""
+    from mm2latent.inputs.conditions import parse_mask
+    from mm2latent.ui import security
+
+    canvas = security.DrawingCanvas(type="pil", image_mode="RGBA")
+    session = Session()
+    big = io.BytesIO()
+    Image.new("RGB", (6300, 6300), (204, 0, 0)).save(big, format="PNG")
+    send_blob(canvas, session, "big", big.getvalue())
+    value = read_drawing(canvas, session, "big")
+    assert max(value["composite"].size) <= security.MAX_DRAWING_SIDE
+    ids = parse_mask(Image.new("RGB", (6300, 6300), (204, 0, 0)), require_face=False)
+    assert ids.shape == (6300, 6300) and set(np.unique(ids)) == {1}  # the answer at full size, all skin
 
 
 def test_importing_the_components_writes_no_stub_file():
@@ -485,3 +655,31 @@ def test_importing_the_components_writes_no_stub_file():
     assert not Path(security.__file__).with_suffix(".pyi").exists()
     assert security.UploadedImage(type="pil").get_block_name() == "image"
     assert security.DrawingCanvas(type="pil").get_block_name() == "imageeditor"
+
+
+def test_output_stores_of_dead_processes_are_removed(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from mm2latent.ui.disk import claim_store_folder
+
+    dead, alive, mine = (tmp_path / f"mm2latent-space-{name}" for name in ("dead", "alive", "mine"))
+    for folder in (dead, alive, mine):
+        folder.mkdir()
+        (folder / "run.png").write_bytes(b"x")
+    (dead / ".owner.lock").write_text("")  # its process is gone: nobody holds the lock
+    (alive / ".owner.lock").write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                               str(alive / ".owner.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # waits on the other process's state
+        claim = claim_store_folder(mine)
+        assert not dead.exists() and alive.exists() and mine.exists()
+        with pytest.raises(OSError), open(mine / ".owner.lock") as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # this process holds its own
+        claim.close()
+    finally:
+        holder.stdin.close()
+        holder.wait()

@@ -1,6 +1,7 @@
 """Training as the paper trains: per-(image, modality, caption) I^d_0 cache with guidance, per-sample t, loss targets,
 a float32 frozen M in stage 2."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from mm2latent.training.cli import build
-from mm2latent.training.components import clone_pipeline
 from mm2latent.training.config import load_config, loss_targets
 from mm2latent.training.data import collate
 from mm2latent.training.idd_cache import DiffusionImageCache, StaleCacheError, cache_key, draw_targets
@@ -33,7 +33,7 @@ def config_for(tmp_path: Path, stage: int, **overrides):
 
 
 def test_stage2_target_was_drawn_with_the_samples_modality_and_caption(tiny_pipe, tmp_path, monkeypatch):
-    trainer = build(config_for(tmp_path, 2), clone_pipeline(tiny_pipe))
+    trainer = build(config_for(tmp_path, 2), copy.deepcopy(tiny_pipe))
     cache = DiffusionImageCache(Path(trainer.config.output_dir) / "idd_cache")
     assert len(cache.entries) == 4 * 2  # every image, once per modality
     stage = trainer.stage
@@ -63,16 +63,16 @@ def test_stage2_target_was_drawn_with_the_samples_modality_and_caption(tiny_pipe
 
 
 def test_changed_cache_setting_is_refused_or_rebuilt(tiny_pipe, tmp_path):
-    build(config_for(tmp_path, 2), clone_pipeline(tiny_pipe))
+    build(config_for(tmp_path, 2), copy.deepcopy(tiny_pipe))
     cache_dir = tmp_path / "stage2" / "idd_cache"
     key = next(iter(DiffusionImageCache(cache_dir).entries))
     before = DiffusionImageCache(cache_dir).image(key, 32)
     with pytest.raises(StaleCacheError, match="guidance_scale: cache 7.5, run 3.0"):
-        build(config_for(tmp_path, 2, diffusion={"idd_guidance_scale": 3.0}), clone_pipeline(tiny_pipe))
+        build(config_for(tmp_path, 2, diffusion={"idd_guidance_scale": 3.0}), copy.deepcopy(tiny_pipe))
     with pytest.raises(StaleCacheError, match="steps: cache 3, run 4"):
-        build(config_for(tmp_path, 2, diffusion={"idd_steps": 4}), clone_pipeline(tiny_pipe))
+        build(config_for(tmp_path, 2, diffusion={"idd_steps": 4}), copy.deepcopy(tiny_pipe))
     build(config_for(tmp_path, 2, diffusion={"idd_guidance_scale": 3.0, "idd_stale_cache": "rebuild"}),
-          clone_pipeline(tiny_pipe))
+          copy.deepcopy(tiny_pipe))
     rebuilt = DiffusionImageCache(cache_dir)
     assert rebuilt.settings["guidance_scale"] == 3.0 and len(rebuilt.entries) == 8
     assert not torch.equal(rebuilt.image(key, 32), before)
@@ -81,7 +81,7 @@ def test_changed_cache_setting_is_refused_or_rebuilt(tiny_pipe, tmp_path):
 def test_guidance_changes_idd_and_one_equals_the_unguided_sampler(tiny_pipe, tmp_path):
     """I^d_0 through FacePipeline.draw: guidance 1 is the plain DDIM img2img loop written out here by hand."""
     config = config_for(tmp_path, 2, diffusion={"idd_guidance_scale": 1.0})
-    pipe = clone_pipeline(tiny_pipe)
+    pipe = copy.deepcopy(tiny_pipe)
     from mm2latent.training.stages import build_dataset
 
     items = [build_dataset(config, pipe)[(p, 0)] for p in range(2)]
@@ -111,7 +111,7 @@ def test_guidance_changes_idd_and_one_equals_the_unguided_sampler(tiny_pipe, tmp
 
 def test_t_is_drawn_per_sample_and_its_histogram_logged(tiny_pipe, tmp_path):
     config = config_for(tmp_path, 1, train={"batch_size": 4, "max_steps": 3})
-    trainer = build(config, clone_pipeline(tiny_pipe))
+    trainer = build(config, copy.deepcopy(tiny_pipe))
     t = trainer.stage.sample_timesteps(4, step_generator(0, 0, 0))
     assert len(set(t.tolist())) > 1
     assert set(t.tolist()) <= set(trainer.stage.timesteps.tolist())
@@ -129,7 +129,7 @@ def test_target_idd_makes_every_loss_term_read_idd(tiny_pipe, tmp_path, stage):
     I^d_0 changes each. Stage 1 builds the cache it needs."""
     config = config_for(tmp_path, stage, loss={"target": "idd", "lpips": 0.8, "id": 0.1},
                         data={"modality_sampling": "all"})
-    trainer = build(config, clone_pipeline(tiny_pipe))
+    trainer = build(config, copy.deepcopy(tiny_pipe))
     assert (Path(config.output_dir) / "idd_cache" / "settings.json").is_file()
     batch = collate([trainer.dataset[(p, 0)] for p in range(2)])
 
@@ -154,7 +154,7 @@ def test_target_idd_makes_every_loss_term_read_idd(tiny_pipe, tmp_path, stage):
 
 def test_frozen_mapper_runs_in_float32_under_bf16_autocast(tiny_pipe, tmp_path):
     """Stage 2's w^m under bf16 mixed precision is bit-identical to M in float32 (T at identity: w = w^m · 1 + 0)."""
-    trainer = build(config_for(tmp_path, 2), clone_pipeline(tiny_pipe))
+    trainer = build(config_for(tmp_path, 2), copy.deepcopy(tiny_pipe))
     stage, pipe = trainer.stage, trainer.stage.pipe
     stage.setup(torch.device("cpu"), torch.bfloat16)  # what the trainer does with mixed_precision: bf16
     assert next(pipe.encoder.unet.parameters()).dtype == torch.bfloat16
@@ -176,7 +176,7 @@ def test_style_transfer_caches_idd_for_the_styled_captions(tiny_pipe, tmp_path):
     """configs/style_transfer.yaml's settings on the tiny preset: T sees the styled caption, I^d_0 is drawn with it."""
     config = config_for(tmp_path, 1, loss={"target": "idd"},
                         data={"caption_template": "a Greek statue, {caption}", "modalities": ["mask"]})
-    trainer = build(config, clone_pipeline(tiny_pipe))
+    trainer = build(config, copy.deepcopy(tiny_pipe))
     entries = DiffusionImageCache(Path(config.output_dir) / "idd_cache").entries.values()
     assert len(entries) == 4 and all(e["caption"].startswith("a Greek statue, a face with ") for e in entries)
     assert trainer.dataset[(0, 0)]["caption"].startswith("a Greek statue, ")

@@ -1,6 +1,5 @@
 """The training-free mode (public weights, untrained M/T): mode="invert", guided editing, the public preset."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from mm2latent.errors import EmptyPromptError, UnsupportedConditionError
 from mm2latent.inputs.conditions import parse_mask
 from mm2latent.inputs.templates import mask_edges
 from mm2latent.models.diffusion_encoder import DiffusionEncoder
+from mm2latent.pipelines.components import EDITING_COMPONENTS
 from mm2latent.pipelines.editing import MASK_AS_SCRIBBLE_WIDTH
 
 PROMPT = "She has long wavy blonde hair."
@@ -35,8 +35,19 @@ def test_untrained_models_default_to_the_training_free_mode(editor, mask_path):
     assert editor.trained is False and editor.default_mode == "invert" and editor.default_edit_method == "guided"
     out = editor(PROMPT, mask=mask_path, seed=4, num_steps=STEPS)
     assert out.settings["mode"] == "invert" and out.settings["guidance_scale"] == 7.5
+    # Invert mode renders through the pipeline's shared path: its settings are every mode's (engine included).
+    assert out.settings["engine"] == "ddgi" and out.settings["model"] == "tiny"
     with pytest.raises(UnsupportedConditionError, match="FaceEditPipeline"):
         editor.generation(PROMPT, mask=mask_path, mode="invert")
+
+
+def test_editing_components_are_optional_parts_of_the_one_pipeline(editor, tiny_pipe):
+    assert type(editor) is type(tiny_pipe) is FacePipeline
+    assert set(editor.components()) == set(tiny_pipe.components()) | set(EDITING_COMPONENTS)
+    # FaceEditPipeline(pipe, ...) is from_pipe: the same networks and lock, the components added to a new object.
+    added = FaceEditPipeline(tiny_pipe, inverter=editor.inverter)
+    assert added.encoder is tiny_pipe.encoder and added.lock is tiny_pipe.lock and added.inverter is editor.inverter
+    assert tiny_pipe.inverter is None and tiny_pipe.default_mode == "fast" and added.default_mode == "invert"
 
 
 def test_invert_mode_is_the_inverters_latent_of_the_diffusion_image(editor, mask_path):
@@ -105,9 +116,8 @@ def test_a_mask_reaches_a_scribble_only_model_as_class_boundaries(editor, mask_i
     scribble_only = FacePipeline(DiffusionEncoder(enc.unet, enc.text_encoder, enc.tokenizer, enc.make_scheduler(),
                                                   {"scribble": enc.controlnets["scribble"]}, enc.vae),
                                  pipe.generator, pipe.mapper, pipe.modulator)
-    scribble_only.show_progress = False
-    public_like = copy.copy(editor)
-    public_like.generation = scribble_only
+    public_like = FaceEditPipeline(scribble_only, **editor.editing_components)
+    public_like.show_progress = False
     with_mask = public_like(PROMPT, mask=mask_ids, seed=2, mode="invert", num_steps=STEPS)
     edges = mask_edges(parse_mask(mask_ids, size=enc.image_size), MASK_AS_SCRIBBLE_WIDTH).astype(np.uint8) * 255
     with_edges = public_like(PROMPT, scribble=edges, seed=2, mode="invert", num_steps=STEPS)
@@ -137,10 +147,10 @@ def test_a_repainted_mask_alone_drives_the_guided_edit(editor, testdata, mask_id
 
 
 def test_trained_t_keeps_modulate_as_the_default(editor):
-    trained = copy.copy(editor)
-    trained.generation = copy.copy(editor.generation)
-    trained.generation.trained = True
+    trained = editor.from_pipe(editor)
+    trained.trained = True
     assert trained.default_edit_method == "modulate" and trained.default_mode == "fast"
+    assert editor.default_mode == "invert" and not editor.generation.editing_components
 
 
 def test_public_preset_from_local_folders(editor, tmp_path, monkeypatch, mask_path):
@@ -149,13 +159,13 @@ def test_public_preset_from_local_folders(editor, tmp_path, monkeypatch, mask_pa
     overrides = {"MM2LATENT_SD_REPO": folder, "MM2LATENT_CONTROLNET_SCRIBBLE_REPO": folder / "controlnet_scribble",
                  "MM2LATENT_GENERATOR_REPO": folder / "generator", "MM2LATENT_INVERTER_REPO": folder / "inverter",
                  "MM2LATENT_FACE_PARSER_REPO": folder / "face_parser", "MM2LATENT_ARCFACE_REPO": folder / "identity",
-                 "MM2LATENT_CLIP_REPO": folder / "clip"}
+                 "MM2LATENT_CLIP_REPO": folder / "clip", "MM2LATENT_LPIPS_REPO": folder / "lpips"}
     for name, value in overrides.items():
         monkeypatch.setenv(name, str(value))
     public = FaceEditPipeline.from_pretrained("public", device="cpu")
     public.generation.show_progress = False
     assert public.name == "public" and not public.trained and public.generation.modalities == ["scribble"]
-    assert public.default_mode == "invert" and public.lpips is None  # no public LPIPS copy: L2 refinement
+    assert public.default_mode == "invert" and public.lpips is not None  # L2 + LPIPS refinement (public LPIPS)
     torch.testing.assert_close(public.generator.latent_avg, editor.generator.latent_avg)
     # M starts at the mean latent (zeroed heads) and T at identity: fast mode draws the average face.
     fast = public.generation(PROMPT, seed=0)

@@ -105,6 +105,7 @@ def test_bad_drawing_settings_are_refused(editor, mask_path):
     with pytest.raises(InvalidSettingError, match="faithfulness must be one of"):
         editor(PROMPT, mask=mask_path, mode="invert", faithfulness="perfect")
     plain = FaceEditPipeline(editor.generation, inverter=editor.inverter)
+    plain.few_step = None
     assert plain.default_drawing == "quality"
     with pytest.raises(InvalidSettingError, match="LCM-LoRA"):
         plain(PROMPT, mask=mask_path, mode="invert", drawing="fast")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ClipGuide", "build_tiny_clip"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ClipGuide"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,23 +62,3 @@ class ClipGuide:
         std = torch.tensor(CLIP_STD, device=x.device)[None, :, None, None]
         x = (((x + 1) / 2) - mean) / std
         return F.normalize(self._pooled(self.model.get_image_features(pixel_values=x.to(param.dtype))).float(), dim=-1)
-
-
-def build_tiny_clip(seed: int = 1234) -> ClipGuide:
-    """A toy CLIP (random weights, the tiny preset's tokenizer) for tests and the offline demo."""
-    from ..pipelines.presets import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, **special),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=32,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    return ClipGuide(model, tokenizer)

@@ -8,15 +8,20 @@ Scribbles are white strokes on black inside the model; black-on-white input is i
 
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from ..errors import EmptyMaskError, ImageTooLargeError, InvalidImageError, InvalidSettingError
+from ..errors import EmptyMaskError, InvalidImageError, InvalidSettingError
+from .images import (
+    MAX_IMAGE_PIXELS,
+    check_pixel_count,
+    first_frame_oriented,
+    open_image_file,
+    read_image_size,
+)
 
 __all__ = [
     "CELEBAMASK_CLASSES",
@@ -79,8 +84,6 @@ FACE_PARSER_TO_CELEBAMASK: np.ndarray = np.array(
 )
 FACE_PARSER_TO_CELEBAMASK.setflags(write=False)
 
-MAX_IMAGE_PIXELS = 40_000_000
-
 _OUTPUT_MODES = ("L", "P", "RGB", "RGBA")
 _WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _MASK_SOURCE_ORDERS = ("celebamask", "face_parser")
@@ -89,6 +92,8 @@ _MASK_SOURCE_ORDERS = ("celebamask", "face_parser")
 _CORE_COLOUR_DISTANCE = 40.0
 _EXACT_COLOUR_DISTANCE = 3.0
 _NEIGHBOURHOOD_RADIUS = 3
+# Colour maps larger than this (a side, in pixels) are read on a downscaled copy (see _colour_to_ids).
+_MAX_SNAPPING_SIDE = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,98 +121,18 @@ def load_image(image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
 def _open_image(image: Any, *, max_pixels: int) -> Image.Image:
     """Return a new, fully loaded PIL image (first frame, EXIF-oriented) in any mode."""
     if isinstance(image, (str, os.PathLike)):
-        return _open_path(image, max_pixels=max_pixels)
+        return open_image_file(image, max_pixels=max_pixels)
     if isinstance(image, np.ndarray):
         if image.ndim < 2:
             raise InvalidImageError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
-        _check_pixel_count(image.shape[1], image.shape[0], max_pixels, "the array")
+        check_pixel_count(image.shape[1], image.shape[0], max_pixels, "the array")
         return _array_to_image(image)
     if isinstance(image, Image.Image):
-        _check_pixel_count(image.width, image.height, max_pixels, "the image")
-        return _first_frame_oriented(image, "the image")
+        check_pixel_count(image.width, image.height, max_pixels, "the image")
+        return first_frame_oriented(image, "the image")
     raise InvalidImageError(
         f"expected an image (PIL image, numpy array or file path), got {type(image).__name__}"
     )
-
-
-def read_image_size(image: str | os.PathLike | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` of an image file (or its encoded bytes), read from the header alone.
-
-    Nothing is decoded: this is the check to run on an upload before anything else opens it.
-    Raises the errors :func:`load_image` raises: :class:`ImageTooLargeError` above ``max_pixels``,
-    :class:`InvalidImageError` for a missing, empty, unknown or damaged file.
-    """
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        source, name, what = io.BytesIO(image), "the image data", "the image data"
-    else:
-        source = name = os.fspath(image)
-        what = f"image file {name!r}"
-    with _open_header(source, repr(name) if source is name else name, what, max_pixels) as opened:
-        _check_pixel_count(opened.width, opened.height, max_pixels, what)
-        return opened.size
-
-
-def _open_header(source: str | io.BytesIO, name: str, what: str, max_pixels: int) -> Image.Image:
-    """``Image.open`` (which parses the header only) with its failures as this library's errors."""
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (and errors above 2x its own limit) when the header is huge; that is our
-            # ImageTooLargeError too, raised before any pixel is decoded.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(source)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        # Pillow complains above its own limit; whichever limit is lower was passed.
-        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
-        raise ImageTooLargeError(f"{what} is too large: more than {limit:,} pixels") from error
-    except FileNotFoundError as error:
-        raise InvalidImageError(f"{what} does not exist") from error
-    except IsADirectoryError as error:
-        raise InvalidImageError(f"{name} is a directory, not an image file") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidImageError(f"cannot read {name} as an image (unknown or damaged format)") from error
-
-
-def _open_path(path: str | os.PathLike, *, max_pixels: int) -> Image.Image:
-    name = os.fspath(path)
-    what = f"image file {name!r}"
-    with _open_header(name, repr(name), what, max_pixels) as source:
-        # Image.open only parsed the header; check the size before decoding anything.
-        _check_pixel_count(source.width, source.height, max_pixels, what)
-        try:
-            return _first_frame_oriented(source, what)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise InvalidImageError(f"cannot decode {what}: it is truncated or damaged") from error
-
-
-def _check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:
-    if width <= 0 or height <= 0:
-        raise InvalidImageError(f"{what} is empty ({width}x{height} pixels)")
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{what} is too large: {width}x{height} = {width * height:,} pixels, "
-            f"the limit is {max_pixels:,} pixels"
-        )
-
-
-def _first_frame_oriented(image: Image.Image, what: str) -> Image.Image:
-    """Copy of the first frame with EXIF orientation applied; ``image`` is left as it was."""
-    if getattr(image, "n_frames", 1) > 1:
-        warnings.warn(
-            f"{what} has {image.n_frames} frames (animation); only the first frame is used",
-            UserWarning,
-            stacklevel=4,
-        )
-        position = image.tell()
-        image.seek(0)
-        try:
-            frame = image.copy()
-        finally:
-            image.seek(position)
-    else:
-        image.load()
-        frame = image.copy()
-    oriented = ImageOps.exif_transpose(frame)
-    return frame if oriented is None else oriented
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -312,10 +237,11 @@ def parse_mask(
         elif image.mode == "P" and _palette_indices_are_ids(image):
             ids = _checked_ids(np.asarray(image), source_order)
         else:
-            ids = _colour_to_ids(image)
+            ids = _colour_to_ids(image, max(_MAX_SNAPPING_SIDE, *(target_size or (0,))))
 
-    if target_size is not None and target_size != (ids.shape[1], ids.shape[0]):
-        ids = np.asarray(Image.fromarray(ids).resize(target_size, Image.Resampling.NEAREST))
+    output_size = target_size or image.size
+    if output_size != (ids.shape[1], ids.shape[0]):
+        ids = np.asarray(Image.fromarray(ids).resize(output_size, Image.Resampling.NEAREST))
     if require_face:
         check_face(ids)
     return np.ascontiguousarray(ids, dtype=np.uint8)
@@ -369,7 +295,13 @@ def _palette_indices_are_ids(image: Image.Image) -> bool:
     return not is_quantised_rendering
 
 
-def _colour_to_ids(image: Image.Image) -> np.ndarray:
+def _colour_to_ids(image: Image.Image, max_side: int) -> np.ndarray:
+    """Class ids of a colour rendering, read on a copy of at most ``max_side`` pixels a side (nearest neighbour,
+    so no new colours): the snapping needs ~40 bytes a pixel, and masks are used at the model's size anyway."""
+    if max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.NEAREST)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     pixels = np.asarray(image)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -35,13 +34,6 @@ PNG_COMPRESS_LEVEL = 1
 def save_png(image: Image.Image, path: str | os.PathLike, settings: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save ``image`` as PNG with the generation settings as text metadata."""
     image.save(path, format="PNG", pnginfo=png_info(settings), compress_level=compress_level)
-
-
-def png_bytes(image: Image.Image, settings: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """The PNG file (with metadata) as bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(settings), compress_level=compress_level)
-    return buffer.getvalue()
 
 
 def read_png_settings(path: str | os.PathLike) -> dict:

@@ -9,7 +9,12 @@ gives what METHOD.md calls
 * ``attn_probs``: their attention probabilities, max-pooled over heads.
 
 Hooks and attention processors are installed for the duration of one call and removed afterwards;
-all other attention layers keep diffusers' default (SDPA) processor. ControlNets and the VAE may be given
+all other attention layers keep diffusers' default (SDPA) processor.
+
+This module has one job: one U-Net(+ControlNet) pass with its features (:meth:`DiffusionEncoder.extract`,
+:meth:`DiffusionEncoder.predict_noise`), the hooks that record them, and the prompt encodings (cached). Sampling
+— the scheduler loop, guidance, img2img starts, step callbacks — is the pipeline's
+(:meth:`~mm2latent.pipelines.ddgi.FacePipeline.denoise`), as diffusers pipelines own their denoising loop. ControlNets and the VAE may be given
 as :class:`LazyComponent` loaders: they are read from disk on first use, so a request that needs neither
 never holds them in memory.
 """
@@ -137,8 +142,8 @@ class DiffusionEncoder(nn.Module):
         unet: the SD-1.5 ``UNet2DConditionModel``.
         text_encoder: the CLIP ``CLIPTextModel``.
         tokenizer: its ``CLIPTokenizer`` (77 tokens).
-        scheduler: a ``DDIMScheduler``; copied per call, its ``timestep_spacing`` forced to "trailing"
-            so that the first step is t = T.
+        scheduler: a ``DDIMScheduler``; its config is kept (``make_scheduler`` gives a fresh one per sampling),
+            ``timestep_spacing`` forced to "trailing" so that the first step is t = T.
         controlnets: one ``ControlNetModel`` (or a :class:`LazyComponent` loading one) per visual modality,
             keys among ``MODALITIES``.
         vae: the ``AutoencoderKL`` (or a :class:`LazyComponent`); only needed to decode I^d_0 or to encode
@@ -201,10 +206,6 @@ class DiffusionEncoder(nn.Module):
     @property
     def has_vae(self) -> bool:
         return self._vae_config is not None
-
-    def is_loaded(self, name: str) -> bool:
-        """Whether a lazily loaded part ("vae", "controlnet_mask", ...) is in memory."""
-        return name not in self._pending
 
     def _materialize(self, name: str) -> nn.Module:
         with self._lock:

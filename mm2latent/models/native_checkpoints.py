@@ -14,6 +14,10 @@ Formats (``format`` of a manifest component):
 * ``encoder``: either of the two, told apart by the checkpoint's ``opts["encoder_type"]``.
 * ``bisenet``: zllrunning/face-parsing.PyTorch BiSeNet (``79999_iter.pth``, a bare state dict).
 * ``ir_se50``: the pSp / TreB1eN ArcFace IR-SE50 backbone (``model_ir_se50.pth``, a bare state dict).
+* ``pidinet``: hellozhuo/pidinet's ``table5_pidinet.pth`` (``{"epoch", "state_dict"}``, ``module.`` keys).
+* ``lpips_vgg``: LPIPS (VGG, v0.1): torchvision's ImageNet VGG16 as timm publishes it (``timm/vgg16.tv_in1k``,
+  ``model.safetensors``) plus the linear layers the ``lpips`` package ships in its wheel
+  (``lpips/weights/v0.1/vgg.pth``, read from the installed package).
 
 Offline command (e.g. to upload a converted folder)::
 
@@ -32,7 +36,14 @@ from tqdm.auto import tqdm
 
 from ..editing.inversion import encoder_from_checkpoint
 from ..errors import CheckpointFormatError, MM2LatentError
-from .networks.checkpoints import network_from_state, plain_state_dict, read_plain_checkpoint
+from .networks.checkpoints import (
+    lpips_package_weights,
+    lpips_state_dict,
+    network_from_state,
+    plain_state_dict,
+    read_plain_checkpoint,
+    read_tensor_file,
+)
 from .stylegan2 import StyleGAN2Generator
 
 __all__ = ["NATIVE_FORMATS", "SOURCE_FILE", "build_native_model", "convert_native_file", "read_native_checkpoint"]
@@ -45,6 +56,8 @@ NATIVE_FORMATS: dict[str, str] = {
     "encoder": "a pSp or e4e encoder, told apart by its opts['encoder_type']",
     "bisenet": "a BiSeNet face parser of zllrunning/face-parsing.PyTorch (79999_iter.pth)",
     "ir_se50": "an ArcFace IR-SE50 backbone of pSp / InsightFace_Pytorch (model_ir_se50.pth)",
+    "pidinet": "a PiDiNet edge detector of hellozhuo/pidinet (table5_pidinet.pth)",
+    "lpips_vgg": "an ImageNet VGG16 (timm/vgg16.tv_in1k model.safetensors) + the lpips package's v0.1 linear layers",
 }
 # Written next to the converted weights: where they came from.
 SOURCE_FILE = "mm2latent-source.json"
@@ -56,8 +69,10 @@ def _check_format(format: str) -> None:
 
 
 def read_native_checkpoint(path: str | Path, format: str) -> dict:
-    """Read a public checkpoint of ``format`` with ``torch.load(weights_only=True)``; typed errors."""
+    """Read a public checkpoint of ``format`` with ``torch.load(weights_only=True)`` (or safetensors); typed errors."""
     _check_format(format)
+    if format == "lpips_vgg":
+        return read_tensor_file(path)
     return read_plain_checkpoint(path)  # the argparse options of rosinality's train.py are allowed data
 
 
@@ -68,6 +83,13 @@ def build_native_model(format: str, checkpoint: dict) -> nn.Module:
         return StyleGAN2Generator.from_rosinality(checkpoint)
     if format in ("e4e", "psp", "encoder"):
         return encoder_from_checkpoint(checkpoint, None if format == "encoder" else format)
+    if format == "pidinet":
+        from .networks.pidinet import pidinet_from_checkpoint
+
+        return pidinet_from_checkpoint(checkpoint)
+    if format == "lpips_vgg":
+        lin = plain_state_dict(read_plain_checkpoint(lpips_package_weights()))
+        return network_from_state("lpips", lpips_state_dict(lin, checkpoint))
     kind = {"bisenet": "face_parser", "ir_se50": "arcface"}[format]
     return network_from_state(kind, plain_state_dict(checkpoint))
 

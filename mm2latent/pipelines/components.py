@@ -1,9 +1,10 @@
 """The component registry: one entry per manifest component, naming how it loads and how it saves.
 
-``FacePipeline`` and ``FaceEditPipeline`` load, save and move their networks by walking this registry
-(:func:`load_components`, :func:`save_components`); nothing else lists the components by hand. Each entry
-says how to read a component folder (``config.json`` + safetensors, or diffusers/transformers layouts),
-whether it is loaded lazily on first use (the ControlNets and the VAE), and which pipeline it belongs to.
+The pipelines load, save and move their networks by walking this registry (:func:`load_components`,
+:func:`save_components`); nothing else lists the components by hand. Each entry says how to read a component
+folder (``config.json`` + safetensors, or diffusers/transformers layouts), whether it is loaded lazily on first
+use (the ControlNets and the VAE), and whether it is an engine's ("generation") or one of the optional editing
+components every pipeline may carry ("editing": :data:`EDITING_COMPONENTS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .. import __version__
 from ..models.diffusion_encoder import LazyComponent
 from .hub import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, load_manifest, resolve_component
 
-__all__ = ["COMPONENTS", "ComponentType", "load_components", "realign_", "save_components", "write_manifest"]
+__all__ = ["COMPONENTS", "EDITING_COMPONENTS", "ComponentType", "load_components", "realign_", "save_components",
+           "write_manifest"]
 
 # Tensors of a loaded checkpoint may sit at any byte offset of the file; oneDNN/MKL pick other kernels
 # (other rounding) for unaligned weights. 64 bytes is PyTorch's own CPU allocation alignment.
@@ -103,7 +105,7 @@ class ComponentType:
 
     Attributes:
         load: ``load(folder, manifest_entry, dtype) -> object``.
-        pipeline: "generation" (``FacePipeline``) or "editing" (``FaceEditPipeline``'s networks).
+        pipeline: "generation" (an engine's networks) or "editing" (the optional editing components).
         required: a manifest without it is refused.
         lazy: read on first use (a request that never needs it never holds it in memory).
         big: read straight in the pipeline's dtype (small networks load in float32 and are cast after).
@@ -137,6 +139,11 @@ COMPONENTS: dict[str, ComponentType] = {
     # The MM2Latent engine's networks (CLIP text tower, mask and sketch autoencoders, mapper) in one folder.
     "mm2latent_engine": ComponentType(_hub_mixin("mm2latent.models.latent_mapper", "MM2LatentEngine")),
 }
+
+
+#: The optional editing components of every pipeline, in manifest order: the photo encoder (pSp / e4e), the face
+#: parser, the identity network, LPIPS and the CLIP guide.
+EDITING_COMPONENTS = tuple(name for name, kind in COMPONENTS.items() if kind.pipeline == "editing")
 
 
 def _finish(obj: Any, kind: ComponentType) -> Any:

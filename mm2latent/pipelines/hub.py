@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from huggingface_hub import constants, hf_hub_download, snapshot_download
@@ -60,13 +61,57 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _DIFFUSERS_FILES = ["*.json", "diffusion_pytorch_model.safetensors"]
 _FOLDER_FILES = ["*.json", "*.safetensors"]
 
-# The released model: our M and T, our StyleGAN2 conversion and mask ControlNet, the public SD-1.5
-# and scribble ControlNet. ``env`` names the variable that overrides the component (see the module doc).
+# Public uploads of the original checkpoints, confirmed by the public code that downloads them:
+# AIRI-Institute/HairFastGAN's hair_swap.py (--ckpt pretrained_models/StyleGAN/ffhq.pt, a rosinality
+# g_ema + latent_avg file) and models/Embedding.py (pretrained_models/encoder4editing/e4e_ffhq_encode.pt,
+# read with e4e's setup_model); AIRI-Institute/StyleFeatureEditor's configs/paths.py
+# (pretrained_models/model_ir_se50.pth, pSp's IR-SE50; its HF repo is cloned into pretrained_models/);
+# vivym/face-parsing-bisenet (79999_iter.pth of zllrunning/face-parsing.PyTorch, as MuseTalk fetches it);
+# timm/vgg16.tv_in1k (torchvision's ImageNet VGG16 weights in timm's names; LPIPS' trunk, whose linear
+# layers come from the lpips package's wheel).
+HAIRFAST_REPO = "AIRI-Institute/HairFastGAN"
+STYLE_FEATURE_EDITOR_REPO = "AIRI-Institute/StyleFeatureEditor"
+BISENET_REPO = "vivym/face-parsing-bisenet"
+TIMM_VGG16_REPO = "timm/vgg16.tv_in1k"
+SCRIBBLE_CONTROLNET_REPO = "lllyasviel/sd-controlnet-scribble"
+CLIP_REPO = "openai/clip-vit-base-patch32"
+# ControlNet's annotator weights; table5_pidinet.pth is hellozhuo/pidinet's trained_models file.
+ANNOTATORS_REPO = "lllyasviel/Annotators"
+
+#: Where this project's own trained models will be published. Until a repository is listed in
+#: :data:`PUBLISHED_REPOS` nothing tries it by default: see :func:`published` and :func:`model_plan`.
+PROJECT_ORG = "mm2latent"
+#: Every Hub repository a default of this library names: each one exists (checked by hand on the Hub).
+PUBLISHED_REPOS: frozenset[str] = frozenset({
+    SD15_REPO, SCRIBBLE_CONTROLNET_REPO, CLIP_REPO, HAIRFAST_REPO, STYLE_FEATURE_EDITOR_REPO, BISENET_REPO,
+    TIMM_VGG16_REPO, ANNOTATORS_REPO,
+})
+
+# Public networks in their original formats (converted on first use).
+PUBLIC_NETWORKS: dict[str, dict] = {
+    "generator": {"repo": HAIRFAST_REPO, "path": "pretrained_models/StyleGAN/ffhq.pt", "format": "rosinality",
+                  "revision": "main", "env": "MM2LATENT_GENERATOR_REPO"},
+    "inverter": {"repo": HAIRFAST_REPO, "path": "pretrained_models/encoder4editing/e4e_ffhq_encode.pt",
+                 "format": "e4e", "revision": "main", "env": "MM2LATENT_INVERTER_REPO"},
+    "face_parser": {"repo": BISENET_REPO, "path": "79999_iter.pth", "format": "bisenet", "revision": "main",
+                    "env": "MM2LATENT_FACE_PARSER_REPO"},
+    "identity": {"repo": STYLE_FEATURE_EDITOR_REPO, "path": "pretrained_models/model_ir_se50.pth",
+                 "format": "ir_se50", "revision": "main", "env": "MM2LATENT_ARCFACE_REPO"},
+    "lpips": {"repo": TIMM_VGG16_REPO, "path": "model.safetensors", "format": "lpips_vgg", "revision": "main",
+              "env": "MM2LATENT_LPIPS_REPO"},
+}
+
+# PiDiNet, the scribble detector of training data and "sketch from a photo" (mm2latent.inputs.scribbles).
+PIDINET_SPEC = {"repo": ANNOTATORS_REPO, "path": "table5_pidinet.pth", "format": "pidinet", "revision": "main",
+                "env": "MM2LATENT_PIDINET_REPO"}
+
+# The default components: public SD-1.5, scribble ControlNet, CLIP and the public networks above; M, T and the
+# photo encoder are folders next to a manifest (what training writes). The face-mask ControlNet is trained by
+# stage 0 (no public one exists): name it with MM2LATENT_CONTROLNET_MASK_REPO or a config's components.
 DEFAULT_COMPONENTS: dict[str, dict] = {
     "mapper": {"path": "mapper"},
     "modulator": {"path": "modulator"},
-    "generator": {"repo_id": "mm2latent/stylegan2-ffhq-1024", "revision": "main", "subfolder": "",
-                  "allow_patterns": ["config.json", "model.safetensors"], "env": "MM2LATENT_GENERATOR_REPO"},
+    "generator": dict(PUBLIC_NETWORKS["generator"]),
     "unet": {"repo_id": SD15_REPO, "revision": "main", "subfolder": "unet",
              "allow_patterns": _DIFFUSERS_FILES, "env": "MM2LATENT_SD_REPO"},
     "text_encoder": {"repo_id": SD15_REPO, "revision": "main", "subfolder": "text_encoder",
@@ -77,25 +122,13 @@ DEFAULT_COMPONENTS: dict[str, dict] = {
             "allow_patterns": _DIFFUSERS_FILES, "env": "MM2LATENT_SD_REPO"},
     "scheduler": {"repo_id": SD15_REPO, "revision": "main", "subfolder": "scheduler",
                   "allow_patterns": ["*.json"], "env": "MM2LATENT_SD_REPO"},
-    "controlnet_mask": {"repo_id": "mm2latent/controlnet-celebamask-hq", "revision": "main", "subfolder": "",
-                        "allow_patterns": _DIFFUSERS_FILES, "env": "MM2LATENT_CONTROLNET_MASK_REPO"},
-    "controlnet_scribble": {"repo_id": "lllyasviel/sd-controlnet-scribble", "revision": "main", "subfolder": "",
+    "controlnet_scribble": {"repo_id": SCRIBBLE_CONTROLNET_REPO, "revision": "main", "subfolder": "",
                             "allow_patterns": _DIFFUSERS_FILES, "env": "MM2LATENT_CONTROLNET_SCRIBBLE_REPO"},
-}
-
-_NETWORK_FILES = _FOLDER_FILES
-# Real-photo editing: our pSp encoder, converted loss networks (see mm2latent.models.networks), and CLIP.
-DEFAULT_COMPONENTS.update({
     "inverter": {"path": "inverter", "env": "MM2LATENT_INVERTER_REPO"},
-    "face_parser": {"repo_id": "mm2latent/loss-networks", "subfolder": "face-parser-bisenet",
-                    "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_FACE_PARSER_REPO"},
-    "identity": {"repo_id": "mm2latent/loss-networks", "subfolder": "arcface-ir-se50",
-                 "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_ARCFACE_REPO"},
-    "lpips": {"repo_id": "mm2latent/loss-networks", "subfolder": "lpips-vgg",
-              "allow_patterns": _NETWORK_FILES, "env": "MM2LATENT_LPIPS_REPO"},
-    "clip": {"repo_id": "openai/clip-vit-base-patch32", "revision": "main", "subfolder": "",
+    **{name: dict(PUBLIC_NETWORKS[name]) for name in ("face_parser", "identity", "lpips")},
+    "clip": {"repo_id": CLIP_REPO, "revision": "main", "subfolder": "",
              "allow_patterns": ["*.json", "*.txt", "model.safetensors"], "env": "MM2LATENT_CLIP_REPO"},
-})
+}
 
 REQUIRED_COMPONENTS = ("mapper", "modulator", "generator", "unet", "text_encoder", "tokenizer", "scheduler")
 #: What a manifest of each engine (its ``"engine"``, default "ddgi") must name.
@@ -103,27 +136,10 @@ ENGINE_REQUIRED_COMPONENTS = {"ddgi": REQUIRED_COMPONENTS, "mm2latent": ("genera
 OPTIONAL_COMPONENTS = ("vae", "controlnet_mask", "controlnet_scribble", "inverter", "face_parser", "identity",
                        "lpips", "clip")
 
-# Public uploads of the original checkpoints, confirmed by the public code that downloads them:
-# AIRI-Institute/HairFastGAN's hair_swap.py (--ckpt pretrained_models/StyleGAN/ffhq.pt, a rosinality
-# g_ema + latent_avg file) and models/Embedding.py (pretrained_models/encoder4editing/e4e_ffhq_encode.pt,
-# read with e4e's setup_model); AIRI-Institute/StyleFeatureEditor's configs/paths.py
-# (pretrained_models/model_ir_se50.pth, pSp's IR-SE50; its HF repo is cloned into pretrained_models/);
-# vivym/face-parsing-bisenet (79999_iter.pth of zllrunning/face-parsing.PyTorch, as MuseTalk fetches it).
-HAIRFAST_REPO = "AIRI-Institute/HairFastGAN"
-STYLE_FEATURE_EDITOR_REPO = "AIRI-Institute/StyleFeatureEditor"
-BISENET_REPO = "vivym/face-parsing-bisenet"
-
-# The public preset: every network from a public file; M and T are not published yet (untrained).
-# No public Hub copy of LPIPS' lin weights is known, so it is left out (refinement uses L2 alone).
+# The public preset: every network from a public file (LPIPS included: refinement uses L2 + LPIPS); M and T
+# are not published yet (untrained).
 PUBLIC_COMPONENTS: dict[str, dict] = {
-    "generator": {"repo": HAIRFAST_REPO, "path": "pretrained_models/StyleGAN/ffhq.pt", "format": "rosinality",
-                  "revision": "main", "env": "MM2LATENT_GENERATOR_REPO"},
-    "inverter": {"repo": HAIRFAST_REPO, "path": "pretrained_models/encoder4editing/e4e_ffhq_encode.pt",
-                 "format": "e4e", "revision": "main", "env": "MM2LATENT_INVERTER_REPO"},
-    "face_parser": {"repo": BISENET_REPO, "path": "79999_iter.pth", "format": "bisenet", "revision": "main",
-                    "env": "MM2LATENT_FACE_PARSER_REPO"},
-    "identity": {"repo": STYLE_FEATURE_EDITOR_REPO, "path": "pretrained_models/model_ir_se50.pth",
-                 "format": "ir_se50", "revision": "main", "env": "MM2LATENT_ARCFACE_REPO"},
+    **{name: dict(spec) for name, spec in PUBLIC_NETWORKS.items()},
     **{name: dict(DEFAULT_COMPONENTS[name]) for name in ("clip", "unet", "text_encoder", "tokenizer", "vae",
                                                          "scheduler", "controlnet_scribble")},
 }
@@ -131,7 +147,8 @@ PUBLIC_COMPONENTS: dict[str, dict] = {
 # The format an override ``org/name:path`` (or a local file) of a component is read in. The inverter's
 # is read from the file itself (pSp and e4e checkpoints record their encoder type).
 NATIVE_FORMAT_OF_COMPONENT = {"generator": "rosinality", "inverter": "encoder", "face_parser": "bisenet",
-                              "identity": "ir_se50", "arcface": "ir_se50"}
+                              "identity": "ir_se50", "arcface": "ir_se50", "lpips": "lpips_vgg",
+                              "pidinet": "pidinet"}
 
 # Converted native checkpoints live in ``<repo cache>/mm2latent-converted/<version>/<commit>/<format>/<path>/``;
 # bump the version when a converter's output changes.
@@ -147,6 +164,46 @@ _HUB_ERRORS = (
 )
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _hub_status_cache: dict[str, tuple[float, bool, str]] = {}
+
+
+# ---------------------------------------------------------------------------------------------- published
+
+
+def published(repo_id: str) -> bool:
+    """Whether a default may try ``repo_id``: False for this project's own repositories (``mm2latent/...``) until
+    they are listed in :data:`PUBLISHED_REPOS`; True for every other repository (a user's choice). No request."""
+    repo_id = parse_repo_reference(repo_id.partition(":")[0])[0]
+    return repo_id in PUBLISHED_REPOS or not repo_id.startswith(f"{PROJECT_ORG}/")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What to load for a requested model: the model itself, or a stand-in when it is not published yet.
+
+    Attributes:
+        requested: what was asked for (a Hub repository, a folder or a preset name).
+        load: what to load instead (``requested`` itself when it is published).
+        skipped: True when ``requested`` is an unpublished repository of this project (nothing was tried).
+        sentence: one sentence for users, empty when nothing was skipped.
+    """
+
+    requested: str
+    load: str
+    skipped: bool
+    sentence: str = ""
+
+
+def model_plan(requested: str, fallback: str = "public") -> ModelPlan:
+    """The model to load for ``requested`` (e.g. the Space's ``MM2LATENT_MODEL_REPO``), without a network request.
+
+    An unpublished repository of this project is skipped quietly (no download attempt, no error): the plan
+    loads ``fallback`` instead and says so in :attr:`ModelPlan.sentence`.
+    """
+    if Path(requested).expanduser().exists() or published(requested):
+        return ModelPlan(requested, requested, False)
+    return ModelPlan(requested, fallback, True,
+                     f"The trained model {requested} is not published yet, so this runs the {fallback} preset "
+                     "instead (public networks, untrained M and T).")
 
 
 # ---------------------------------------------------------------------------------------------- reachability
@@ -346,6 +403,16 @@ def _resolve_native(name: str, spec: dict, base: Path | None, base_repo: tuple[s
 
 def _resolve_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_path: str, checkpoint_format: str,
                             env: str | None) -> Path:
+    downloaded, candidates, source = locate_hub_checkpoint(name, repo_id, revision, file_path, checkpoint_format, env)
+    return _converted_folder(name, downloaded, checkpoint_format, candidates, source)
+
+
+def locate_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_path: str, checkpoint_format: str,
+                          env: str | None = None) -> tuple[Path, list[Path], dict]:
+    """(the downloaded file, the folders its conversion is cached in — first existing wins —, its provenance).
+
+    Downloads the file (or finds it in the Hub cache when offline); converts nothing.
+    """
     reachable, _ = hub_status()
     what = f"the {name} checkpoint '{file_path}'"
     try:
@@ -359,7 +426,12 @@ def _resolve_hub_checkpoint(name: str, repo_id: str, revision: str | None, file_
     relative = Path(CONVERTER_VERSION) / commit / checkpoint_format / file_path
     candidates = [repo_cache / CONVERTED_DIR / relative, user_cache_dir() / repo_cache.name / relative]
     source = {"repo": repo_id, "revision": revision or "main", "commit": commit, "path": file_path}
-    return _converted_folder(name, downloaded, checkpoint_format, candidates, source)
+    return downloaded, candidates, source
+
+
+def is_converted(folder: Path) -> bool:
+    """Does ``folder`` hold a finished conversion (``config.json`` + ``model.safetensors``)?"""
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def user_cache_dir() -> Path:
@@ -367,10 +439,6 @@ def user_cache_dir() -> Path:
     if os.environ.get("MM2LATENT_CACHE"):
         return Path(os.environ["MM2LATENT_CACHE"]).expanduser() / "converted"
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mm2latent" / "converted"
-
-
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candidates: list[Path],
@@ -383,7 +451,7 @@ def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candi
     from ..models import native_checkpoints
 
     for folder in candidates:
-        if _is_converted(folder):
+        if is_converted(folder):
             return folder
     failures = []
     for folder in candidates:
@@ -400,7 +468,7 @@ def _converted_folder(name: str, checkpoint: Path, checkpoint_format: str, candi
             try:
                 staging.rename(folder)
             except OSError:
-                if not _is_converted(folder):  # not another process that finished first
+                if not is_converted(folder):  # not another process that finished first
                     raise
         finally:
             if staging.exists():

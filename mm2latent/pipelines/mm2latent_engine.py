@@ -2,14 +2,14 @@
 
 No diffusion model: a CLIP/FaRL text embedding and the codes of the mask and sketch autoencoders go through one
 mapper to W+ (:class:`~mm2latent.models.latent_mapper.MM2LatentEngine`), then the same truncation and generator
-as DDGI (:class:`~.generation.FacePipelineBase`). The call, its output and its settings are DDGI's:
+as DDGI (:class:`~.base.FacePipelineBase`). The call, its output and its settings are DDGI's:
 ``pipe(prompt, mask=..., scribble=..., seed=..., truncation=..., num_images=...)``. Public stages:
 
 1. :meth:`MM2LatentPipeline.prepare_conditions` — mask / sketch -> autoencoder codes (+ previews);
 2. :meth:`MM2LatentPipeline.encode_prompts` — prompts -> unit-norm text embeddings (an empty prompt: none);
 3. :meth:`MM2LatentPipeline.predict_latents` — text embedding + codes -> the mapper -> W+ (deterministic);
 4. :meth:`MM2LatentPipeline.vary_latents` — what the seed does (below);
-5. :meth:`~.generation.FacePipelineBase.render` — truncation and G.
+5. :meth:`~.base.FacePipelineBase.render` — truncation and G.
 
 Seeds: the mapper is a deterministic function of its inputs, as in MM2Latent, so the same prompt, mask and
 sketch always map to the same W+. The seed adds diversity only where the inputs say least: image i of a call
@@ -38,8 +38,12 @@ from ..editing.methods import layer_ranges
 from ..errors import InvalidSettingError, UnsupportedConditionError
 from ..models.generator import Generator
 from ..models.latent_mapper import MM2LatentEngine
-from .generation import FacePipelineBase, FacePipelineOutput, parse_visual_inputs
+from .base import FacePipelineBase, parse_visual_inputs
+from .components import EDITING_COMPONENTS
+from .editing import PhotoEditingMixin
+from .outputs import FacePipelineOutput
 from .request import GenerationRequest
+from .sampling import StepCallback
 
 __all__ = ["DEFAULT_SEED_VARIATION", "DIFFUSION_SETTINGS", "MM2LatentPipeline", "PromptEmbeddings"]
 
@@ -68,7 +72,7 @@ class PromptEmbeddings:
         return self.present.shape[0]
 
 
-class MM2LatentPipeline(FacePipelineBase):
+class MM2LatentPipeline(PhotoEditingMixin, FacePipelineBase):
     """The MM2Latent engine: [text embedding | mask code | sketch code] -> mapper -> W+ -> G.
 
     Load it with ``FacePipeline.from_pretrained("tiny-mm2latent")`` or from a manifest whose ``"engine"`` is
@@ -80,6 +84,8 @@ class MM2LatentPipeline(FacePipelineBase):
         trained: whether the engine's networks carry trained weights.
         name: where the pipeline was loaded from (for messages and metadata).
         seed_variation: what the seed does (see the module doc); a setting of the pipeline, not saved.
+        editing: the optional editing components (``inverter``, ``face_parser``, ``identity``, ``lpips``,
+            ``clip``; see :class:`~mm2latent.pipelines.base.FacePipelineBase`).
     """
 
     engine = "mm2latent"
@@ -91,22 +97,25 @@ class MM2LatentPipeline(FacePipelineBase):
         trained: bool = False,
         name: str = "custom",
         seed_variation: float = DEFAULT_SEED_VARIATION,
+        **editing,
     ):
         mapper = mm2latent_engine.mapper
         if mapper.num_ws != generator.num_ws or mapper.style_dim != generator.style_dim:
             raise ValueError(f"the mapper outputs {mapper.num_ws}x{mapper.style_dim} latents but G expects "
                              f"{generator.num_ws}x{generator.style_dim}")
-        super().__init__(generator, trained, name)
+        super().__init__(generator, trained, name, **editing)
         self.mm2latent_engine = mm2latent_engine.eval().requires_grad_(False)
         self.seed_variation = float(seed_variation)
 
     @classmethod
     def from_components(cls, parts: dict, trained: bool = False, name: str = "custom") -> MM2LatentPipeline:
-        """Assemble a pipeline from loaded manifest components ({"generator": ..., "mm2latent_engine": ...})."""
-        return cls(parts["mm2latent_engine"], parts["generator"], trained=trained, name=name)
+        """Assemble a pipeline from loaded manifest components ({"generator": ..., "mm2latent_engine": ...}, editing
+        components optional)."""
+        editing = {name: parts[name] for name in EDITING_COMPONENTS if name in parts}
+        return cls(parts["mm2latent_engine"], parts["generator"], trained=trained, name=name, **editing)
 
-    def components(self) -> dict:
-        """Every network by manifest name."""
+    def engine_components(self) -> dict:
+        """The engine's networks by manifest name."""
         return {"generator": self.generator, "mm2latent_engine": self.mm2latent_engine}
 
     @property
@@ -117,6 +126,9 @@ class MM2LatentPipeline(FacePipelineBase):
     # ------------------------------------------------------------------ what a request may ask
     def check_request(self, request: GenerationRequest) -> None:
         """Only fast mode, no diffusion preview, no guidance; the generator's rendering options."""
+        if request.mode == "invert":
+            raise InvalidSettingError("mode='invert' draws I^d_0 with the diffusion model of the DDGI engine; this "
+                                      "model runs the MM2Latent engine, which has none: use mode='fast'")
         if request.mode != "fast":
             raise InvalidSettingError(
                 f"mode={request.mode!r} belongs to the DDGI engine (diffusion features); this model runs the "
@@ -209,7 +221,8 @@ class MM2LatentPipeline(FacePipelineBase):
         return varied
 
     # ------------------------------------------------------------------ the whole call
-    def _generate_group(self, requests: list[GenerationRequest]) -> list[FacePipelineOutput]:
+    def _generate_group(self, requests: list[GenerationRequest],
+                        callback_on_step_end: StepCallback | None = None) -> list[FacePipelineOutput]:
         prepared = [self.prepare_conditions(r.mask, r.scribble) for r in requests]
         prompts = self.encode_prompts([r.prompt for r in requests for _ in range(r.num_images)])
         # Each request's codes once, one row per image.

@@ -18,87 +18,21 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..models.diffusion_encoder import DiffusionEncoder, LazyComponent
 from ..models.generator import Generator
 from ..models.mapping import MappingNetwork, StyleModulationNetwork
 from ..models.stylegan2 import StyleGAN2Generator
+from ..models.tiny import (
+    build_tiny_diffusion_encoder,
+    build_tiny_editing_networks,
+    build_tiny_stylegan2,
+    build_tiny_tokenizer,
+    with_mean_latent,
+)
 
 TINY_SEED = 20240617
-
-# Words of CelebA-style captions; the tiny tokenizer keeps them whole so attention maps are per word.
-_CAPTION_WORDS = """
-a an the she he her his is has and with of wearing smiling smile mouth open closed slightly lips big
-small pointy nose eyes eye brown blue green gray black blonde red wavy straight curly long short hair
-bangs receding hairline bald beard mustache goatee sideburns no makeup heavy lipstick earrings necklace
-necktie hat eyeglasses glasses young old middle aged man woman person face oval chubby double chin
-high cheekbones rosy cheeks pale skin arched bushy eyebrows narrow bags under attractive this pretty
-""".split()
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes (GPT-2's table)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def build_tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer with a small vocabulary: all byte symbols plus whole caption words."""
-    symbols = _bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    merges: list[tuple[str, str]] = []
-    for word in _CAPTION_WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in merges:
-                merges.append(pair)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _build_tiny_encoder() -> DiffusionEncoder:
-    """The tiny diffusion encoder E, drawn from the current global RNG (the caller seeds it)."""
-    tokenizer = build_tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    controlnets = {}
-    for name in ("mask", "scribble"):
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-        # diffusers zero-initialises the output convs; an untrained tiny ControlNet would then do nothing.
-        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                      controlnet.controlnet_cond_embedding.conv_out]
-        for conv in zero_convs:
-            torch.nn.init.normal_(conv.weight, std=0.3)
-        controlnets[name] = controlnet
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, sample_size=128,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
-    )
-    return DiffusionEncoder(unet, text_encoder, tokenizer, scheduler, controlnets, vae)
-
 
 def _build_tiny_heads(encoder: DiffusionEncoder, generator) -> dict:
     """Tiny M and T sized from ``encoder`` and ``generator`` (from the current global RNG): the preset's components."""
@@ -107,28 +41,17 @@ def _build_tiny_heads(encoder: DiffusionEncoder, generator) -> dict:
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
 
 
-def _with_latent_avg(generator: StyleGAN2Generator, seed: int) -> StyleGAN2Generator:
-    generator.latent_avg.copy_(generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed)).reshape(-1))
-    return generator
-
-
-def _build_tiny_stylegan2(seed: int) -> StyleGAN2Generator:
-    """The tiny presets' StyleGAN2 (64², 64-d W) from the current global RNG; its w̄ from ``seed``."""
-    return _with_latent_avg(StyleGAN2Generator(resolution=64, style_dim=64, n_mlp=2, channel_base=2048,
-                                               channel_max=32), seed)
-
-
 def _build_full_size_stylegan2(seed: int) -> StyleGAN2Generator:
     """The full-size presets' 1024² StyleGAN2 from the current global RNG; its w̄ from ``seed``."""
-    return _with_latent_avg(StyleGAN2Generator(), seed)
+    return with_mean_latent(StyleGAN2Generator(), seed)
 
 
 def build_tiny_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """All components of the tiny preset, initialised from ``seed`` (same weights on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = _build_tiny_encoder()
-        generator = _build_tiny_stylegan2(seed)
+        encoder = build_tiny_diffusion_encoder()
+        generator = build_tiny_stylegan2(seed)
         return _build_tiny_heads(encoder, generator)
 
 
@@ -143,7 +66,7 @@ def build_tiny_eg3d_components(seed: int = TINY_SEED, dtype: torch.dtype | None 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = _build_tiny_encoder()
+        encoder = build_tiny_diffusion_encoder()
         generator = build_tiny_eg3d(seed)  # draws from its own forked RNG
         return _build_tiny_heads(encoder, generator)
 
@@ -240,25 +163,40 @@ def build_public_components(seed: int = TINY_SEED, dtype: torch.dtype | None = N
     return {"encoder": encoder, "generator": generator, "mapper": mapper, "modulator": modulator}
 
 
+#: Presets that come with toy editing networks (their generator is the tiny 2D StyleGAN2 the toy inverter fits).
+TINY_EDITING_PRESETS = ("tiny", "tiny-mm2latent")
+
+
 def build_tiny_editing_components(generator, seed: int = 1234) -> dict:
-    """Toy inverter, face parser, identity net, LPIPS and CLIP with deterministic random weights.
+    """The tiny presets' editing components: :func:`~mm2latent.models.tiny.build_tiny_editing_networks`."""
+    return build_tiny_editing_networks(generator, seed)
 
-    Returns a dict with the :class:`~mm2latent.pipelines.editing.FaceEditPipeline` argument names: ``inverter``,
-    ``face_parser``, ``identity``, ``lpips``, ``clip``.
-    """
-    from ..editing.clip import build_tiny_clip
-    from ..editing.inversion import PSPEncoder, tiny_psp_config
-    from ..models.networks import build_tiny_network
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        inverter = PSPEncoder(**tiny_psp_config(generator.num_ws, generator.style_dim))
-    parts = {"inverter": inverter, "face_parser": build_tiny_network("face_parser", seed),
-             "identity": build_tiny_network("arcface", seed), "lpips": build_tiny_network("lpips", seed)}
-    for module in parts.values():
-        module.eval().requires_grad_(False)
-    parts["clip"] = build_tiny_clip(seed)
-    return parts
+def build_editing_components(preset: str, generator) -> dict:
+    """The editing components a preset comes with: toy networks for :data:`TINY_EDITING_PRESETS`, the public
+    files for ``"public"``, none for the others (their generators have no public photo encoder)."""
+    if preset in TINY_EDITING_PRESETS:
+        return build_tiny_editing_components(generator)
+    if preset == "public":
+        from .components import load_components
+
+        return load_components(public_manifest("editing"), pipeline="editing")[1]
+    return {}
+
+
+def public_few_step():
+    """The published LCM-LoRA for the public preset's fast drawing (None, with a warning, when it cannot be read)."""
+    import warnings
+
+    from ..errors import WeightsNotFoundError
+    from ..models.few_step import FewStepLoRA
+
+    try:
+        return FewStepLoRA.from_pretrained()
+    except WeightsNotFoundError as error:
+        warnings.warn(f"the fast drawing is unavailable ({error}); the training-free mode draws with 20 DDIM steps",
+                      stacklevel=3)
+        return None
 
 
 def build_tiny_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
@@ -272,7 +210,7 @@ def build_tiny_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        generator = _build_tiny_stylegan2(seed)
+        generator = build_tiny_stylegan2(seed)
     return {"mm2latent_engine": MM2LatentEngine(**build_tiny_mm2latent_components(generator)), "generator": generator}
 
 

@@ -2,7 +2,7 @@
 
 :meth:`GenerationRequest.create` checks every setting and raises the library's typed errors
 (:mod:`mm2latent.errors`); the Space turns those into ``gr.Error`` messages, the CLI prints them. The
-checks here are the only ones: :class:`~mm2latent.pipelines.generation.FacePipeline` adds only what depends on
+checks here are the only ones: :class:`~mm2latent.pipelines.ddgi.FacePipeline` adds only what depends on
 the loaded model (which ControlNets it has, whether it has a VAE).
 """
 
@@ -287,3 +287,53 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of single settings, for callers that take them one by one (the Space's photo edit and 3D tab)
+# --------------------------------------------------------------------------------------------
+
+
+def check_prompt(prompt: Any, max_chars: int | None = None, name: str = "the prompt") -> str:
+    """``prompt`` stripped (None is empty); :class:`InvalidSettingError` when it is not text or too long.
+
+    Args:
+        prompt: the text as the caller sent it (a number or a list is refused, not converted).
+        max_chars: the most characters allowed after stripping (None: no limit).
+        name: how messages name it, e.g. "the description of the change".
+    """
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise InvalidSettingError(f"{name} must be text, got {type(prompt).__name__} {_shown(prompt)}")
+    prompt = prompt.strip()
+    if max_chars is not None and len(prompt) > max_chars:
+        raise InvalidSettingError(
+            f"{name} is {len(prompt):,} characters long; the limit is {max_chars:,} (the text encoder reads only "
+            "about the first 60 words anyway)")
+    return prompt
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` when it is ``True`` or ``False`` (numpy booleans too); :class:`InvalidSettingError` otherwise.
+
+    ``"yes"``, ``1`` or ``None`` are refused: a wrong type is a caller's mistake, not a choice.
+    """
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidSettingError(f"{name} must be true or false, got {_shown(value)}")
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``value`` when it is one of ``choices``; :class:`InvalidSettingError` listing them otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidSettingError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
+    return value
+
+
+def check_camera(yaw: Any, pitch: Any, max_yaw: float = 180.0, max_pitch: float = 90.0) -> tuple[float, float]:
+    """A camera ``(yaw, pitch)`` in degrees within ``±max_yaw`` and ``±max_pitch``; :class:`InvalidSettingError`
+    naming the angle otherwise (a 3D model may be trained on a narrower range than a full turn)."""
+    return check_number(yaw, "yaw", -max_yaw, max_yaw), check_number(pitch, "pitch", -max_pitch, max_pitch)

@@ -94,7 +94,8 @@ def schedule_timesteps(scheduler, num_steps: int, strength: float, device: torch
     """
     if not 1 <= num_steps <= 1000:
         raise InvalidStepsError(f"num_steps must be between 1 and 1000, got {num_steps}")
-    scheduler.set_timesteps(num_steps, device=device)
+    # On the meta device (full-size shape checks) the timesteps stay readable numbers on the CPU.
+    scheduler.set_timesteps(num_steps, device="cpu" if torch.device(device).type == "meta" else device)
     timesteps = scheduler.timesteps
     if not from_clean or strength >= 1.0:
         return timesteps
@@ -180,7 +181,7 @@ def preview_callback(
             return None
         latents = state.get("pred_original_sample")
         latents = state["latents"] if latents is None else latents
-        images = latents_to_rgb(latents) if decoder == "approx" else pipe.encoder.decode_latents(latents).float()
+        images = latents_to_rgb(latents) if decoder == "approx" else pipe.decode(latents).float()
         return {STOP: True} if on_preview(step_index, total, images) else None
 
     return callback

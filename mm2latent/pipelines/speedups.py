@@ -1,4 +1,4 @@
-"""Optional speed-ups for a :class:`~mm2latent.pipelines.generation.FacePipeline`, each one reversible.
+"""Optional speed-ups for a :class:`~mm2latent.pipelines.ddgi.FacePipeline`, each one reversible.
 
 None of these is applied by default; ``benchmarks/speed.py`` measures each one on and off and the tests
 check that each gives the same output as the plain pipeline within a stated tolerance.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .generation import FacePipeline
+from .ddgi import FacePipeline
 
 __all__ = [
     "CHANNELS_LAST_PARTS",

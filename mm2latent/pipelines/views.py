@@ -3,8 +3,9 @@
 A 3D generator (EG3D) turns a latent into camera-independent tri-planes and renders them from any camera,
 so a face is seen from V cameras for the price of one backbone pass and V volume renderings:
 ``FacePipeline.render_views`` computes the tri-planes once per latent and renders each camera from them
-(:func:`iter_views`); :func:`render_turntable` renders an orbit around the face and writes it as a
-browser-playable MP4 (H.264, yuv420p, moov atom first) or a GIF.
+(:func:`iter_views`); :func:`turntable` (a pipeline's ``render_turntable``) renders an orbit around the face and
+writes it as a browser-playable MP4 (H.264, yuv420p, moov atom first) or a GIF. This module takes a generator, a
+truncation function and a lock, never a pipeline, so the pipelines import it and not the other way round.
 
 Cameras are (yaw°, pitch°) on the model's orbit or 25-number labels (see :mod:`mm2latent.models.camera`).
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +31,6 @@ from ..inputs.images import tensor_to_pil
 from ..models.generator import CameraGenerator, is_3d
 from .request import check_integer, check_number
 
-if TYPE_CHECKING:
-    from .generation import FacePipeline
-
 __all__ = [
     "FRAME_CONTENTS",
     "MAX_FPS",
@@ -42,6 +41,7 @@ __all__ = [
     "iter_views",
     "render_turntable",
     "require_3d",
+    "turntable",
     "turntable_cameras",
     "view_cameras",
     "write_video",
@@ -144,12 +144,12 @@ def iter_views(
         yield generator.render(ws, camera, noise_mode, rng, neural_rendering_resolution, planes=planes)
 
 
-def require_3d(pipe: FacePipeline, what: str) -> CameraGenerator:
-    """The pipeline's generator if it is 3D; :class:`InvalidSettingError` naming ``what`` needs one otherwise."""
-    if not is_3d(pipe.generator):
+def require_3d(generator, what: str) -> CameraGenerator:
+    """``generator`` if it is 3D; :class:`InvalidSettingError` naming ``what`` needs one otherwise."""
+    if not is_3d(generator):
         raise InvalidSettingError(f"{what} needs a 3D generator such as EG3D; this model's generator "
-                                  f"({type(pipe.generator).__name__}) is 2D")
-    return pipe.generator
+                                  f"({type(generator).__name__}) is 2D")
+    return generator
 
 
 def turntable_cameras(
@@ -261,22 +261,23 @@ def _frame(view, content: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def render_turntable(
-    pipe: FacePipeline,
+def turntable(
+    generator: CameraGenerator,
     latents: torch.Tensor,
     path: str | os.PathLike,
     num_frames: int = 24,
     fps: float = 24.0,
     *,
-    truncation: float | torch.Tensor = 1.0,
+    truncate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lock: Any = None,
     noise_mode: str = "const",
-    conditioning_camera=None,
     yaw_amplitude: float = TURNTABLE_YAW_AMPLITUDE,
     pitch: float = TURNTABLE_PITCH,
     pitch_amplitude: float = TURNTABLE_PITCH_AMPLITUDE,
     content: str = "image",
     neural_rendering_resolution: int | None = None,
     rng: torch.Generator | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """A video of the camera circling the face (see :func:`turntable_cameras`), written as it renders.
 
@@ -284,24 +285,24 @@ def render_turntable(
     latents play side by side in one video.
 
     Args:
-        pipe: a pipeline with a 3D generator.
-        latents: ``[B, L, D]`` or one latent ``[L, D]`` (e.g. ``output.latents[0]`` of a call: those are
-            already truncated, so keep ``truncation=1`` to see that image's face).
+        generator: a 3D generator.
+        latents: ``[B, L, D]`` or one latent ``[L, D]``.
         path: ``.mp4`` (H.264, plays in browsers) or ``.gif``.
         num_frames: frames of one loop (1..1000).
         fps: frames per second (the loop lasts num_frames / fps seconds).
-        truncation: ψ toward the mean latent (1 = none).
+        truncate: applied to the latents before rendering (e.g. a pipeline's truncation); None: none.
+        lock: held while rendering (e.g. the pipeline's, shared with its other calls); None: none.
         noise_mode: the generator's noise ("const" keeps the face steady from frame to frame).
-        conditioning_camera: the camera whose mean latent truncation pulls toward (None: w̄).
         yaw_amplitude, pitch, pitch_amplitude: the orbit in degrees (default EG3D's videos').
         content: "image" (final), "raw" (the neural rendering before super-resolution) or "depth".
         neural_rendering_resolution: side of the volume rendering (default: the model's).
         rng: source of random draws in mode "random".
+        show_progress: a progress bar over the frames.
 
     Returns:
         The path written.
     """
-    generator = require_3d(pipe, "a turntable")
+    generator = require_3d(generator, "a turntable")
     path = Path(path)
     _video_format(path)
     if content not in FRAME_CONTENTS:
@@ -310,11 +311,16 @@ def render_turntable(
     yaws, pitches = turntable_cameras(num_frames, yaw_amplitude, pitch, pitch_amplitude)
     labels = view_cameras(generator, yaws, pitches)
     latents = latents.unsqueeze(0) if latents.ndim == 2 else latents
-    settings = pipe.resolve_render_kwargs({"conditioning_camera": conditioning_camera,
-                                           "neural_rendering_resolution": neural_rendering_resolution},
-                                          [latents.shape[0]])
-    with pipe.lock:
-        ws = pipe.truncate(latents, truncation, settings.conditioning)
-        views = iter_views(generator, ws, labels.to(ws.device), noise_mode, rng,
-                           settings.neural_rendering_resolution, pipe.show_progress)
+    with lock if lock is not None else nullcontext():
+        ws = truncate(latents) if truncate is not None else latents
+        views = iter_views(generator, ws, labels.to(ws.device), noise_mode, rng, neural_rendering_resolution,
+                           show_progress)
         return write_video((_frame(view, content) for view in views), path, fps)
+
+
+def render_turntable(pipe, latents: torch.Tensor, path: str | os.PathLike, num_frames: int = 24, fps: float = 24.0,
+                     **options) -> Path:
+    """``pipe.render_turntable(latents, path, num_frames, fps, **options)``: a pipeline's turntable video (its
+    truncation, conditioning camera and lock; see
+    :meth:`~mm2latent.pipelines.base.FacePipelineBase.render_turntable`)."""
+    return pipe.render_turntable(latents, path, num_frames, fps, **options)

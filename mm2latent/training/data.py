@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..inputs.conditions import CELEBAMASK_CLASSES, edges_from_photo, mask_to_color, parse_mask
+from ..inputs.conditions import CELEBAMASK_CLASSES, mask_to_color, parse_mask
 from ..inputs.images import image_to_tensor
+from ..inputs.scribbles import scribble_from_photo
 from ..models.generator import is_3d
 
 PART_NAMES = CELEBAMASK_CLASSES[1:]  # g_mask.py's label_list: class id = position + 1
@@ -76,7 +77,7 @@ def _prepare_one(job: tuple) -> int:
     else:
         ids = combine_part_masks(anno_dir, index, mask_size)
     Image.fromarray(ids).save(Path(out) / "masks" / f"{index}.png")
-    edges = edges_from_photo(image_file(Path(image_dir), index), size=scribble_size)
+    edges = scribble_from_photo(image_file(Path(image_dir), index), size=scribble_size)
     Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)).save(Path(out) / "scribbles" / f"{index}.png")
     return index
 
@@ -303,7 +304,7 @@ class SyntheticFaceDataset(Dataset):
             array = ((target.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
             controls = {}
             if "scribble" in self.modalities:
-                controls["scribble"] = scribble_control(edges_from_photo(Image.fromarray(array), size=condition_size),
+                controls["scribble"] = scribble_control(scribble_from_photo(Image.fromarray(array), size=condition_size),
                                                         condition_size)
             if "mask" in self.modalities:
                 luminance = array.mean(axis=2)

@@ -36,8 +36,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import InvalidSettingError
-from ..inputs.conditions import CELEBAMASK_PALETTE, edges_from_photo
+from ..inputs.conditions import CELEBAMASK_PALETTE
 from ..inputs.images import tensor_to_pil
+from ..inputs.scribbles import scribble_from_photo
 from ..models.autoencoders import MaskAutoencoder, SketchAutoencoder
 from ..models.clip_encoder import CLIPEncoder
 from ..models.generator import Generator, generator_class
@@ -93,7 +94,7 @@ def sample_latent_seed(seed: int, sample_id: int) -> int:
 def renders_to_conditions(images: torch.Tensor, face_parser: nn.Module, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The spatial inputs of renders in [-1, 1]: (parsed mask ids ``[B, size, size]``, edge sketches ``[B, size, size]``)."""
     mask_ids = face_parser.parse(images, size=size).cpu()
-    sketches = torch.stack([torch.from_numpy(edges_from_photo(photo, size=size)) for photo in tensor_to_pil(images)])
+    sketches = torch.stack([torch.from_numpy(scribble_from_photo(photo, size=size)) for photo in tensor_to_pil(images)])
     return mask_ids, sketches
 
 

@@ -147,7 +147,8 @@ class CLIPScorer:
     """
 
     def __init__(self, source=None, device: str | torch.device = "cpu"):
-        from ..editing.clip import ClipGuide, build_tiny_clip
+        from ..editing.clip import ClipGuide
+        from ..models.tiny import build_tiny_clip
         from ..pipelines.hub import (
             DEFAULT_COMPONENTS,
             apply_env_overrides,

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import numbers
 import re
-import secrets
 import threading
 import time
 import warnings
@@ -27,15 +24,16 @@ from PIL import ImageOps
 
 from ..errors import MM2LatentError
 from ..inputs.conditions import (
-    edges_from_photo,
     has_face,
     load_image,
     parse_mask,
     parse_scribble,
     scribble_to_image,
 )
+from ..inputs.scribbles import scribble_from_photo
 from ..inputs.templates import dilate
-from ..pipelines.generation import COMBINE, MAX_SEED, MAX_STEPS, MODES
+from ..pipelines.generation import COMBINE, MAX_SEED, MODES
+from ..pipelines.request import GenerationRequest, check_choice, check_flag, check_prompt
 from .canvases import (
     CANVAS_SIZE,
     DEFAULT_STROKE,
@@ -50,6 +48,7 @@ from .canvases import (
     strokes_from_canvas,
     template_canvas,
 )
+from .drawing import STEP_CALLBACK
 from .outputs import OutputStore, attention_gallery, describe_run, file_stem, save_run
 from .settings import Settings
 
@@ -127,43 +126,18 @@ def call_reporting_warnings(function: Callable, *args, **kwargs) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def whole_number(value: Any) -> int | None:
-    """``value`` as an int when it is a whole number (``3``, ``3.0``, ``10**400``), else None.
-
-    None for anything else an API caller may send: ``1.5``, ``"3"``, ``True``, NaN, infinity.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def chosen_seed(seed: Any, randomize: Any) -> Any:
+    """The seed to ask the library for: None (a fresh random one) when “Random seed” is ticked, else the visitor's
+    value as sent, which :meth:`GenerationRequest.create` checks; an empty seed box is refused with a hint."""
+    if check_flag(randomize, "“Random seed”"):
         return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return int(number) if math.isfinite(number) and number.is_integer() else None
-
-
-def shown(value: Any, limit: int = 24) -> str:
-    """A caller's value for an error message, cut short (a 400-digit seed is not echoed whole)."""
-    text = f"{value:g}" if isinstance(value, float) else repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def resolve_seed(seed: Any, randomize: bool) -> int:
-    """The seed to use: a fresh random one, or the visitor's after checking it (the raw value, unrounded)."""
-    if randomize:
-        return secrets.randbelow(MAX_SEED + 1)
     if seed is None:
         raise user_error(f"Enter a seed (a whole number from 0 to {MAX_SEED}), or tick “Random seed”")
-    number = whole_number(seed)
-    if number is None or not 0 <= number <= MAX_SEED:
-        raise user_error(f"The seed must be a whole number from 0 to {MAX_SEED:,}; {shown(seed)} is not. "
-                         "Change it, or tick “Random seed”")
-    return number
+    return seed
 
 
-def parse_feature_steps(text: str | None, num_steps: int) -> list[int] | None:
-    """'all' (or empty) -> None (every step); '0-4, 10' -> [0, 1, 2, 3, 4, 10]."""
+def parse_feature_steps(text: Any) -> list[int] | None:
+    """'all' (or empty) -> None (every step); '0-4, 10' -> [0, 1, 2, 3, 4, 10]. The library checks the range."""
     if text is not None and not isinstance(text, str):
         raise user_error("Feature steps must be text: `all`, a range such as `0-4`, or a list such as `0, 5, 10`")
     text = (text or "").strip().lower()
@@ -177,47 +151,7 @@ def parse_feature_steps(text: str | None, num_steps: int) -> list[int] | None:
                              "`0, 5, 10`")
         low, high = int(match[1]), int(match[2] or match[1])
         steps.update(range(min(low, high), max(low, high) + 1))
-    if not steps or max(steps) >= num_steps:
-        raise user_error(f"Feature steps must be between 0 and {num_steps - 1} when there are {num_steps} steps "
-                         f"(got “{text}”)")
     return sorted(steps)
-
-
-def checked_int(value: Any, name: str, low: int, high: int) -> int:
-    number = whole_number(value)
-    if number is None or not low <= number <= high:
-        raise user_error(f"{name} must be a whole number from {low} to {high}, got {shown(value)}")
-    return number
-
-
-def checked_number(value: Any, name: str, low: float, high: float) -> float:
-    """A finite number in ``[low, high]`` (NaN, infinity, text and booleans are refused in plain words)."""
-    number = None
-    if not isinstance(value, bool) and isinstance(value, numbers.Real):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = None
-    if number is None or not low <= number <= high:  # NaN fails the comparison too
-        raise user_error(f"{name} must be a number from {low:g} to {high:g}, got {shown(value)}")
-    return number
-
-
-def checked_truncation(value: Any) -> float:
-    return checked_number(value, "Truncation ψ", 0.0, 2.0)
-
-
-def checked_prompt(prompt: Any, limit: int) -> str:
-    """The prompt, stripped; refused when it is not text or longer than ``limit`` characters."""
-    if prompt is None:
-        return ""
-    if not isinstance(prompt, str):
-        raise user_error("The prompt must be text")
-    if len(prompt) > limit:
-        raise user_error(f"The prompt is {len(prompt):,} characters long; the limit is {limit:,}. Shorten it "
-                         "(the text encoder reads only about the first 60 words anyway). Your text is still in "
-                         "the box")
-    return prompt.strip()
 
 
 def visual_input(kind: str, canvas: Any, prompt: str) -> tuple[np.ndarray | None, Any]:
@@ -325,7 +259,7 @@ class SpaceHandlers:
         """An edge map of an uploaded photo, drawn as black strokes on the sketchpad."""
         path = self._uploaded_path(file, "a photo")
         progress(0, desc="Finding the photo's edges")
-        edges = call_reporting_warnings(edges_from_photo, path, size=CANVAS_SIZE)
+        edges = call_reporting_warnings(scribble_from_photo, path, size=CANVAS_SIZE)
         return sketch_canvas(dilate(edges, stroke_radius(stroke_width)))
 
     @friendly_errors("reading the uploaded mask")
@@ -410,22 +344,24 @@ class SpaceHandlers:
         run = self.engines.get(engine) if isinstance(engine, str) else None
         if run is None:
             raise user_error(f"Engine must be one of: {', '.join(self.engine_choices)}")
-        prompt = checked_prompt(prompt, self.settings.max_prompt_chars)
-        if mode not in MODES:
-            raise user_error(f"Mode must be one of: {', '.join(MODES)}")
-        if combine not in COMBINE_CHOICES:
-            raise user_error(f"Combine must be one of: {', '.join(COMBINE_CHOICES)}")
-        steps = checked_int(steps, "Steps", 1, MAX_STEPS)
-        num_images = checked_int(num_images, "The number of images", 1, self.settings.max_images)
-        truncation = checked_truncation(truncation)
-        feature = parse_feature_steps(feature_steps, steps) if mode == "quality" else None
+        # Every setting is checked by the library (GenerationRequest.create); the UI only reads the canvas.
+        prompt = check_prompt(prompt, self.settings.max_prompt_chars)
+        show_diffusion = check_flag(show_diffusion, "“Also show the diffusion image”")
+        seed = chosen_seed(seed, randomize_seed)
+        mode = check_choice(mode, "the mode", MODES)
+        feature = parse_feature_steps(feature_steps) if mode == "quality" else None
         mask, scribble = visual_input(kind, canvas, prompt)
-        seed = resolve_seed(seed, bool(randomize_seed))
         if engine == "mm2latent":  # no diffusion model: one mode, no diffusion image (the library refuses both)
-            if mode != "fast" or show_diffusion:
-                gr.Info("The fast engine (MM2Latent) has no diffusion model: it ignores the mode, the steps and the "
-                        "diffusion image.")
+            chosen_mode = mode not in ("fast", self.default_mode)
+            ignored = ([f"the {'training-free' if mode == 'invert' else mode} mode"] if chosen_mode else []) + (
+                ["the diffusion image"] if show_diffusion else [])
+            if ignored:  # only choices the visitor made (the default mode is no choice)
+                gr.Info(f"The MM2Latent engine has no diffusion model: {' and '.join(ignored)} do not apply to it.")
             mode, feature, show_diffusion = "fast", None, False
+        request = GenerationRequest.create(
+            prompt, mask, scribble, seed=seed, mode=mode, num_steps=steps, feature_steps=feature,
+            truncation=truncation, num_images=num_images, combine=combine, max_images=self.settings.max_images,
+            max_prompt_chars=self.settings.max_prompt_chars)
         if show_diffusion and getattr(self.pipe.encoder, "vae", None) is None:
             gr.Warning("The diffusion preview needs the VAE, which this Space did not load "
                        "(MM2LATENT_LOAD_VAE=0); showing the faces only.")
@@ -434,9 +370,12 @@ class SpaceHandlers:
         started = time.perf_counter()
         if progress is not None:
             progress(0, desc="Generating")
-        output = run(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=steps,
-                          feature_steps=feature, combine=combine, truncation=truncation, num_images=num_images,
-                          return_intermediates=True, return_diffusion_image=bool(show_diffusion))
+        drawing = STEP_CALLBACK.get() if request.mode == "invert" else None  # the drawing forming (ui/drawing.py)
+        output = run(prompt=request.prompt, mask=mask, scribble=scribble, seed=request.seed, mode=request.mode,
+                     num_steps=request.num_steps, feature_steps=feature, combine=request.combine,
+                     truncation=request.truncation, num_images=request.num_images, return_intermediates=True,
+                     return_diffusion_image=show_diffusion,
+                     **({"callback_on_step_end": drawing} if drawing else {}))
         return self._present(kind, output, time.perf_counter() - started)
 
     def _present(self, kind: str, output, elapsed_s: float) -> tuple:

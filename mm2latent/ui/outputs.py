@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -18,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..inputs.metadata import save_png
+from .disk import GradioCacheLimit, claim_store_folder  # noqa: F401  (GradioCacheLimit moved to .disk)
 
 OVERLAY_SIZE = 256
 # An inferno-like colour ramp for attention strength 0 -> 1.
@@ -93,6 +92,8 @@ class OutputStore:
     def __init__(self, root: str | Path | None = None, max_runs: int = 16, max_age_s: float = 3600.0):
         if root is None:
             self.root = Path(tempfile.mkdtemp(prefix="mm2latent-space-"))
+            # The stores of dead processes (kill -9: no finalizer ran) go now; this one is marked as alive.
+            self._claim = claim_store_folder(self.root)
             weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
         else:
             self.root = Path(root)
@@ -128,65 +129,6 @@ class OutputStore:
         for rank, (modified, _, folder) in enumerate(folders):
             if rank >= keep or modified < oldest_kept:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-class GradioCacheLimit:
-    """Keeps the files Gradio caches for one app to at most ``max_files``, deleting the oldest first.
-
-    Gradio keeps every file it caches (uploads, copies of returned files, images it encoded) until
-    its ``delete_cache`` schedule finds them old enough: at full speed, thousands of files an hour.
-    This bounds the count whatever the pace. It reads Gradio's own record of the files it made
-    (``Blocks.temp_file_sets``), so nothing else in the folder is touched, and files Gradio keeps
-    on purpose (components' initial values, example inputs: ``keep_in_cache``) are never deleted.
-
-    Args:
-        max_files: the most cached files to keep.
-        blocks: the app (can be given later with :meth:`attach`).
-    """
-
-    def __init__(self, max_files: int, blocks=None):
-        if max_files < 1:
-            raise ValueError(f"max_files must be at least 1, got {max_files}")
-        self.max_files = max_files
-        self.blocks = blocks
-        self._lock = threading.Lock()
-
-    def attach(self, blocks) -> GradioCacheLimit:
-        self.blocks = blocks
-        return self
-
-    def prune(self) -> int:
-        """Delete the oldest cached files beyond ``max_files``; returns how many were deleted."""
-        if self.blocks is None:
-            return 0
-        with self._lock:
-            kept_on_purpose = set()
-            for block in list(self.blocks.blocks.values()):
-                kept_on_purpose.update(getattr(block, "keep_in_cache", ()))
-            owners: dict[str, list[set]] = {}
-            for file_set in list(self.blocks.temp_file_sets):
-                for path in file_set.copy():  # set.copy is atomic; Gradio threads add to these sets
-                    if path not in kept_on_purpose:
-                        owners.setdefault(path, []).append(file_set)
-            if len(owners) <= self.max_files:
-                return 0
-            ages = []
-            for path, sets in owners.items():
-                try:
-                    ages.append((os.lstat(path).st_ctime, path))
-                except FileNotFoundError:  # deleted by Gradio's own schedule: forget it
-                    for file_set in sets:
-                        file_set.discard(path)
-            ages.sort()
-            excess = ages[: max(0, len(ages) - self.max_files)]
-            for _, path in excess:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                for file_set in owners[path]:
-                    file_set.discard(path)
-                with contextlib.suppress(OSError):  # Gradio's per-file hash folder, when now empty
-                    os.rmdir(os.path.dirname(path))
-            return len(excess)
 
 
 @dataclass

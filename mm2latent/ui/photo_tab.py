@@ -18,14 +18,24 @@ from PIL import Image
 
 from ..editing.inversion import MAX_REFINE_STEPS, InversionResult
 from ..editing.methods import LAYER_RANGE_NAMES, MAX_CLIP_STEPS, MAX_STRENGTH, METHODS
+from ..errors import InvalidStepsError
 from ..inputs.metadata import save_png
 from ..pipelines.editing import DEFAULT_GUIDED_STEPS
 from ..pipelines.generation import MAX_SEED
+from ..pipelines.request import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_number,
+    check_prompt,
+    check_seed,
+)
 from . import canvases
-from .handlers import call_reporting_warnings, checked_int, checked_number, friendly_errors, user_error
+from .handlers import call_reporting_warnings, friendly_errors, user_error
 from .outputs import OutputStore, file_stem, save_latents
 from .returned_files import ReturnableCanvas
 from .security import UploadedImage, WholeNumber
+from .settings import Settings
 
 TAB_ID = "edit-photo"
 DEFAULT_STRENGTH = 1.0
@@ -43,6 +53,7 @@ DISPLAY_SIZE = 512
 RANDOM_WEIGHT_PRESETS = ("tiny", "tiny-eg3d", "full-random")
 #: Mean absolute pixel change (0..255) under which an edit is reported as leaving the picture as it was.
 UNCHANGED_BELOW = 1.0
+DEFAULT_MAX_PROMPT_CHARS = Settings().max_prompt_chars
 IDENTITY_INFO = ("ArcFace cosine similarity between the aligned photo and the edit: 1 is the same face, values "
                  "near 0 a different person. It says how much of the identity the edit kept.")
 
@@ -112,11 +123,14 @@ class EditHandlers:
     Args:
         edit_pipeline: a FaceEditPipeline, or a function returning one (lazy loading).
         store: where the downloads (PNG with settings, W+ latent ``.npy``) are written.
+        max_prompt_chars: the longest description of the change accepted.
     """
 
-    def __init__(self, edit_pipeline: Any | Callable[[], Any], store: OutputStore | None = None):
+    def __init__(self, edit_pipeline: Any | Callable[[], Any], store: OutputStore | None = None,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS):
         self._edit_pipeline = edit_pipeline
         self.store = store or OutputStore()
+        self.max_prompt_chars = max_prompt_chars
 
     @property
     def edit_pipeline(self):
@@ -130,7 +144,7 @@ class EditHandlers:
     def _invert(self, photo, refine_steps, progress) -> PhotoState:
         if photo is None:
             raise user_error("Upload a photo with a face first")
-        steps = checked_int(refine_steps, "refinement steps", 0, UI_MAX_REFINE_STEPS)
+        steps = check_integer(refine_steps, "the refinement steps", 0, UI_MAX_REFINE_STEPS, InvalidStepsError)
         callback = None
         if progress is not None and steps:
             def callback(step, loss):
@@ -159,16 +173,14 @@ class EditHandlers:
         ``method="auto"`` lets the pipeline choose (:attr:`FaceEditPipeline.default_edit_method`); the info
         line says which method ran and why.
         """
-        # The settings are checked before anything slow runs.
-        if prompt is not None and not isinstance(prompt, str):
-            raise user_error("The description of the change must be text")
-        strength = checked_number(strength, "Strength", 0.0, MAX_STRENGTH)
-        if layers not in LAYER_RANGE_NAMES:
-            raise user_error(f"Choose a layer range among {', '.join(LAYER_RANGE_NAMES)}")
-        if method not in METHOD_CHOICES:
-            raise user_error(f"Choose a method among {', '.join(METHOD_CHOICES)}")
-        clip_steps = checked_int(clip_steps, "Optimisation steps", 0, UI_MAX_CLIP_STEPS)
-        seed = checked_int(seed, "The seed", 0, MAX_SEED)
+        # The settings are checked (by the library's validators) before anything slow runs.
+        prompt = check_prompt(prompt, self.max_prompt_chars, "the description of the change")
+        use_mask = check_flag(use_mask, "“Use the mask”")
+        strength = check_number(strength, "the strength", 0.0, MAX_STRENGTH)
+        layers = check_choice(layers, "the layer range", LAYER_RANGE_NAMES)
+        method = check_choice(method, "the method", METHOD_CHOICES)
+        clip_steps = check_integer(clip_steps, "the optimisation steps", 0, UI_MAX_CLIP_STEPS, InvalidStepsError)
+        seed = check_seed(seed)
         painted = canvases.mask_from_canvas(mask_value) if use_mask and mask_value is not None else None
         pipeline = self.edit_pipeline
         chosen = pipeline.default_edit_method if method == AUTO_METHOD else method
@@ -201,7 +213,8 @@ class EditHandlers:
 
 
 def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: int | None = 1,
-                   store: OutputStore | None = None, session_ttl_s: float | None = None) -> dict[str, Any]:
+                   store: OutputStore | None = None, session_ttl_s: float | None = None,
+                   max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> dict[str, Any]:
     """Create the "Edit a photo" tab inside the current ``gr.Blocks`` and wire its endpoints.
 
     Args:
@@ -210,9 +223,10 @@ def build_edit_tab(edit_pipeline: Any | Callable[[], Any], concurrency_limit: in
         store: where downloads are written (default: a new temporary store).
         session_ttl_s: how long a visitor's inverted photo is kept between Invert and Edit (default:
             for the whole session); Edit inverts the photo again when it has been dropped.
+        max_prompt_chars: the longest description of the change accepted (``MM2LATENT_MAX_PROMPT_CHARS``).
     """
-    handlers = EditHandlers(edit_pipeline, store)
-    with gr.Tab("Edit a photo", id=TAB_ID) as tab:
+    handlers = EditHandlers(edit_pipeline, store, max_prompt_chars)
+    with gr.Tab("Edit photo", id=TAB_ID) as tab:
         gr.Markdown("Upload a photo with one face. It is aligned like the training faces, inverted to the "
                     "generator's latent space, and its own mask is loaded into the editor: repaint it and/or "
                     "describe the change, then click **Edit**. The person's identity is kept as far as possible.")

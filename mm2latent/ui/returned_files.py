@@ -13,6 +13,8 @@ long as Gradio's cache keeps them (``MM2LATENT_CACHE_MAX_FILES``, ``MM2LATENT_CA
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import secrets
 from pathlib import Path
@@ -24,7 +26,7 @@ from PIL import Image
 
 from .handlers import user_error
 from .outputs import OutputStore
-from .security import DrawingCanvas
+from .security import MAX_EDITOR_LAYERS, DrawingCanvas
 
 RETURNED_NAME = re.compile(r"[a-z]{1,16}-[0-9a-f]{16}\.png")
 
@@ -40,11 +42,20 @@ def file_name(path: str) -> str:
 
 
 def find_returned(cache: str | Path, path: str) -> Path | None:
-    """The copy in Gradio's ``cache`` of the returned picture whose name ends ``path``, or None."""
+    """The copy in Gradio's ``cache`` of the returned picture whose name ends ``path``, or None.
+
+    A picture found is marked as just used (its times are set to now), so the cache limit, which deletes the
+    oldest files first, keeps pictures a visitor keeps sending back.
+    """
     name = file_name(path)
     if not RETURNED_NAME.fullmatch(name):
         return None
-    return next((found for found in Path(cache).glob(f"*/{name}") if found.is_file()), None)
+    copies = [(copy.stat().st_mtime, str(copy), copy) for copy in Path(cache).glob(f"*/{name}") if copy.is_file()]
+    found = max(copies)[2] if copies else None  # the newest, should a caller upload a file of that name too
+    if found is not None:
+        with contextlib.suppress(OSError):
+            os.utime(found)
+    return found
 
 
 class EditorDataOrNames(GradioModel):
@@ -89,6 +100,9 @@ class ReturnableCanvas(DrawingCanvas):
     def preprocess(self, payload):
         if payload is not None and any(isinstance(part, str) for part in
                                        (payload.background, payload.composite, *payload.layers)):
+            if len(payload.layers) > MAX_EDITOR_LAYERS:
+                raise user_error(f"A drawing has at most {MAX_EDITOR_LAYERS} layers; this one has "
+                                 f"{len(payload.layers)}")
             return {"background": self._returned_picture(payload.background),
                     "layers": [self._returned_picture(layer) for layer in payload.layers],
                     "composite": self._returned_picture(payload.composite)}
@@ -122,5 +136,4 @@ class ReturnableCanvas(DrawingCanvas):
             raise user_error(
                 f"'{file_name(part)}' is not a picture this Space returned recently, and the server cannot read "
                 "files on your machine: send it with gradio_client's handle_file(path)")
-        with Image.open(path) as image:
-            return image.convert(self.image_mode or "RGBA")
+        return self.decode_picture((str(path), path.name))

@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| ``MM2LATENT_MODEL_REPO`` | ``mm2latent/mm2latent-celebahq`` | Hub repo or local folder, ``public`` or ``tiny``; falls back to ``public``, then ``tiny`` (ui/loading.py) |
+| ``MM2LATENT_MODEL_REPO`` | the library's default model | Hub repo or local folder, ``public`` or ``tiny``; falls back to ``public``, then ``tiny``; an unpublished repository is skipped (ui/loading.py) |
 | ``MM2LATENT_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_DEVICE`` | (auto: CUDA if available) | ``cpu``, ``cuda``, ``cuda:1`` ... |
 | ``MM2LATENT_DTYPE`` | ``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32``, ``bfloat16``, ``float16`` |
@@ -13,13 +13,14 @@
 | ``MM2LATENT_MAX_PROMPT_CHARS`` | 1000 | longer prompts are refused with an error |
 | ``MM2LATENT_MAX_FILE_SIZE`` | ``20mb`` | largest upload |
 | ``MM2LATENT_CACHE_MAX_FILES`` | 2000 | most files kept in Gradio's cache; the oldest are deleted first |
+| ``MM2LATENT_CACHE_MAX_MB`` | 2048 | most megabytes kept in Gradio's cache; the least recently used are deleted first |
 | ``MM2LATENT_CACHE_MAX_AGE`` | 3600 | seconds before a cached file or output folder is deleted |
 | ``MM2LATENT_MAX_SESSIONS`` | 200 | visitor sessions kept in memory (least recently used dropped first) |
 | ``MM2LATENT_SESSION_TTL`` | 1800 | seconds a visitor's inverted photo is kept between Invert and Edit |
 | ``MM2LATENT_GPU_DURATION`` | 60 | seconds asked of ZeroGPU per generation |
 | ``MM2LATENT_LOAD_VAE`` | 1 | load the VAE (needed for the diffusion preview) |
 | ``MM2LATENT_FAST_ENGINE_REPO`` | ``auto`` | an MM2Latent-engine model offered beside the main one (engine selector); ``auto``: ``tiny-mm2latent`` when the main model is a tiny preset, none otherwise; ``off``: none |
-| ``MM2LATENT_3D_MODEL_REPO`` | ``tiny-eg3d`` | 3D (EG3D) model for the 3D tab; ``off`` hides the tab; falls back to ``tiny-eg3d`` |
+| ``MM2LATENT_3D_MODEL_REPO`` | ``auto`` | 3D (EG3D) model for the 3D tab; ``auto``: ``tiny-eg3d`` when the main model is a tiny preset, no tab otherwise; ``off``: no tab; a named model that cannot be used falls back to ``tiny-eg3d`` beside a tiny main model only |
 | ``MM2LATENT_3D_MODEL_REVISION`` | (none) | Hub revision of that repo |
 | ``MM2LATENT_TURNTABLE_MAX_FRAMES`` | 48 | most frames of a turntable video (4..240) |
 | ``MM2LATENT_SERVER_NAME`` / ``MM2LATENT_SERVER_PORT`` | Gradio's defaults | where to listen |
@@ -41,6 +42,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 THREE_D_OFF = {"off", "none", "0", "false", "no"}
 DEFAULT_3D_MODEL_REPO = "tiny-eg3d"
+#: ``MM2LATENT_3D_MODEL_REPO=auto``: the rule of the engine selector's second engine (below).
+AUTO_3D_MODEL = "auto"
 #: ``MM2LATENT_FAST_ENGINE_REPO=auto``: the offline demo shows both engines; a real model gets a second engine only
 #: when one is named (a toy engine beside trained weights would only mislead).
 AUTO_FAST_ENGINE = "auto"
@@ -64,13 +67,14 @@ class Settings:
     max_prompt_chars: int = 1000
     max_file_size: str = "20mb"
     cache_max_files: int = 2000
+    cache_max_mb: int = 2048
     cache_max_age_s: int = 3600
     max_sessions: int = 200
     session_ttl_s: int = 1800
     gpu_duration: int = 60
     load_vae: bool = True
     fast_engine_repo: str | None = AUTO_FAST_ENGINE  # None: no engine selector
-    model_3d_repo: str | None = DEFAULT_3D_MODEL_REPO  # None: no 3D tab
+    model_3d_repo: str | None = AUTO_3D_MODEL  # None: no 3D tab
     model_3d_revision: str | None = None
     turntable_max_frames: int = 48
     server_name: str | None = None
@@ -93,6 +97,7 @@ class Settings:
             max_prompt_chars=env.integer("MAX_PROMPT_CHARS", defaults.max_prompt_chars, 1, 100_000),
             max_file_size=env.text("MAX_FILE_SIZE") or defaults.max_file_size,
             cache_max_files=env.integer("CACHE_MAX_FILES", defaults.cache_max_files, 10, 10_000_000),
+            cache_max_mb=env.integer("CACHE_MAX_MB", defaults.cache_max_mb, 1, 10_000_000),
             cache_max_age_s=env.integer("CACHE_MAX_AGE", defaults.cache_max_age_s, 60, 30 * 86400),
             max_sessions=env.integer("MAX_SESSIONS", defaults.max_sessions, 1, 100_000),
             session_ttl_s=env.integer("SESSION_TTL", defaults.session_ttl_s, 60, 30 * 86400),
@@ -105,10 +110,6 @@ class Settings:
             server_name=env.text("SERVER_NAME"),
             server_port=env.integer("SERVER_PORT", None, 1, 65535),
         )
-
-    @property
-    def uses_tiny_preset(self) -> bool:
-        return self.model_repo == "tiny"
 
 
 class _Reader:

@@ -21,7 +21,7 @@ from .layers import RESAMPLE_TAPS, SynthesisBlock, SynthesisLayer
 from .options import RenderingOptions
 from .superresolution import SUPERRESOLUTION_LAYOUTS
 
-__all__ = ["eg3d_config_from_nvidia", "nvidia_state_dict", "triplane_generator_from_nvidia"]
+__all__ = ["TRAINING_ONLY_BUFFERS", "eg3d_config_from_nvidia", "nvidia_state_dict", "triplane_generator_from_nvidia"]
 
 FILTER_KEY = "resample_filter"
 # Superresolution classes that register their own (unused) resample filter next to block0/block1.
@@ -41,6 +41,11 @@ MAPPING_KWARGS = {"num_layers", "lr_multiplier", "embed_features", "layer_featur
 RENDERING_DEFAULTS = {"c_scale": 0.0, "decoder_lr_mul": 1.0, "white_back": False, "density_noise": 0.0,
                       "avg_camera_radius": 2.7, "avg_camera_pivot": [0.0, 0.0, 0.0],
                       "gpc_reg_prob": None, "density_reg": 0.0, "density_reg_p_dist": 0.0, "reg_type": "l1"}
+# Buffers of a published G_ema that inference never reads, with the shape they must have (c_dim numbers).
+# NVlabs/eg3d training/training_loop.py:159 registers the std of the dataset's camera labels on G before
+# G_ema = copy.deepcopy(G) (:161), so every ffhq512-128.pkl / ffhqrebalanced512-*.pkl / afhq / shapenet
+# snapshot carries it; only training's generator-pose-conditioning swap could use it.
+TRAINING_ONLY_BUFFERS = {"dataset_label_std": (CAMERA_LABEL_DIM,)}
 # NVIDIA's TriPlaneGenerator.__init__ value of neural_rendering_resolution (training then raises it).
 NVIDIA_INITIAL_NEURAL_RESOLUTION = 64
 
@@ -157,7 +162,8 @@ def triplane_generator_from_nvidia(
 
     Loading is strict: every parameter and buffer must be present with its shape, nothing else may
     be (``resample_filter`` buffers are checked to be the [1, 3, 3, 1] filter and dropped: ours are
-    constants). Problems raise :class:`CheckpointFormatError` naming the keys.
+    constants), except :data:`TRAINING_ONLY_BUFFERS` (``dataset_label_std``), checked for shape and
+    dropped. Problems raise :class:`CheckpointFormatError` naming the keys.
     """
     config = eg3d_config_from_nvidia(init_kwargs, rendering_kwargs, neural_rendering_resolution, init_args)
     try:
@@ -173,6 +179,9 @@ def triplane_generator_from_nvidia(
         if leaf == FILTER_KEY and owner in modules:
             if value.shape != kernel.shape or not torch.allclose(value.float(), kernel, atol=1e-6):
                 problems.append(f"{name} is not the {list(RESAMPLE_TAPS)} filter")
+        elif name in TRAINING_ONLY_BUFFERS:
+            if tuple(value.shape) != TRAINING_ONLY_BUFFERS[name]:
+                problems.append(f"{name} has shape {tuple(value.shape)}, expected {TRAINING_ONLY_BUFFERS[name]}")
         elif name not in expected:
             unexpected.append(name)
         elif value.shape != expected[name].shape:

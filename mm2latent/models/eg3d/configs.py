@@ -56,6 +56,8 @@ def build_tiny_eg3d(seed: int = TINY_EG3D_SEED) -> TriPlaneGenerator:
         torch.manual_seed(seed)
         generator = TriPlaneGenerator(**tiny_eg3d_config())
     generator.eval().requires_grad_(False)
+    if next(generator.parameters()).is_meta:  # built without memory (shape checks): there is no w̄ to estimate
+        return generator
     samples = torch.Generator().manual_seed(seed)
     generator.latent_avg.copy_(generator.mean_latent(LATENT_AVG_SAMPLES, generator=samples))
     return generator

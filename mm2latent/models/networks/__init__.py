@@ -10,29 +10,23 @@ once from their public PyTorch checkpoints with ``python -m mm2latent.models.net
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...pipelines.hub import parse_repo_reference, resolve_component
+from ...pipelines.hub import PUBLIC_NETWORKS, resolve_component, spec_from_reference
 from .arcface import IRSE50, tiny_arcface_config
 from .face_parser import BiSeNet, tiny_face_parser_config
 from .lpips import LPIPS, tiny_lpips_config
 
 __all__ = ["IRSE50", "LPIPS", "BiSeNet", "NETWORKS", "load_network", "build_tiny_network"]
 
-NETWORKS_REPO = "mm2latent/loss-networks"
-
-# kind -> (class, tiny config, default spec). ``env`` overrides the repository ("org/name[@rev]" or a folder).
+# kind -> (class, tiny config, default spec): the public files (converted on first use, see
+# mm2latent.pipelines.hub.PUBLIC_NETWORKS). ``env`` overrides the source ("org/name[@rev]", "org/name:file" or a path).
 NETWORKS: dict[str, tuple[type[nn.Module], callable, dict]] = {
-    "arcface": (IRSE50, tiny_arcface_config, {"repo_id": NETWORKS_REPO, "subfolder": "arcface-ir-se50",
-                                              "allow_patterns": ["*.json", "*.safetensors"], "env": "MM2LATENT_ARCFACE_REPO"}),
-    "lpips": (LPIPS, tiny_lpips_config, {"repo_id": NETWORKS_REPO, "subfolder": "lpips-vgg",
-                                         "allow_patterns": ["*.json", "*.safetensors"], "env": "MM2LATENT_LPIPS_REPO"}),
-    "face_parser": (BiSeNet, tiny_face_parser_config, {"repo_id": NETWORKS_REPO, "subfolder": "face-parser-bisenet",
-                                                       "allow_patterns": ["*.json", "*.safetensors"],
-                                                       "env": "MM2LATENT_FACE_PARSER_REPO"}),
+    "arcface": (IRSE50, tiny_arcface_config, PUBLIC_NETWORKS["identity"]),
+    "lpips": (LPIPS, tiny_lpips_config, PUBLIC_NETWORKS["lpips"]),
+    "face_parser": (BiSeNet, tiny_face_parser_config, PUBLIC_NETWORKS["face_parser"]),
 }
 TINY_SEED = 1234
 
@@ -51,20 +45,15 @@ def build_tiny_network(kind: str, seed: int = TINY_SEED) -> nn.Module:
 
 
 def network_spec(kind: str, source: str | dict | None = None) -> dict:
-    """A component spec for ``resolve_component``: default repository, "org/name[@rev]", a folder or a dict."""
+    """A component spec for ``resolve_component``: the public default, a folder, a checkpoint file,
+    "org/name[@rev]" (a repository of our folder), "org/name[@rev]:path/file" (a public file) or a dict."""
     default = dict(NETWORKS[kind][2])
     if source is None:
         return default
     if isinstance(source, dict):
-        return {**default, **source}
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_dir():
-        return {"path": str(path.resolve())}
-    repo_id, revision = parse_repo_reference(str(source))
-    spec = {**default, "repo_id": repo_id, "subfolder": ""}
+        return dict(source)
+    spec = spec_from_reference(os.path.expanduser(str(source)), default, kind, origin=f"the {kind} source")
     spec.pop("env", None)
-    if revision:
-        spec["revision"] = revision
     return spec
 
 

@@ -1,21 +1,22 @@
 """Read public PyTorch checkpoints safely and convert the loss/metric networks to safetensors folders.
 
     python -m mm2latent.models.networks.checkpoints arcface model_ir_se50.pth out/arcface-ir-se50
-    python -m mm2latent.models.networks.checkpoints lpips vgg.pth out/lpips-vgg --vgg vgg16-397923af.pth
+    python -m mm2latent.models.networks.checkpoints lpips vgg.pth out/lpips-vgg --vgg model.safetensors
     python -m mm2latent.models.networks.checkpoints face_parser 79999_iter.pth out/face-parser-bisenet
 
-Sources: ``model_ir_se50.pth`` (pSp / TreB1eN InsightFace_Pytorch), ``vgg.pth`` (lpips package,
-``lpips/weights/v0.1``) with torchvision's ImageNet VGG16 (``vgg16-397923af.pth``), ``79999_iter.pth``
-(zllrunning/face-parsing.PyTorch). Files are read with ``torch.load(weights_only=True)`` only
-(:func:`read_plain_checkpoint`); the architecture (IR-SE stages, BiSeNet width, ...) is read off the
-tensor shapes, and loading is strict: a mismatch is a :class:`CheckpointFormatError`, never silent.
-Upload the output folders to a Hub repository (default ``mm2latent/loss-networks``, one subfolder
-each), or let :mod:`mm2latent.models.native_checkpoints` convert them on first use.
+Sources: ``model_ir_se50.pth`` (pSp / TreB1eN InsightFace_Pytorch), ``vgg.pth`` (the lpips package's
+wheel, ``lpips/weights/v0.1/vgg.pth``) with torchvision's ImageNet VGG16 (timm's ``timm/vgg16.tv_in1k``
+``model.safetensors``, or torchvision's own ``vgg16-397923af.pth``: both name the trunk ``features.N``),
+``79999_iter.pth`` (zllrunning/face-parsing.PyTorch). Files are read with ``torch.load(weights_only=True)``
+(:func:`read_plain_checkpoint`) or safetensors only; the architecture (IR-SE stages, BiSeNet width, ...)
+is read off the tensor shapes, and loading is strict: a mismatch is a :class:`CheckpointFormatError`,
+never silent. :mod:`mm2latent.models.native_checkpoints` converts them on first use.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import pickle
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import CheckpointFormatError
+from ...errors import CheckpointFormatError, WeightsNotFoundError
 from . import NETWORKS
 
 _VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -153,16 +154,53 @@ def network_from_state(kind: str, state: Mapping[str, torch.Tensor]) -> nn.Modul
     return net.eval()
 
 
-def lpips_state(lin_path: str, vgg_path: str) -> dict[str, torch.Tensor]:
-    """lpips ``vgg.pth`` (lin0..4) + torchvision VGG16 (``features.N``) -> our LPIPS state dict."""
-    state = {k: v for k, v in _load(lin_path).items() if k.startswith("lin")}
-    for key, value in _load(vgg_path).items():
+# The lpips wheel (PyPI ``lpips==0.1.4``) ships its learned linear layers inside the package.
+LPIPS_PACKAGE_WEIGHTS = "weights/v0.1/vgg.pth"
+
+
+def lpips_package_weights(relative: str = LPIPS_PACKAGE_WEIGHTS) -> Path:
+    """The ``lpips`` package's own copy of LPIPS' linear layers (found without importing the package)."""
+    spec = importlib.util.find_spec("lpips")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / relative if locations else None
+    if path is None or not path.is_file():
+        raise WeightsNotFoundError(f"LPIPS' linear layers come from the lpips package ({relative} in its wheel), "
+                                   "which is not installed: `pip install lpips==0.1.4`.")
+    return path
+
+
+def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from ``.safetensors`` (safetensors) or ``.pt``/``.pth`` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return _load(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointFormatError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointFormatError(f"cannot read {path} as safetensors: {error}") from error
+
+
+def lpips_state_dict(lin: Mapping[str, torch.Tensor], vgg: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lpips' ``lin0..4.model.1.weight`` + an ImageNet VGG16's ``features.N.{weight,bias}`` (torchvision's and
+    timm's names; the classifier / ``pre_logits`` / ``head`` are unused) -> our LPIPS state dict."""
+    state = {k: v for k, v in lin.items() if k.startswith("lin")}
+    for key, value in vgg.items():
         match = re.fullmatch(r"features\.(\d+)\.(weight|bias)", key)
         if match:
             index = int(match.group(1))
             slice_no = next(n for n, (a, b) in enumerate(_VGG_SLICES, 1) if a <= index < b)
             state[f"net.slice{slice_no}.{index}.{match.group(2)}"] = value
     return state
+
+
+def lpips_state(lin_path: str | Path, vgg_path: str | Path) -> dict[str, torch.Tensor]:
+    """lpips ``vgg.pth`` (lin0..4) + VGG16 weights (``.pth`` or ``.safetensors``) -> our LPIPS state dict."""
+    return lpips_state_dict(_load(lin_path), read_tensor_file(vgg_path))
 
 
 def convert(kind: str, source: str, output: str, vgg: str | None = None) -> Path:
@@ -177,10 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=sorted(NETWORKS))
     parser.add_argument("source", help="the public .pth checkpoint")
     parser.add_argument("output", help="output folder (config.json + model.safetensors)")
-    parser.add_argument("--vgg", help="torchvision VGG16 ImageNet weights (lpips only)")
+    parser.add_argument("--vgg", help="ImageNet VGG16 weights (lpips only): timm/vgg16.tv_in1k model.safetensors "
+                        "or torchvision's vgg16-397923af.pth")
     args = parser.parse_args(argv)
     if args.kind == "lpips" and not args.vgg:
-        parser.error("lpips needs --vgg (torchvision's vgg16 ImageNet weights)")
+        parser.error("lpips needs --vgg (timm/vgg16.tv_in1k's model.safetensors)")
     print(convert(args.kind, args.source, args.output, args.vgg))
 
 
