@@ -118,9 +118,9 @@ def test_a_mask_reaches_a_scribble_only_model_as_class_boundaries(editor, mask_i
                                  pipe.generator, pipe.mapper, pipe.modulator)
     public_like = FaceEditPipeline(scribble_only, **editor.editing_components)
     public_like.show_progress = False
-    with_mask = public_like(PROMPT, mask=mask_ids, seed=2, mode="invert", num_steps=STEPS)
+    with_mask = public_like(PROMPT, mask=mask_ids, seed=2, mode="invert", num_steps=STEPS, faithfulness="encoder")
     edges = mask_edges(parse_mask(mask_ids, size=enc.image_size), MASK_AS_SCRIBBLE_WIDTH).astype(np.uint8) * 255
-    with_edges = public_like(PROMPT, scribble=edges, seed=2, mode="invert", num_steps=STEPS)
+    with_edges = public_like(PROMPT, scribble=edges, seed=2, mode="invert", num_steps=STEPS, faithfulness="encoder")
     assert torch.equal(with_mask.latents, with_edges.latents)
     assert set(with_mask.condition_images) == {"mask", "scribble"}
     # ... and the mask does steer: without it the face differs.
