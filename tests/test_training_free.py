@@ -51,7 +51,8 @@ def test_editing_components_are_optional_parts_of_the_one_pipeline(editor, tiny_
 
 
 def test_invert_mode_is_the_inverters_latent_of_the_diffusion_image(editor, mask_path):
-    out = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS, return_diffusion_image=True)
+    out = editor(PROMPT, mask=mask_path, seed=5, mode="invert", num_steps=STEPS, return_diffusion_image=True,
+                 faithfulness="encoder")
     # By hand: the same noise, text and mask through the diffusion model, then the photo encoder.
     pipe = editor.generation
     controls, _ = pipe.prepare_conditions(mask=mask_path)
@@ -66,10 +67,10 @@ def test_invert_mode_is_the_inverters_latent_of_the_diffusion_image(editor, mask
 
 
 def test_invert_mode_is_deterministic_per_seed_and_batches(editor, mask_path):
-    first = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2)
-    again = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2)
+    first = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2, faithfulness="encoder")
+    again = editor(PROMPT, mask=mask_path, seed=7, mode="invert", num_steps=STEPS, num_images=2, faithfulness="encoder")
     assert torch.equal(first.latents, again.latents) and first.seeds == [7, 8]
-    single = editor(PROMPT, mask=mask_path, seed=8, mode="invert", num_steps=STEPS)
+    single = editor(PROMPT, mask=mask_path, seed=8, mode="invert", num_steps=STEPS, faithfulness="encoder")
     torch.testing.assert_close(first.latents[1:], single.latents, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(first.latents[0], first.latents[1])
 
@@ -117,9 +118,9 @@ def test_a_mask_reaches_a_scribble_only_model_as_class_boundaries(editor, mask_i
                                  pipe.generator, pipe.mapper, pipe.modulator)
     public_like = FaceEditPipeline(scribble_only, **editor.editing_components)
     public_like.show_progress = False
-    with_mask = public_like(PROMPT, mask=mask_ids, seed=2, mode="invert", num_steps=STEPS)
+    with_mask = public_like(PROMPT, mask=mask_ids, seed=2, mode="invert", num_steps=STEPS, faithfulness="encoder")
     edges = mask_edges(parse_mask(mask_ids, size=enc.image_size), MASK_AS_SCRIBBLE_WIDTH).astype(np.uint8) * 255
-    with_edges = public_like(PROMPT, scribble=edges, seed=2, mode="invert", num_steps=STEPS)
+    with_edges = public_like(PROMPT, scribble=edges, seed=2, mode="invert", num_steps=STEPS, faithfulness="encoder")
     assert torch.equal(with_mask.latents, with_edges.latents)
     assert set(with_mask.condition_images) == {"mask", "scribble"}
     # ... and the mask does steer: without it the face differs.

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.profiler import record_function
 
 from ..editing.clip import ClipGuide
+from ..editing.closeness import DEFAULT_FAITHFULNESS
 from ..errors import InvalidSettingError
 from ..inputs.conditions import (
     mask_to_color,
@@ -280,6 +281,8 @@ class FacePipelineBase:
             if editing:
                 parts.update(presets.build_editing_components(name, parts["generator"]))
             pipe = target(**parts, trained=False, name=name)
+            if editing and name == "public":  # the training-free mode's fast drawing (LCM-LoRA)
+                pipe.few_step = presets.public_few_step()
         else:
             manifest, parts = load_components(name_or_path, revision, dtype, skip=() if load_vae else ("vae",),
                                               cache=component_cache)
@@ -545,8 +548,10 @@ class FacePipelineBase:
         conditioning_camera=None,
         return_depth: bool = False,
         return_raw_image: bool = False,
-        refine_steps: int = 0,
+        refine_steps: int | None = None,
         callback_on_step_end: StepCallback | None = None,
+        drawing: str | None = None,
+        faithfulness: str | None = None,
         **render_kwargs,
     ) -> FacePipelineOutput:
         """Generate faces. The same call for every engine; the arguments marked DDGI are the diffusion engine's
@@ -580,7 +585,13 @@ class FacePipelineBase:
             return_depth: 3D: also return depth maps (``output.depth``).
             return_raw_image: 3D: also return the neural renderings before super-resolution.
             refine_steps: invert mode: optimisation steps after the inverter (L2 + LPIPS to I^d_0, the mask's
-                cross-entropy through the face parser, a latent regulariser); 0 = the inverter's answer.
+                cross-entropy through the face parser, a latent regulariser); 0 = the inverter's answer; None =
+                the ``faithfulness`` budget.
+            drawing: invert mode: "fast" (4 LCM steps with the fused LCM-LoRA ``few_step``) or "quality" (20 DDIM
+                steps with guidance); default "fast" when ``few_step`` is loaded. Sets the defaults of
+                ``num_steps`` and ``guidance_scale``.
+            faithfulness: invert mode: a budget of :data:`~mm2latent.editing.closeness.FAITHFULNESS` ("encoder",
+                "balanced", "close"); default "balanced" unless ``refine_steps`` is given.
             callback_on_step_end: invert mode: called after each step of the drawing of I^d_0
                 (``callback(pipe, step_index, timestep, state)``, see :mod:`~mm2latent.pipelines.sampling`;
                 :func:`~mm2latent.pipelines.sampling.preview_callback` shows it forming); ``{"stop": True}``
@@ -592,10 +603,14 @@ class FacePipelineBase:
                             ("return_depth", return_depth or None), ("return_raw_image", return_raw_image or None)):
             if value is not None:
                 render_kwargs[name] = value
+        mode = mode or self.default_mode
+        if mode == "invert":
+            drawing = drawing or getattr(self, "default_drawing", "quality")
+            faithfulness = faithfulness or (DEFAULT_FAITHFULNESS if refine_steps is None else None)
         request = GenerationRequest.create(
-            prompt, mask, scribble, seed, mode or self.default_mode, num_steps, feature_steps, truncation, num_images,
+            prompt, mask, scribble, seed, mode, num_steps, feature_steps, truncation, num_images,
             combine, guidance_scale, noise_mode, return_intermediates, return_diffusion_image, render_kwargs,
-            refine_steps)
+            refine_steps or 0, drawing=drawing, faithfulness=faithfulness)
         return self.generate(request, callback_on_step_end=callback_on_step_end)
 
     def generate(self, request: GenerationRequest,

@@ -29,12 +29,15 @@ from PIL import Image
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from ..editing.closeness import measure_closeness
+from ..editing.drawing_alignment import align_drawing
 from ..editing.inversion import encode_images, refine_latent
 from ..errors import InvalidSettingError, InvalidStepsError, UnsupportedConditionError
 from ..inputs.conditions import mask_to_color, parse_mask, parse_scribble
-from ..inputs.images import tensor_to_pil
+from ..inputs.images import image_to_tensor, tensor_to_pil
 from ..inputs.templates import mask_edges
 from ..models.diffusion_encoder import MODALITIES, DiffusionEncoder, EncoderFeatures, PromptBatch
+from ..models.few_step import FewStepLoRA, make_scheduler, step_generators
 from ..models.generator import Generator
 from ..models.mapping import MappingNetwork, Modulation, StyleModulationNetwork, word_attention_maps
 from .base import FacePipelineBase, movable, parse_visual_inputs
@@ -479,17 +482,59 @@ class FacePipeline(PhotoEditingMixin, FacePipelineBase):
             strokes = strokes | parse_scribble(request.scribble, size=size)
         return None, strokes.astype("uint8") * 255, ids
 
+    #: The training-free mode's few-step drawing (LCM-LoRA), fused into the U-Net while "fast" drawings run and
+    #: unfused before any other U-Net pass; None: only the "quality" drawing.
+    few_step: FewStepLoRA | None = None
+
+    @property
+    def default_drawing(self) -> str:
+        """The training-free mode's drawing: "fast" (4 LCM steps) with an LCM-LoRA loaded, else "quality"."""
+        return "fast" if self.few_step is not None else "quality"
+
+    def plain_unet(self) -> None:
+        """Unfuse the few-step LoRA if it is fused (for a pass that needs SD-1.5's own U-Net)."""
+        if self.few_step is not None:
+            with self.lock:
+                self.few_step.unfuse(self.encoder.unet)
+
+    def _sampler(self, request: GenerationRequest, noise: torch.Tensor) -> dict:
+        """The scheduler and step noise of the request's drawing, with the U-Net fused or unfused to match."""
+        if request.drawing == "quality":
+            self.plain_unet()
+            return {}
+        if self.few_step is None:
+            raise InvalidSettingError("the fast drawing needs the LCM-LoRA (few_step), which this model has not "
+                                      "loaded: use drawing='quality'")
+        self.few_step.fuse(self.encoder.unet)
+        return {"scheduler": make_scheduler(self.few_step.sampler, self.encoder.scheduler_config),
+                "generator": step_generators(request.seeds, tuple(noise.shape[1:]))}
+
+    def align_drawings(self, images: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """Step 2 of the training-free mode: (what to invert [B, 3, H, W], the mask ids in its frame [B, h, w]
+        or None, notes). A drawing already on the FFHQ template is used as drawn, bit for bit."""
+        targets, masks, notes = [], [], []
+        for image in images:
+            aligned = align_drawing(tensor_to_pil(image[None])[0], ids)
+            targets.append(image_to_tensor(aligned.image, image.shape[-1]).to(images) if aligned.moved else image[None])
+            masks.append(aligned.mask_ids)
+            notes += [m for m in aligned.messages if aligned.moved]
+        mask_ids = None if ids is None else torch.from_numpy(np.stack(masks).astype(np.int64))
+        return torch.cat(targets), mask_ids, notes
+
     @torch.no_grad()
     def draw_and_invert(self, request: GenerationRequest,
                         callback_on_step_end: StepCallback | None = None) -> FacePipelineOutput:
-        """``mode="invert"``: I^d_0 from the diffusion model, the photo encoder's W+ of it, optional refinement.
+        """``mode="invert"``: I^d_0 from the diffusion model, the photo encoder's W+ of it, refinement.
 
-        1. the diffusion model draws I^d_0 from the text and the visual input (:meth:`draw`: DDIM,
-           classifier-free guidance; ``callback_on_step_end`` watches and may stop it);
-        2. the inverter maps I^d_0 to W+ (w0);
-        3. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
-           G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode);
-        4. truncation and G, as every mode (:meth:`render_requests`).
+        1. the diffusion model draws I^d_0 from the text and the visual input (:meth:`draw`; ``request.drawing``:
+           "quality" = DDIM with classifier-free guidance, "fast" = LCM steps with the fused LCM-LoRA;
+           ``callback_on_step_end`` watches and may stop it);
+        2. the face in I^d_0 is put on the FFHQ template when it is off it (the mask is warped alike);
+        3. the inverter maps I^d_0 to W+ (w0);
+        4. ``request.refine_steps`` of Adam on L2 + LPIPS(G(w), I^d_0) [+ the face parser's cross-entropy of
+           G(w) against the mask] [+ ‖w − w̄‖] (METHOD.md, training-free mode), early stop after
+           ``request.refine_patience`` steps without improvement;
+        5. truncation and G, as every mode (:meth:`render_requests`), and the closeness of G(w) to I^d_0.
         """
         self.check_request(request)
         mask, scribble, ids = self._diffusion_inputs(request)
@@ -498,22 +543,29 @@ class FacePipeline(PhotoEditingMixin, FacePipelineBase):
             previews["mask"] = mask_to_color(ids)
         n = request.num_images
         prompts = self.encode_prompts([request.prompt] * n)
-        drawing = self.draw(prompts, controls, self.prepare_noise(request.seeds), num_steps=request.num_steps,
-                            guidance_scale=request.guidance_scale, return_attention=request.return_intermediates,
-                            callback_on_step_end=callback_on_step_end)
+        noise = self.prepare_noise(request.seeds)
+        with self.lock:  # the U-Net stays as the drawing needs it until the drawing is done
+            drawing = self.draw(prompts, controls, noise, num_steps=request.num_steps,
+                                guidance_scale=request.guidance_scale, return_attention=request.return_intermediates,
+                                callback_on_step_end=callback_on_step_end, **self._sampler(request, noise))
+        targets, mask_ids, notes = self.align_drawings(drawing.images, ids)
         with self.lock:
-            latents = encode_images(self.inverter, drawing.images, self.generator)
+            latents = encode_images(self.inverter, targets, self.generator)
             losses: list[float] = []
             if request.refine_steps:
-                mask_ids = torch.from_numpy(ids.astype("int64"))[None].expand(n, -1, -1) if ids is not None else None
                 refined = refine_latent(
-                    self.generator, latents, drawing.images, steps=request.refine_steps, lr=REFINE_LR,
-                    lpips=self.lpips, face_parser=self.face_parser, mask_ids=mask_ids, mask_weight=REFINE_MASK_WEIGHT,
-                    w_reg_weight=REFINE_W_REG, latent_avg=self.generator.latent_avg, progress=self.show_progress)
+                    self.generator, latents, targets, steps=request.refine_steps, lr=REFINE_LR, lpips=self.lpips,
+                    patience=request.refine_patience, face_parser=self.face_parser, mask_ids=mask_ids,
+                    mask_weight=REFINE_MASK_WEIGHT, w_reg_weight=REFINE_W_REG,
+                    latent_avg=self.generator.latent_avg, progress=self.show_progress)
                 latents, losses = refined.latent, refined.losses
         output = self.render_requests([request], latents.to(self.device), [previews])[0]
         output.timesteps = drawing.timesteps
         output.diffusion_images = tensor_to_pil(drawing.images)
+        faces = torch.cat([image_to_tensor(image) for image in output.images])
+        output.closeness = [c.as_dict() for c in measure_closeness(faces, targets, self.lpips, self.face_parser,
+                                                                   mask_ids)]
+        output.warnings.extend(dict.fromkeys(notes))
         if losses:
             output.settings["refine_loss"] = [losses[0], min(losses)]
         if drawing.stopped:
@@ -531,6 +583,7 @@ class FacePipeline(PhotoEditingMixin, FacePipelineBase):
                         callback_on_step_end: StepCallback | None = None) -> list[FacePipelineOutput]:
         if requests[0].mode == "invert":  # one at a time: the inverter and refinement run per request
             return [self.draw_and_invert(request, callback_on_step_end) for request in requests]
+        self.plain_unet()  # M and T read SD-1.5's own features
         first = requests[0]
         prepared = [self.prepare_conditions(r.mask, r.scribble) for r in requests]
         counts = [r.num_images for r in requests]

@@ -36,6 +36,8 @@ class FacePipelineOutput:
         depth: 3D, with ``return_depth``: expected ray depth in world units, [B, 1, n, n] (float32, CPU;
             :func:`~mm2latent.pipelines.views.depth_to_image` shows one).
         raw_images: 3D, with ``return_raw_image``: the neural renderings before super-resolution (n x n).
+        closeness: the training-free mode: per image, how close G(w) is to I^d_0 (``l2``, ``lpips``, ``miou``;
+            :func:`~mm2latent.editing.closeness.measure_closeness`).
     """
 
     images: list[Image.Image]
@@ -52,6 +54,7 @@ class FacePipelineOutput:
     cameras: torch.Tensor | None = None
     depth: torch.Tensor | None = None
     raw_images: list[Image.Image] | None = None
+    closeness: list[dict] | None = None
 
 
 @dataclass

@@ -205,6 +205,21 @@ def build_editing_components(preset: str, generator) -> dict:
     return {}
 
 
+def public_few_step():
+    """The published LCM-LoRA for the public preset's fast drawing (None, with a warning, when it cannot be read)."""
+    import warnings
+
+    from ..errors import WeightsNotFoundError
+    from ..models.few_step import FewStepLoRA
+
+    try:
+        return FewStepLoRA.from_pretrained()
+    except WeightsNotFoundError as error:
+        warnings.warn(f"the fast drawing is unavailable ({error}); the training-free mode draws with 20 DDIM steps",
+                      stacklevel=3)
+        return None
+
+
 def build_tiny_mm2latent_pipeline_components(seed: int = TINY_SEED, dtype: torch.dtype | None = None) -> dict:
     """The ``tiny-mm2latent`` preset: the tiny StyleGAN2 and the toy MM2Latent engine (tiny CLIP towers, 32²
     autoencoders, a small mapper) with deterministic random weights; no diffusion model. Runs offline in well

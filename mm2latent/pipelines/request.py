@@ -14,7 +14,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..editing.closeness import refine_budget
 from ..errors import EmptyPromptError, InvalidSeedError, InvalidSettingError, InvalidStepsError
+from ..models.few_step import DRAWINGS
 
 __all__ = [
     "COMBINE",
@@ -143,6 +145,8 @@ class GenerationRequest:
     return_diffusion_image: bool = False
     render_kwargs: dict = field(default_factory=dict)
     refine_steps: int = 0
+    drawing: str = "quality"
+    refine_patience: int = 20
 
     @classmethod
     def create(
@@ -164,6 +168,8 @@ class GenerationRequest:
         render_kwargs: dict | None = None,
         refine_steps: Any = 0,
         *,
+        drawing: str | None = None,
+        faithfulness: str | None = None,
         max_images: int = MAX_IMAGES,
         max_prompt_chars: int | None = None,
     ) -> GenerationRequest:
@@ -173,7 +179,12 @@ class GenerationRequest:
             seed: None draws a random seed.
             num_steps: None means 20 (the preview's denoising also uses it in fast mode).
             feature_steps: None means [0] in fast and invert modes and every step in quality mode.
-            guidance_scale: None means 7.5 in invert mode, else 1 (off).
+            guidance_scale: None means the drawing's in invert mode (7.5 for "quality", 1 for "fast"), else 1 (off).
+            drawing: invert mode: how I^d_0 is drawn, a name of ``few_step.DRAWINGS`` ("quality": 20 DDIM steps with
+                guidance; "fast": 4 LCM steps, needs a fused LCM-LoRA); None = "quality". It also sets the default
+                ``num_steps`` and ``guidance_scale``.
+            faithfulness: invert mode: a refinement budget of ``closeness.FAITHFULNESS`` (steps and early stop);
+                ignored when ``refine_steps`` is given (> 0).
             max_images: the most images one request may ask for (a Space may allow fewer than 16).
             max_prompt_chars: refuse longer prompts (None: no limit; CLIP reads 77 tokens anyway).
 
@@ -197,6 +208,9 @@ class GenerationRequest:
             raise InvalidSettingError(f"combine must be one of {', '.join(COMBINE)}, got {_shown(combine)}")
         if noise_mode not in NOISE_MODES:
             raise InvalidSettingError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {_shown(noise_mode)}")
+        drawing = _checked_drawing(drawing)
+        if num_steps is None and mode == "invert":
+            num_steps = DRAWINGS[drawing].num_steps
         num_steps = DEFAULT_QUALITY_STEPS if num_steps is None else check_integer(
             num_steps, "the number of steps", 1, MAX_STEPS, InvalidStepsError)
         if mode in ("fast", "invert"):
@@ -215,17 +229,21 @@ class GenerationRequest:
         truncation = check_number(truncation, "truncation ψ", 0.0, MAX_TRUNCATION)
         num_images = check_integer(num_images, "the number of images", 1, max_images)
         if guidance_scale is None:
-            guidance_scale = DEFAULT_INVERT_GUIDANCE if mode == "invert" else 1.0
+            guidance_scale = DRAWINGS[drawing].guidance_scale if mode == "invert" else 1.0
         guidance_scale = check_number(guidance_scale, "the guidance scale", 1.0, MAX_GUIDANCE)
         refine_steps = check_integer(refine_steps, "the refinement steps", 0, MAX_REFINE_STEPS, InvalidStepsError)
         if refine_steps and mode != "invert":
             raise InvalidSettingError("refine_steps applies to mode='invert' only")
+        patience = 20
+        if faithfulness is not None and mode == "invert" and not refine_steps:
+            budget = refine_budget(faithfulness)
+            refine_steps, patience = budget.steps, max(1, budget.patience)
         return cls(prompt=prompt, mask=mask, scribble=scribble, seed=seed, mode=mode, num_steps=num_steps,
                    feature_steps=tuple(feature_steps), truncation=truncation, num_images=num_images,
                    combine=combine, guidance_scale=guidance_scale, noise_mode=noise_mode,
                    return_intermediates=bool(return_intermediates),
                    return_diffusion_image=bool(return_diffusion_image), render_kwargs=dict(render_kwargs or {}),
-                   refine_steps=refine_steps)
+                   refine_steps=refine_steps, drawing=drawing, refine_patience=patience)
 
     @property
     def seeds(self) -> list[int]:
@@ -247,9 +265,19 @@ class GenerationRequest:
         return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "num_steps": self.sampling_steps,
                 "feature_steps": list(self.feature_steps), "truncation": self.truncation,
                 "num_images": self.num_images, "combine": self.combine, "guidance_scale": self.guidance_scale,
-                "noise_mode": self.noise_mode, **({"refine_steps": self.refine_steps} if self.mode == "invert" else {}),
+                "noise_mode": self.noise_mode,
+                **({"refine_steps": self.refine_steps, "drawing": self.drawing} if self.mode == "invert" else {}),
                 **{k: _plain(v) for k, v in self.render_kwargs.items()}}
 
+
+
+def _checked_drawing(drawing: str | None) -> str:
+    """A drawing name of ``DRAWINGS`` (None: "quality", the paper's)."""
+    if drawing is None:
+        return "quality"
+    if drawing not in DRAWINGS:
+        raise InvalidSettingError(f"the drawing must be one of {', '.join(DRAWINGS)}, got {_shown(drawing)}")
+    return drawing
 
 
 def _plain(value: Any) -> Any:

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..inputs.images import image_to_tensor, tensor_to_pil
+from ..models.few_step import LCM_LORA_REPO, FewStepLoRA, make_scheduler
 from ..pipelines.generation import FacePipeline
 from .config import ConfigError, TrainingConfig, loss_targets
 
@@ -101,6 +102,9 @@ def cache_settings(config: TrainingConfig, pipe: FacePipeline, combinations: lis
         "model": {"pipeline": config.pipeline, "components": config.components, "weights": _weights_digest(modules)},
         "seed": config.seed,
         "resolution": pipe.generator.resolution,
+        # Only an LCM cache names its sampler, so that DDIM caches made before the option stay valid.
+        **({"sampler": {"name": "lcm", "steps": diffusion.idd_lcm_steps, "lora": LCM_LORA_REPO}}
+           if diffusion.idd_sampler == "lcm" else {}),
     }
 
 
@@ -160,12 +164,26 @@ class DiffusionImageCache:
 
 @torch.no_grad()
 def build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Dataset, cache_dir: str | Path,
-                    rank: int = 0, world_size: int = 1) -> list[tuple[str, ...]]:
+                    rank: int = 0, world_size: int = 1, few_step: FewStepLoRA | None = None) -> list[tuple[str, ...]]:
     """Draw I^d_0 for this rank's share of the dataset (entries already there are kept); returns the combinations.
 
     Call :func:`prepare_cache_folder` first (once, on the main process). Every sample's noise and VAE sample are
-    seeded by (seed, image id), so a resumed or multi-process build makes the same images.
+    seeded by (seed, image id), so a resumed or multi-process build makes the same images. With
+    ``diffusion.idd_sampler: lcm`` the LCM-LoRA (``few_step``, default the published one) is fused into the U-Net
+    for the build and unfused after it (training reads the plain U-Net's features).
     """
+    if config.diffusion.idd_sampler == "lcm":
+        few_step = few_step or FewStepLoRA.from_pretrained()
+        few_step.fuse(pipe.encoder.unet)
+        try:
+            return _build_idd_cache(config, pipe, dataset, cache_dir, rank, world_size)
+        finally:
+            few_step.unfuse(pipe.encoder.unet)
+    return _build_idd_cache(config, pipe, dataset, cache_dir, rank, world_size)
+
+
+def _build_idd_cache(config: TrainingConfig, pipe: FacePipeline, dataset: Dataset, cache_dir: str | Path,
+                     rank: int, world_size: int) -> list[tuple[str, ...]]:
     cache_dir = Path(cache_dir)
     diffusion, encoder = config.diffusion, pipe.encoder
     combinations = modality_combinations(config.data.modalities, encoder.modalities, config.data.modality_sampling)
@@ -222,9 +240,12 @@ def draw_targets(config: TrainingConfig, pipe: FacePipeline, items: list[dict], 
     z0 = torch.cat([encoder.encode_images(p[None], generator=g) for p, g in zip(pixels, seeds)])
     noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in seeds]).to(z0.device, z0.dtype)
     controls = {m: torch.stack([it["controls"][m] for it in items]).to(encoder.device, encoder.dtype) for m in combo}
+    sampler = {"num_steps": diffusion.idd_steps, "guidance_scale": diffusion.idd_guidance_scale}
+    if diffusion.idd_sampler == "lcm":  # each item's generator goes on to give its LCM step noise
+        sampler = {"num_steps": diffusion.idd_lcm_steps, "guidance_scale": 1.0, "generator": seeds,
+                   "scheduler": make_scheduler("lcm", encoder.scheduler_config)}
     drawing = pipe.draw(pipe.encode_prompts([it["caption"] for it in items]), controls, noise,
-                        num_steps=diffusion.idd_steps, guidance_scale=diffusion.idd_guidance_scale,
-                        init_latents=z0, strength=diffusion.idd_strength)
+                        init_latents=z0, strength=diffusion.idd_strength, **sampler)
     return drawing.images
 
 
