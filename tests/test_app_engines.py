@@ -115,6 +115,9 @@ def test_training_free_mode_in_the_space(tmp_path):
     expected = editor(PROMPT, mask=canvases.mask_from_canvas(picture), seed=3, mode="invert", num_steps=2)
     np.testing.assert_array_equal(np.load(next(p for p in files if p.endswith(".npy")))[0],
                                   expected.latents[0].numpy())
+    # How close the face came to the drawing is shown with it: the library's own figures for this face.
+    closeness = expected.closeness[0]
+    assert f"L2 {closeness['l2']:.3f}" in summary and f"mask mIoU {100 * closeness['miou']:.0f} %" in summary
     example = handlers.example_from_mask(PROMPT, picture)
     assert read_png_settings(example[0][0][0])["mode"] == "invert"
     with pytest.raises(ValueError, match="default_mode"):

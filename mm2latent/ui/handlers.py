@@ -358,6 +358,9 @@ class SpaceHandlers:
             if ignored:  # only choices the visitor made (the default mode is no choice)
                 gr.Info(f"The MM2Latent engine has no diffusion model: {' and '.join(ignored)} do not apply to it.")
             mode, feature, show_diffusion = "fast", None, False
+        few_step = mode == "invert" and getattr(run, "default_drawing", "quality") == "fast"
+        if few_step:  # the few-step drawing's own schedule (4 LCM steps); the Steps slider is DDIM's
+            steps = None
         request = GenerationRequest.create(
             prompt, mask, scribble, seed=seed, mode=mode, num_steps=steps, feature_steps=feature,
             truncation=truncation, num_images=num_images, combine=combine, max_images=self.settings.max_images,
@@ -372,7 +375,7 @@ class SpaceHandlers:
             progress(0, desc="Generating")
         drawing = STEP_CALLBACK.get() if request.mode == "invert" else None  # the drawing forming (ui/drawing.py)
         output = run(prompt=request.prompt, mask=mask, scribble=scribble, seed=request.seed, mode=request.mode,
-                     num_steps=request.num_steps, feature_steps=feature, combine=request.combine,
+                     num_steps=None if few_step else request.num_steps, feature_steps=feature, combine=request.combine,
                      truncation=request.truncation, num_images=request.num_images, return_intermediates=True,
                      return_diffusion_image=show_diffusion,
                      **({"callback_on_step_end": drawing} if drawing else {}))
@@ -390,7 +393,7 @@ class SpaceHandlers:
         attention = attention_gallery(self._attention_base(kind, output), output.attention_words,
                                       None if output.attention_maps is None else output.attention_maps[0].numpy())
         files = [str(path) for path in saved.pngs] + [str(saved.latents)]
-        summary = describe_run(settings, output.seeds, elapsed_s, str(self.pipe.device))
+        summary = describe_run(settings, output.seeds, elapsed_s, str(self.pipe.device), output.closeness)
         diffusion = [(image, f"seed {seed}") for image, seed in zip(output.diffusion_images or [], output.seeds)]
         return gallery, output.seeds[0], summary, attention, files, diffusion
 

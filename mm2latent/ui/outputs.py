@@ -166,8 +166,10 @@ def file_stem(prompt: str, what: str) -> str:
     return "-".join(["mm2latent", what, *words])[:80]
 
 
-def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str) -> str:
-    """One Markdown line: the seed of each image and how it was made."""
+def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str,
+                 closeness: list[dict] | None = None) -> str:
+    """One Markdown line: the seed of each image and how it was made; in the training-free mode a second line
+    says how close the first face is to the diffusion drawing it was inverted from (``output.closeness``)."""
     seed_text = ", ".join(f"`{seed}`" for seed in seeds)
     noun = "Seed" if len(seeds) == 1 else "Seeds"
     if settings.get("engine") == "mm2latent":
@@ -175,10 +177,25 @@ def describe_run(settings: dict, seeds: list[int], elapsed_s: float, device: str
     elif settings.get("mode") == "fast":
         how = "fast mode (one U-Net pass)"
     elif settings.get("mode") == "invert":
-        how = f"training-free mode ({settings.get('num_steps')} diffusion steps, inverted by the photo encoder)"
+        drawing = "few-step LCM drawing" if settings.get("drawing") == "fast" else "diffusion steps"
+        how = (f"training-free mode ({settings.get('num_steps')} {drawing}, inverted by the photo encoder, "
+               f"{settings.get('refine_steps') or 0} refinement steps)")
     else:
         how = f"quality mode ({settings.get('num_steps')} steps, features from {len(settings.get('feature_steps', []))})"
     visual = ["sketch" if name == "scribble" else name for name in settings.get("inputs", [])]
     inputs = " + ".join((["text"] if settings.get("prompt") else []) + visual) or "text"
-    return (f"**{noun}:** {seed_text} &nbsp;·&nbsp; {how} &nbsp;·&nbsp; ψ = {settings.get('truncation'):g} "
+    line = (f"**{noun}:** {seed_text} &nbsp;·&nbsp; {how} &nbsp;·&nbsp; ψ = {settings.get('truncation'):g} "
             f"&nbsp;·&nbsp; from {inputs} &nbsp;·&nbsp; {elapsed_s:.1f} s on {device}")
+    if closeness:
+        return line + "  \n" + describe_closeness(closeness[0])
+    return line
+
+
+def describe_closeness(closeness: dict) -> str:
+    """How close the face is to the diffusion drawing: L2 and LPIPS (lower is closer), the mask's mIoU (higher)."""
+    parts = [f"L2 {closeness['l2']:.3f}"]
+    if closeness.get("lpips") is not None:
+        parts.append(f"LPIPS {closeness['lpips']:.3f}")
+    if closeness.get("miou") is not None:
+        parts.append(f"mask mIoU {100 * closeness['miou']:.0f} %")
+    return "**Closeness to the drawing:** " + " &nbsp;·&nbsp; ".join(parts)
