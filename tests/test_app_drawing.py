@@ -54,5 +54,5 @@ def test_other_modes_have_no_drawing_and_errors_reach_the_page(editor_handlers):
     generate = with_drawing_previews(editor_handlers.generate_from_mask, NUM_OUTPUTS)
     shown = list(generate(PROMPT, canvases.template_canvas("long hair"), mode="fast", seed=1, randomize_seed=False))
     assert len(shown) == 1 and "fast mode" in shown[0][2]
-    with pytest.raises(gr.Error, match="Mode must be one of"):
+    with pytest.raises(gr.Error, match="mode must be one of"):
         list(generate(PROMPT, canvases.template_canvas("long hair"), mode="slow"))
