@@ -19,7 +19,12 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import torch
 from PIL import Image
+from torch import nn
+
+from mm2latent.models.networks import IRSE50, BiSeNet
+from mm2latent.models.stylegan2 import StyleGAN2Generator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app.py"
@@ -130,3 +135,55 @@ def put_in_cache(cache, repo_id: str, folder) -> None:
     shutil.copytree(folder, repo_dir / "snapshots" / COMMIT)
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+# ---------------------------------------------------------------------------------------------- public checkpoint files
+# Small checkpoints in the layouts of the published files (see docs/checkpoints.md), shared by the converter and
+# doctor tests.
+
+# Toy IR-SE stages: depths must increase, as in every real IR-50/100/152 (stages are read off the depths).
+TINY_STAGES = ((8, 8, 1), (8, 16, 2), (16, 24, 1), (24, 32, 1))
+WIDTH = 32  # the toy generators' and encoders' W width
+
+
+def randomize_batchnorms(module: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics, so a wrong key cannot hide behind an identity BN."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return module.eval()
+
+
+def tiny_generator(seed: int = 0) -> StyleGAN2Generator:
+    torch.manual_seed(seed)
+    g = StyleGAN2Generator(resolution=32, style_dim=WIDTH, n_mlp=2, channel_base=256, channel_max=32).eval()
+    g.latent_avg.normal_()
+    return g
+
+
+def rosinality_file() -> tuple[dict, StyleGAN2Generator]:
+    """rosinality's convert_weight.py output (the public ffhq.pt): ``{"g_ema", "latent_avg"}`` (convert_weight.py:254)."""
+    g = tiny_generator(2)
+    return {"g_ema": g.rosinality_state_dict(), "latent_avg": g.latent_avg.clone()}, g
+
+
+def bisenet_file() -> tuple[dict, BiSeNet]:
+    torch.manual_seed(3)
+    net = randomize_batchnorms(BiSeNet(num_classes=19, width=8))
+    return {k: v.clone() for k, v in net.state_dict().items()}, net
+
+
+def ir_se50_file() -> tuple[dict, IRSE50]:
+    torch.manual_seed(4)
+    net = randomize_batchnorms(IRSE50(stages=TINY_STAGES, embedding_dim=16, input_size=112, se_reduction=4))
+    return {k: v.clone() for k, v in net.state_dict().items()}, net
+
+
+def put_file_in_cache(cache, tmp_path, repo_id: str, path: str, checkpoint, legacy: bool = False) -> None:
+    folder = tmp_path / "upload" / repo_id.replace("/", "--")
+    (folder / path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, folder / path, _use_new_zipfile_serialization=not legacy)
+    put_in_cache(cache, repo_id, folder)

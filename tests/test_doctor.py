@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-import test_hub
-from test_native_checkpoints import bisenet_file, ir_se50_file, put_file_in_cache, rosinality_file
+from helpers import bisenet_file, ir_se50_file, put_file_in_cache, rosinality_file
 
 from mm2latent import doctor
 from mm2latent.__main__ import main
 from mm2latent.models.mapping import MappingNetwork
 from mm2latent.pipelines import hub
 from mm2latent.pipelines.hub import PUBLIC_COMPONENTS, resolve_component
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty, offline Hugging Face cache (tests/test_hub.py's fixture)."""
-    return test_hub.hub_cache.__wrapped__(tmp_path, monkeypatch)
 
 
 def rows_by_component(rows):

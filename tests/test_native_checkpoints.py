@@ -14,7 +14,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import COMMIT, put_in_cache
+from helpers import (
+    COMMIT,
+    TINY_STAGES,
+    WIDTH,
+    bisenet_file,
+    ir_se50_file,
+    put_file_in_cache,
+    randomize_batchnorms,
+    rosinality_file,
+    tiny_generator,
+)
 from torch import nn
 
 from mm2latent.editing.inversion import (
@@ -37,9 +47,7 @@ from mm2latent.pipelines.hub import (
     resolve_component,
 )
 
-# Toy IR-SE stages: depths must increase, as in every real IR-50/100/152 (stages are read off the depths).
-TINY_STAGES = ((8, 8, 1), (8, 16, 2), (16, 24, 1), (24, 32, 1))
-NUM_WS, WIDTH, INPUT_SIZE = 8, 32, 64  # 8 W+ layers (a 32² generator); pSp heads 0-2 / 3-6 / 7 on 4², 8², 16²
+NUM_WS, INPUT_SIZE = 8, 64  # 8 W+ layers (a 32² generator); pSp heads 0-2 / 3-6 / 7 on 4², 8², 16²
 
 
 # ---------------------------------------------------------------------------------------------- e4e / pSp as published
@@ -174,22 +182,8 @@ class ReferenceEncoder(nn.Module):
         return w
 
 
-def randomize_batchnorms(module: nn.Module) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics, so a wrong key cannot hide behind an identity BN."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return module.eval()
 
 
-def tiny_generator(seed: int = 0) -> StyleGAN2Generator:
-    torch.manual_seed(seed)
-    g = StyleGAN2Generator(resolution=32, style_dim=WIDTH, n_mlp=2, channel_base=256, channel_max=32).eval()
-    g.latent_avg.normal_()
-    return g
 
 
 def encoder_checkpoint(encoder_type: str = "Encoder4Editing", seed: int = 0) -> tuple[ReferenceEncoder, dict]:
@@ -286,10 +280,6 @@ def test_real_ir_se50_layout_gives_the_ir50_config():
 # ---------------------------------------------------------------------------------------------- through the Hub cache
 
 
-def rosinality_file() -> tuple[dict, StyleGAN2Generator]:
-    """rosinality's convert_weight.py output (the public ffhq.pt): ``{"g_ema", "latent_avg"}`` (convert_weight.py:254)."""
-    g = tiny_generator(2)
-    return {"g_ema": g.rosinality_state_dict(), "latent_avg": g.latent_avg.clone()}, g
 
 
 def rosinality_training_file() -> tuple[dict, StyleGAN2Generator]:
@@ -312,16 +302,8 @@ def rosinality_training_file() -> tuple[dict, StyleGAN2Generator]:
     return checkpoint, g
 
 
-def bisenet_file() -> tuple[dict, BiSeNet]:
-    torch.manual_seed(3)
-    net = randomize_batchnorms(BiSeNet(num_classes=19, width=8))
-    return {k: v.clone() for k, v in net.state_dict().items()}, net
 
 
-def ir_se50_file() -> tuple[dict, IRSE50]:
-    torch.manual_seed(4)
-    net = randomize_batchnorms(IRSE50(stages=TINY_STAGES, embedding_dim=16, input_size=112, se_reduction=4))
-    return {k: v.clone() for k, v in net.state_dict().items()}, net
 
 
 def e4e_file() -> tuple[dict, tuple[ReferenceEncoder, torch.Tensor]]:
@@ -367,11 +349,6 @@ FILES = {"generator": rosinality_file, "inverter": e4e_file, "face_parser": bise
 LEGACY_FORMAT = {"face_parser", "identity"}
 
 
-def put_file_in_cache(cache, tmp_path, repo_id: str, path: str, checkpoint, legacy: bool = False) -> None:
-    folder = tmp_path / "upload" / repo_id.replace("/", "--")
-    (folder / path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, folder / path, _use_new_zipfile_serialization=not legacy)
-    put_in_cache(cache, repo_id, folder)
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
