@@ -21,6 +21,10 @@ lock). Detector calls are serialised by another lock: dlib's ``object_detector::
 (it loads each image into the detector's own scanner), so two threads must not run it at once; the shape
 predictor's ``operator()`` is const and needs no lock. The model's training data (iBUG 300-W) is licensed for
 non-commercial research only; dlib itself is under the Boost Software License.
+
+Why this module is over 600 lines: detection, landmarks, the rotated-view search and NVIDIA's crop are one
+procedure whose steps share their geometry (the transform of each view back to the photo); split, each part
+would need the others' coordinate conventions.
 """
 
 from __future__ import annotations

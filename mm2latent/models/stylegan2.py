@@ -11,6 +11,10 @@ The module tree, the state-dict key names and the arithmetic follow rosinality's
 * the input is a W+ code ``ws`` of shape ``[B, num_ws, style_dim]``; the mapping network is
   exposed separately as :meth:`StyleGAN2Generator.mapping`.
 
+Why this module is over 600 lines: it is the whole generator in rosinality's flat layout (FIR filters,
+modulated convolutions, noise, ToRGB, mapping, synthesis) so that its key names and arithmetic can be read side
+by side with the official ``model.py``; checkpoint conversion lives in :mod:`.stylegan2_checkpoints`.
+
 Images are in ``[-1, 1]`` (not clamped), layout ``[B, 3, R, R]``.
 """
 
