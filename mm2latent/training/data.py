@@ -30,8 +30,9 @@ from ..models.generator import is_3d
 
 PART_NAMES = CELEBAMASK_CLASSES[1:]  # g_mask.py's label_list: class id = position + 1
 IMAGES_PER_FOLDER = 2000
-EDGE_DETECTOR = ("mm2latent.inputs.conditions.edges_from_photo: Gaussian blur (radius size/256), Sobel gradient, "
-                 "non-maximum suppression, threshold at the 88th percentile of the magnitude")
+EDGE_DETECTOR = ("mm2latent.inputs.scribbles.scribble_from_photo: PiDiNet (lllyasviel/Annotators table5_pidinet.pth) "
+                 "with ControlNet's scribble post-processing; without its weights the offline fallback "
+                 "edges_from_photo (Gaussian blur, Sobel gradient, non-maximum suppression, 88th-percentile threshold)")
 PREPARED_FORMAT = "mm2latent-celebamask-hq"
 SYNTHETIC_WORDS = ("smiling", "blonde hair", "black hair", "young", "old", "eyeglasses", "beard", "bangs")
 
@@ -91,6 +92,19 @@ def split_ids(ids: list[int], test_fraction: float, seed: int) -> tuple[list[int
     return train, test
 
 
+def write_splits(output: Path, ids: list[int], test_ids: list[int] | None, test_fraction: float,
+                 seed: int) -> tuple[list[int], list[int]]:
+    """Write ``train.txt`` / ``test.txt`` of a prepared folder: ``test_ids`` when given, else :func:`split_ids`."""
+    if test_ids is not None:
+        wanted = set(test_ids)
+        train, test = [i for i in ids if i not in wanted], [i for i in ids if i in wanted]
+    else:
+        train, test = split_ids(ids, test_fraction, seed)
+    (output / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (output / "test.txt").write_text("".join(f"{i}\n" for i in test))
+    return train, test
+
+
 def prepare(
     root: str | Path,
     output: str | Path,
@@ -138,13 +152,7 @@ def prepare(
     else:
         for job in jobs:
             _prepare_one(job)
-    if test_ids is not None:
-        wanted = set(test_ids)
-        train, test = [i for i in ids if i not in wanted], [i for i in ids if i in wanted]
-    else:
-        train, test = split_ids(ids, test_fraction, seed)
-    (output / "train.txt").write_text("".join(f"{i}\n" for i in train))
-    (output / "test.txt").write_text("".join(f"{i}\n" for i in test))
+    train, test = write_splits(output, ids, test_ids, test_fraction, seed)
     info = {"_format": PREPARED_FORMAT, "image_dir": str(image_dir.resolve()),
             "text_dir": str(text_dir.resolve()), "num_images": len(ids), "mask_size": mask_size,
             "scribble_size": scribble_size, "edge_detector": EDGE_DETECTOR, "split_seed": seed,

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidImageError
-from ..inputs.conditions import edges_from_photo, parse_mask
+from ..inputs.conditions import parse_mask
+from ..inputs.scribbles import scribble_from_photo
 from ..models.camera import DEFAULT_FOV_DEGREES, DEFAULT_RADIUS, fov_to_intrinsics
 from .cameras import write_dataset_json
 from .face_model import LM3D_STANDARD, MEAN_FACE_68, five_points
@@ -186,7 +187,7 @@ def _prepare_one(job: tuple) -> tuple[int, torch.Tensor | None]:
     mask = _to_photo_size(Image.fromarray(ids), photo, Image.Resampling.NEAREST)
     crop_image(photo, box, size).save(output / "images" / f"{index}.png")
     crop_image(mask, box, size, "mask").save(output / "masks" / f"{index}.png")
-    edges = Image.fromarray(np.where(edges_from_photo(photo, size=photo.size[0]), 255, 0).astype(np.uint8))
+    edges = Image.fromarray(np.where(scribble_from_photo(photo, size=photo.size[0]), 255, 0).astype(np.uint8))
     crop_image(edges, box, size, "scribble").save(output / "scribbles" / f"{index}.png")
     return index, label
 
@@ -211,7 +212,7 @@ def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | No
 
     Photos in which dlib finds no face are left out (listed in ``dataset.json`` under ``skipped``).
     """
-    from .data import EDGE_DETECTOR, PREPARED_FORMAT, image_ids, split_ids
+    from .data import EDGE_DETECTOR, PREPARED_FORMAT, image_ids, write_splits
 
     root, output = Path(root), Path(output)
     image_dir = Path(image_dir) if image_dir is not None else root / "CelebA-HQ-img"
@@ -236,13 +237,7 @@ def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | No
     if not kept:
         raise InvalidImageError(f"dlib found no face in any photo of {image_dir}")
     write_dataset_json(labels, output / CAMERAS_FILE)
-    if test_ids is not None:
-        wanted = set(test_ids)
-        train, test = [i for i in kept if i not in wanted], [i for i in kept if i in wanted]
-    else:
-        train, test = split_ids(kept, test_fraction, seed)
-    (output / "train.txt").write_text("".join(f"{i}\n" for i in train))
-    (output / "test.txt").write_text("".join(f"{i}\n" for i in test))
+    train, test = write_splits(output, kept, test_ids, test_fraction, seed)
     info = {"_format": PREPARED_FORMAT, "generator": "eg3d", "image_dir": str((output / "images").resolve()),
             "text_dir": str(text_dir.resolve()), "num_images": len(kept), "mask_size": size, "scribble_size": size,
             "edge_detector": EDGE_DETECTOR + " (on the full photo, then cropped)", "split_seed": seed,
