@@ -197,6 +197,8 @@ def test_sketch_tab_strokes_and_generate(page, shots):
 
 def test_enter_generates_and_errors_leave_the_work_in_place(page, shots):
     editor = page.locator("#mask-editor")
+    # The template's plain picture gives way to the editor on its own: compare the editor, not that hand-over.
+    page.locator("#template-preview").wait_for(state="detached")
     before = editor.screenshot()
     long_prompt = "She has long wavy blonde hair and is smiling. " * 110
     prompt_box(page).fill(long_prompt)
