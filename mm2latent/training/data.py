@@ -92,6 +92,23 @@ def split_ids(ids: list[int], test_fraction: float, seed: int) -> tuple[list[int
     return train, test
 
 
+def celebamask_folders(root: Path, image_dir: str | Path | None, text_dir: str | Path | None,
+                       mask_dir: str | Path | None) -> tuple[Path, Path, Path]:
+    """The photo, mask-annotation and caption folders of a CelebAMask-HQ tree (defaults under ``root``).
+
+    Raises:
+        FileNotFoundError: no photo folder, or neither the part masks nor ``mask_dir``.
+    """
+    image_dir = Path(image_dir) if image_dir is not None else root / "CelebA-HQ-img"
+    anno_dir = root / "CelebAMask-HQ-mask-anno"
+    text_dir = Path(text_dir) if text_dir is not None else root / "text"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir} does not exist: point --root at the CelebAMask-HQ folder")
+    if mask_dir is None and not anno_dir.is_dir():
+        raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
+    return image_dir, anno_dir, text_dir
+
+
 def write_splits(output: Path, ids: list[int], test_ids: list[int] | None, test_fraction: float,
                  seed: int) -> tuple[list[int], list[int]]:
     """Write ``train.txt`` / ``test.txt`` of a prepared folder: ``test_ids`` when given, else :func:`split_ids`."""
@@ -134,13 +151,7 @@ def prepare(
         workers: processes for the conversion (0 = in this process).
     """
     root, output = Path(root), Path(output)
-    image_dir = root / "CelebA-HQ-img"
-    anno_dir = root / "CelebAMask-HQ-mask-anno"
-    text_dir = Path(text_dir) if text_dir is not None else root / "text"
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir} does not exist: point --root at the CelebAMask-HQ folder")
-    if mask_dir is None and not anno_dir.is_dir():
-        raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
+    image_dir, anno_dir, text_dir = celebamask_folders(root, None, text_dir, mask_dir)
     ids = image_ids(image_dir)[:limit]
     (output / "masks").mkdir(parents=True, exist_ok=True)
     (output / "scribbles").mkdir(parents=True, exist_ok=True)

@@ -212,16 +212,10 @@ def prepare_eg3d(root: str | Path, output: str | Path, text_dir: str | Path | No
 
     Photos in which dlib finds no face are left out (listed in ``dataset.json`` under ``skipped``).
     """
-    from .data import EDGE_DETECTOR, PREPARED_FORMAT, image_ids, write_splits
+    from .data import EDGE_DETECTOR, PREPARED_FORMAT, celebamask_folders, image_ids, write_splits
 
     root, output = Path(root), Path(output)
-    image_dir = Path(image_dir) if image_dir is not None else root / "CelebA-HQ-img"
-    anno_dir = root / "CelebAMask-HQ-mask-anno"
-    text_dir = Path(text_dir) if text_dir is not None else root / "text"
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir} does not exist: point --root at the CelebAMask-HQ folder")
-    if mask_dir is None and not anno_dir.is_dir():
-        raise FileNotFoundError(f"{anno_dir} does not exist (or pass --mask-dir with combined masks)")
+    image_dir, anno_dir, text_dir = celebamask_folders(root, image_dir, text_dir, mask_dir)
     for sub in ("images", "masks", "scribbles"):
         (output / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(index, str(image_dir), str(anno_dir), None if mask_dir is None else str(mask_dir), str(output), size)
